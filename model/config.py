@@ -1,0 +1,179 @@
+"""Model configuration: frozen dataclasses mirroring the official DeepSeek-OCR ``config.json``.
+
+The official checkpoint hard-codes the vision dimensions (SAM-ViT-B, CLIP-L) and keeps the
+language-model hyper-parameters at the top level of ``config.json``. ``OcrConfig.from_hf_config``
+reads exactly those keys (defaults = DeepseekV2Config defaults, spec 1.6); ``OcrConfig.tiny()``
+is a random-weight model of the *same architecture* with small widths for CPU tests.
+
+NOTE: the SAM patch size (16) and the two stride-2 convs are part of the architecture in every
+config, so one view of side S always yields (S/64)^2 vision tokens; preprocessing and token
+counts therefore do not depend on which config is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unsupported or inconsistent."""
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    img_size: int = 1024  # size the abs/rel position tables were trained for (64x64 grid)
+    patch_size: int = 16
+    neck_dim: int = 256
+    downsample_channels: tuple[int, int] = (512, 1024)  # net_2, net_3 outputs; net_3 feeds CLIP
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"sam.width {self.width} not divisible by sam.heads {self.heads}")
+        bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ConfigError(f"sam.global_attn_indexes {bad} outside 0..{self.depth - 1}")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_dim: int = 4096
+    image_size: int = 224  # position table is (224/14)^2 + 1 = 257 rows
+    patch_size: int = 14
+    eps: float = 1e-5
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"clip.width {self.width} not divisible by clip.heads {self.heads}")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """DeepSeek-V2 decoder as used by DeepSeek-OCR: plain MHA (no MLA), dense layer 0, MoE after."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 1280
+    intermediate_size: int = 6848  # dense MLP of the first `first_k_dense_replace` layers
+    moe_intermediate_size: int = 896
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 10
+    num_key_value_heads: int = 10
+    n_routed_experts: int = 64
+    n_shared_experts: int = 2  # implemented as ONE SwiGLU of width n_shared * moe_intermediate
+    num_experts_per_tok: int = 6
+    first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
+    norm_topk_prob: bool = False  # official: top-6 softmax weights are NOT renormalised
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError("hidden_size must be divisible by num_attention_heads")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ConfigError("DeepSeek-OCR uses plain MHA: num_key_value_heads must equal heads")
+        if self.scoring_func != "softmax" or self.topk_method != "greedy":
+            raise ConfigError(
+                f"unsupported router {self.scoring_func}/{self.topk_method} (need softmax/greedy)"
+            )
+        if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+            raise ConfigError("num_experts_per_tok must be in 1..n_routed_experts")
+
+
+@dataclass(frozen=True)
+class OcrConfig:
+    sam: SamConfig = field(default_factory=SamConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    projector_input_dim: int = 2048  # concat(CLIP, SAM) features
+    image_token_id: int = 128815
+    name: str = "deepseek-ocr"
+
+    def __post_init__(self) -> None:
+        if self.sam.downsample_channels[-1] != self.clip.width:
+            raise ConfigError("SAM net_3 channels must equal the CLIP width (CLIP eats SAM features)")
+        if self.projector_input_dim != 2 * self.clip.width:
+            raise ConfigError("projector_input_dim must be clip.width + sam net_3 channels")
+
+    @classmethod
+    def official(cls) -> OcrConfig:
+        return cls()
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any] | str | Path) -> OcrConfig:
+        """Build from an official ``config.json`` (dict or path); LM keys are read at top level."""
+        if not isinstance(cfg, dict):
+            cfg = json.loads(Path(cfg).read_text())
+        if cfg.get("use_mla"):
+            raise ConfigError("config.json has use_mla=true: DeepSeek-OCR uses plain MHA")
+        names = DecoderConfig.__dataclass_fields__.keys()
+        dec = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
+        if "num_key_value_heads" not in dec and "num_attention_heads" in dec:
+            dec["num_key_value_heads"] = dec["num_attention_heads"]
+        proj = cfg.get("projector_config") or {}
+        return cls(
+            decoder=DecoderConfig(**dec),
+            projector_input_dim=proj.get("input_dim", 2048),
+        )
+
+    @classmethod
+    def tiny(cls) -> OcrConfig:
+        """Same architecture, tiny widths: the random-weight model for CPU tests and offline runs."""
+        return cls(
+            sam=SamConfig(
+                width=64,
+                depth=2,
+                heads=2,
+                mlp_dim=128,
+                global_attn_indexes=(1,),
+                neck_dim=32,
+                downsample_channels=(64, 64),
+            ),
+            clip=ClipConfig(width=64, layers=2, heads=2, mlp_dim=128),
+            decoder=DecoderConfig(
+                hidden_size=64,
+                intermediate_size=128,
+                moe_intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                n_routed_experts=8,
+                n_shared_experts=1,
+                num_experts_per_tok=2,
+            ),
+            projector_input_dim=128,
+            name="tiny-random",
+        )
+
+    def with_layers(self, n: int) -> OcrConfig:
+        """Same config with `n` decoder layers (the parity goldens use a 2-layer LM)."""
+        return replace(self, decoder=replace(self.decoder, num_hidden_layers=n))

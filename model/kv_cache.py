@@ -1,0 +1,74 @@
+"""Preallocated key/value cache for the decoder (one contiguous buffer per layer, gpt-fast style).
+
+Decisions:
+- Buffers are (B, H, max_len, hd) and never reallocated: a step writes its keys/values at the
+  *positions* of its tokens (cache slot index == RoPE position), with `scatter_`, so rows of a
+  batch may sit at different lengths and no host-side length bookkeeping is needed.
+- Attention reads the whole buffer; `attn_mask(positions)` hides every slot after a query's own
+  position (slot <= position). Stale values there (right padding of a batched prefill, old
+  decode steps) are therefore never read, and the next decode step overwrites them.
+- NOTE: padded tokens of a right-padded prefill must use positions past the row's real length
+  (e.g. `arange(T)` for every row), otherwise they overwrite real cache slots.
+- The interface the attention sees is two methods (`update`, `attn_mask`); a later slot/paged
+  cache only has to provide the same two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Per-layer k/v buffers (B, H, max_len, hd); see module docstring for the position contract."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, num_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.max_len = max_len
+        self._slots = torch.arange(max_len, device=device)  # (S,)
+
+    @classmethod
+    def for_model(
+        cls,
+        cfg: object,
+        batch_size: int,
+        max_len: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        """Cache sized for a `DecoderConfig` (duck-typed to avoid an import cycle)."""
+        return cls(
+            cfg.num_hidden_layers,  # type: ignore[attr-defined]
+            batch_size,
+            cfg.num_key_value_heads,  # type: ignore[attr-defined]
+            max_len,
+            cfg.head_dim,  # type: ignore[attr-defined]
+            device=device,
+            dtype=dtype,
+        )
+
+    def update(self, layer_idx: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, H, T, hd) at `positions` (B, T); return the full buffers (B, H, S, hd)."""
+        B, H, T, hd = k.shape
+        idx = positions[:, None, :, None].expand(B, H, T, hd)  # (B, H, T, hd)
+        kb, vb = self.k[layer_idx], self.v[layer_idx]
+        kb.scatter_(2, idx, k.to(kb.dtype))
+        vb.scatter_(2, idx, v.to(vb.dtype))
+        return kb, vb
+
+    def attn_mask(self, positions: Tensor) -> Tensor:
+        """Boolean mask (B, 1, T, S): query at position p may read slots 0..p."""
+        return (self._slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)

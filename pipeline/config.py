@@ -1,0 +1,162 @@
+"""Pipeline configuration: the structured-config schema behind `conf/` (Hydra).
+
+One dataclass per component; defaults are the reference behaviour (official PDF script: 144 dpi,
+Gundam mode with at most 6 tiles, n-gram ban 20/50 with the `<td>` whitelist). Validation lives in
+`__post_init__`, which OmegaConf runs when the composed config is turned into objects, so a bad
+value stops the job before any Ray work starts with one message naming the key and what is allowed.
+This module has no Hydra import: `pipeline/run.py` registers the schema in the ConfigStore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from model.preprocess import MODES
+
+MODEL_NAMES = ("deepseek_ocr", "tiny_random")
+DTYPES = ("bfloat16", "float16", "float32")
+PROMPT_NAMES = ("document", "ocr_image", "free_ocr", "figure", "describe")
+
+
+class ConfigValueError(ValueError):
+    """A configuration value is invalid; the message names the key and the allowed values."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigValueError(f"invalid config value {key}={value!r}: allowed {allowed}")
+
+
+@dataclass
+class InputConfig:
+    # Directory, glob, text file listing URIs, or any fsspec URI (s3://bucket/prefix/, ...).
+    # The default is the embedded sample set so `make run` works on a fresh machine.
+    uri: str = "tests/data"
+    suffixes: list[str] = field(default_factory=lambda: [".pdf"])
+    # sha256 of the file bytes, or its file name -> user password (for encrypted PDFs).
+    passwords: dict[str, str] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "input.uri", self.uri, "a directory, glob, list file or fsspec URI")
+
+
+@dataclass
+class OutputConfig:
+    uri: str = "out/run"
+    include_images: bool = False  # PNG bytes of each rendered page, for image-text pairs
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "output.uri", self.uri, "a directory or fsspec URI")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deepseek_ocr"
+    # Hugging Face hub id or local directory with config.json + *.safetensors (+ tokenizer.json).
+    source: str = "deepseek-ai/DeepSeek-OCR"
+    dtype: str = "bfloat16"
+    seed: int = 0  # random-weight models only
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODEL_NAMES, "model.name", self.name, " | ".join(MODEL_NAMES))
+        _check(self.dtype in DTYPES, "model.dtype", self.dtype, " | ".join(DTYPES))
+        if self.name == "deepseek_ocr":
+            _check(bool(self.source), "model.source", self.source, "a hub id or local directory")
+
+
+@dataclass
+class ModeConfig:
+    name: str = "gundam"
+    max_crops: int = 6  # official PDF pipeline; the HF infer() default is 9
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODES, "mode", self.name, " | ".join(MODES))
+        _check(2 <= self.max_crops <= 9, "mode.max_crops", self.max_crops, "2..9")
+
+
+@dataclass
+class RenderConfig:
+    dpi: int = 144
+    timeout_s: float = 120.0  # per render task (one page range); the child is killed after it
+    pages_per_task: int = 16  # long documents are split into ranges of this many pages
+    max_pages: int = 10_000  # pages beyond this get render_error rows instead of being rendered
+    max_side_px: int = 8192  # zoom is lowered per page so the longer side fits
+    max_pixels: int = 40_000_000
+    recycle_after: int = 50  # render-worker child is replaced after this many tasks (MuPDF leaks)
+
+    def __post_init__(self) -> None:
+        _check(36 <= self.dpi <= 600, "render.dpi", self.dpi, "an integer in 36..600")
+        _check(self.timeout_s > 0, "render.timeout_s", self.timeout_s, "> 0")
+        _check(self.pages_per_task >= 1, "render.pages_per_task", self.pages_per_task, ">= 1")
+        _check(self.max_pages >= 1, "render.max_pages", self.max_pages, ">= 1")
+        _check(self.max_side_px >= 64, "render.max_side_px", self.max_side_px, ">= 64")
+        _check(self.max_pixels >= 4096, "render.max_pixels", self.max_pixels, ">= 4096")
+
+
+@dataclass
+class GenerationConfig:
+    prompt: str = "document"  # key of model.tokenizer.PROMPTS
+    max_new_tokens: int = 8192  # also capped by max_model_len - prompt length
+    max_model_len: int = 8192
+    ngram_size: int = 20  # official PDF script; 0 disables the ban
+    ngram_window: int = 50
+    loop_min_span: int = 200  # stop a page whose tail repeats for this many tokens
+
+    def __post_init__(self) -> None:
+        _check(self.prompt in PROMPT_NAMES, "generation.prompt", self.prompt, " | ".join(PROMPT_NAMES))
+        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, ">= 1")
+        _check(
+            1024 <= self.max_model_len <= 8192,
+            "generation.max_model_len",
+            self.max_model_len,
+            "1024..8192",
+        )
+        _check(self.ngram_size >= 0, "generation.ngram_size", self.ngram_size, ">= 0")
+        _check(self.ngram_window >= self.ngram_size, "generation.ngram_window", self.ngram_window, ">= ngram_size")
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # "" = start an embedded local Ray; "auto" = join the running cluster
+    ocr_actors: int = 0  # 0 = one per GPU (or 1 without GPUs)
+    ocr_batch_size: int = 16  # pages handed to an OCR actor at once
+    render_cpus: float = 1.0
+    namespace: str = "pagemill"
+
+    def __post_init__(self) -> None:
+        _check(self.ocr_actors >= 0, "ray.ocr_actors", self.ocr_actors, ">= 0")
+        _check(self.ocr_batch_size >= 1, "ray.ocr_batch_size", self.ocr_batch_size, ">= 1")
+
+
+@dataclass
+class PipelineConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    progress: bool = True
+
+    def output_affecting(self) -> dict[str, Any]:
+        """The settings that change what a page's row contains (not where or how fast)."""
+        return {
+            "model": {"name": self.model.name, "source": self.model.source, "seed": self.model.seed,
+                      "dtype": self.model.dtype},
+            "mode": asdict(self.mode),
+            "dpi": self.render.dpi,
+            "max_side_px": self.render.max_side_px,
+            "max_pixels": self.render.max_pixels,
+            "generation": asdict(self.generation),
+            "include_images": self.output.include_images,
+        }
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.output_affecting(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,196 @@
+"""The main job: PDF collection -> one Parquet row per page, on embedded local Ray or a cluster.
+
+    python -m pipeline.run input.uri=/data/pdfs output.uri=/data/out mode=gundam model=tiny_random
+
+Two phases, both on Ray:
+1. discovery: list the input (a Ray task) and probe every document (a Ray Data stage that reads,
+   hashes and opens each file); only small per-document metadata comes back to the driver;
+2. processing: page-range rows stream through render -> preprocess -> OCR (actor pool, one actor
+   per GPU) -> post-process -> Parquet writer; the driver only consumes per-batch receipts for
+   progress and accounting.
+This is the only module where Hydra meets Ray (compose -> dataclasses -> `run`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pipeline.config import ConfigValueError, PipelineConfig
+from pipeline.schema import STATUSES
+
+log = logging.getLogger("pagemill")
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="pagemill_schema", node=PipelineConfig)
+
+
+def to_config(cfg: Any) -> PipelineConfig:
+    """Composed DictConfig -> validated PipelineConfig (raises ConfigValueError on a bad value)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigValueError:
+        raise
+    except Exception as e:  # OmegaConf type errors: e.g. render.dpi=abc
+        inner = e.__cause__ if isinstance(e.__cause__, ConfigValueError) else None
+        if inner is not None:
+            raise inner from None
+        raise ConfigValueError(str(e).splitlines()[0]) from None
+    assert isinstance(obj, PipelineConfig)
+    return obj
+
+
+def compose(overrides: list[str] | None = None) -> PipelineConfig:
+    """Compose `conf/` with overrides, as the CLI does (used by tests and notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides or [])
+    return to_config(cfg)
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, log_to_driver=True)
+    else:
+        # Embedded local Ray. Logical CPUs are over-committed on small machines so the
+        # long-lived render and OCR actors cannot starve the light per-batch tasks.
+        ray.init(
+            num_cpus=max(4, os.cpu_count() or 1),
+            namespace=cfg.ray.namespace,
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=True,
+        )
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run the whole job; returns the summary (also written to `<output>/_summary.json`)."""
+    import ray
+
+    from pipeline import stages
+    from pipeline.outputs import OutputStore
+
+    t0 = time.time()
+    store = OutputStore(cfg.output.uri, cfg.output.storage_options)
+    stages.check_model_available(cfg)
+    init_ray(cfg)
+    ctx = ray.data.DataContext.get_current()
+    local = not cfg.ray.address
+    ctx.enable_progress_bars = not local  # locally our own tqdm bar is the progress display
+    ctx.log_internal_stack_trace_to_stdout = False
+
+    docs = stages.discover(cfg)
+    plan = stages.plan_pages(cfg, docs)
+    log.info("discovered %d documents, %d pages", len(docs), plan.expected_rows)
+
+    counts: Counter[str] = Counter()
+    written: set[tuple[str, int]] = set()
+    bar = _progress(cfg, plan.expected_rows, local)
+    for receipt in stages.process(cfg, plan, store).iter_batches(batch_size=None, batch_format="pyarrow"):
+        statuses = receipt.column("status").to_pylist()
+        counts.update(statuses)
+        written.update(zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist()))
+        if bar is not None:
+            bar.update(len(statuses))
+    if bar is not None:
+        bar.close()
+
+    wall = time.time() - t0
+    missing = sorted(plan.expected_keys - written)
+    summary = {
+        "output_uri": store.root,
+        "config_hash": cfg.config_hash(),
+        "config": asdict(cfg),
+        "documents_in": len(docs),
+        "documents_with_errors": sum(1 for d in docs if d["error_code"]),
+        "pages_in": plan.expected_rows - plan.doc_error_rows,
+        "rows_expected": plan.expected_rows,
+        "rows_out": sum(counts.values()),
+        "rows_by_status": {s: counts.get(s, 0) for s in STATUSES},
+        "missing_rows": len(missing),
+        "missing_documents": sorted({d for d, _ in missing})[:100],
+        "wall_time_s": round(wall, 3),
+        "pages_per_s": round((plan.expected_rows - plan.doc_error_rows) / wall, 4) if wall > 0 else 0.0,
+        "accounting_ok": not missing and sum(counts.values()) == plan.expected_rows,
+    }
+    store.write_json("_summary.json", summary)
+    print_summary(summary)
+    return summary
+
+
+def _progress(cfg: PipelineConfig, total: int, local: bool) -> Any:
+    if not (cfg.progress and local):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="page", desc="pages", dynamic_ncols=True, smoothing=0.1)
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rows = [
+        ("documents in", s["documents_in"]),
+        ("documents with errors", s["documents_with_errors"]),
+        ("pages in", s["pages_in"]),
+        ("rows out", s["rows_out"]),
+        *((f"  {k}", v) for k, v in s["rows_by_status"].items() if v),
+        ("pages/s", s["pages_per_s"]),
+        ("wall time (s)", s["wall_time_s"]),
+        ("accounting", "ok" if s["accounting_ok"] else f"FAILED: {s['missing_rows']} rows missing"),
+        ("output", s["output_uri"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\npagemill run summary")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if not s["accounting_ok"]:
+        print("  documents with missing rows: " + ", ".join(s["missing_documents"]))
+
+
+def main() -> None:
+    import hydra
+
+    register_configs()
+
+    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+    def _main(dcfg: Any) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        try:
+            cfg = to_config(dcfg)
+        except ConfigValueError as e:
+            print(f"pagemill: configuration error: {e}", file=sys.stderr)
+            sys.exit(2)
+        from pipeline.stages import ModelUnavailable
+
+        try:
+            summary = run(cfg)
+        except ModelUnavailable as e:
+            print(f"pagemill: {e}", file=sys.stderr)
+            sys.exit(3)
+        if not summary["accounting_ok"]:
+            sys.exit(1)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

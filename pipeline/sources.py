@@ -1,0 +1,205 @@
+"""Input discovery and document reads over fsspec (no Ray).
+
+`expand_input` turns whatever the user passed as `input` (a directory, a glob, a list file, a single
+file, or a list of those; local paths or any fsspec URI such as `file://`, `memory://`, `s3://`)
+into a sorted, de-duplicated list of fully-qualified URIs. Every later stage keys on those URIs, so
+they are always protocol-prefixed (`file:///abs/x.pdf`), never relative or bare.
+
+`read_document` / `stat_size` / `content_id` are the per-document primitives the distributed read
+tasks use. They hold at most one document in memory and can refuse oversized files *before*
+reading them (`max_bytes`), so one 2 GB upload cannot take a worker down.
+
+Deliberately not done here: list-file entries are not stat'ed (a 1M-line list would cost 1M
+round trips on S3); a missing entry surfaces later as a per-document read error, which keeps it in
+the ledger instead of aborting discovery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+__all__ = [
+    "InputError",
+    "DocumentTooLarge",
+    "expand_input",
+    "read_document",
+    "stat_size",
+    "content_id",
+    "DEFAULT_SUFFIXES",
+    "LIST_SUFFIXES",
+]
+
+DEFAULT_SUFFIXES: tuple[str, ...] = (".pdf",)
+LIST_SUFFIXES: tuple[str, ...] = (".txt", ".lst")
+_GLOB_MAGIC = re.compile(r"[*?\[]")
+
+
+class InputError(ValueError):
+    """The input specification cannot be resolved (missing path, nothing matched, bad list file)."""
+
+
+class DocumentTooLarge(InputError):
+    """A document is larger than the caller's `max_bytes` limit (raised before reading it all)."""
+
+    def __init__(self, uri: str, size: int, max_bytes: int) -> None:
+        super().__init__(f"{uri}: {size} bytes exceeds max_bytes={max_bytes}")
+        self.uri, self.size, self.max_bytes = uri, size, max_bytes
+
+
+def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except (ImportError, ValueError) as e:  # unknown protocol / missing backend (e.g. s3fs)
+        raise InputError(f"cannot open filesystem for {uri!r}: {e}") from e
+
+
+def _is_local(fs: AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "file" in protocols or "local" in protocols
+
+
+def _has_suffix(path: str, suffixes: Sequence[str] | None) -> bool:
+    if suffixes is None:  # None = accept every file
+        return True
+    low = path.lower()
+    return any(low.endswith(s.lower()) for s in suffixes)
+
+
+def _read_list(fs: AbstractFileSystem, path: str, storage_options: dict[str, Any] | None) -> list[str]:
+    """Parse a list file: one URI/path per line, `#` comments and blank lines ignored.
+
+    Relative entries resolve against the list file's directory on the list file's filesystem;
+    entries with a protocol (`s3://…`) are taken as they are (normalised).
+    """
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"list file {fs.unstrip_protocol(path)} is not UTF-8 text: {e}") from e
+    base = fs._parent(path)
+    out: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if "://" in entry or "::" in entry:
+            efs, epath = _fs(entry, storage_options)
+            out.append(efs.unstrip_protocol(epath))
+            continue
+        if _is_local(fs):
+            entry = os.path.expanduser(entry)
+            joined = entry if os.path.isabs(entry) else os.path.join(base, entry)
+            joined = os.path.normpath(joined)
+        else:
+            joined = posixpath.normpath(posixpath.join(base, entry))
+        out.append(fs.unstrip_protocol(fs._strip_protocol(joined)))
+    return out
+
+
+def _expand_one(
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    suffixes: Sequence[str] | None,
+    list_suffixes: Sequence[str],
+) -> list[str]:
+    fs, path = _fs(uri, storage_options)
+    if fs.exists(path):
+        if fs.isdir(path):
+            found = fs.find(path, withdirs=False)
+            return [fs.unstrip_protocol(p) for p in found if _has_suffix(p, suffixes)]
+        if list_suffixes and _has_suffix(path, list_suffixes):
+            return _read_list(fs, path, storage_options)
+        return [fs.unstrip_protocol(path)]  # an explicitly named file is taken whatever its suffix
+    if _GLOB_MAGIC.search(path):
+        # The pattern is the user's filter: no suffix filtering, but directories are dropped.
+        hits = fs.glob(path, detail=True)
+        files = [p for p, info in hits.items() if info.get("type") != "directory"]
+        if not files:
+            raise InputError(f"glob {uri!r} matched no files")
+        return [fs.unstrip_protocol(p) for p in files]
+    raise InputError(f"input {uri!r} does not exist")
+
+
+def expand_input(
+    uri: str | Sequence[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    suffixes: Sequence[str] | None = DEFAULT_SUFFIXES,
+    list_suffixes: Sequence[str] = LIST_SUFFIXES,
+) -> list[str]:
+    """Resolve an input spec to sorted, de-duplicated, protocol-qualified document URIs.
+
+    uri: a directory (searched recursively, files filtered by `suffixes`, case-insensitive;
+         `suffixes=None` takes every file), a glob (`/data/**/*.pdf`, `s3://b/x/*.pdf`; the pattern
+         is the filter), a list file (suffix in `list_suffixes`), any other single file, or a
+         sequence of these (results are merged).
+    Raises InputError if a path does not exist or an input yields no documents.
+    """
+    specs = [uri] if isinstance(uri, str) else list(uri)
+    if not specs:
+        raise InputError("no input given")
+    found: set[str] = set()
+    for spec in specs:
+        spec = str(spec).strip()
+        if not spec:
+            raise InputError("empty input path")
+        hits = _expand_one(spec, storage_options, suffixes, list_suffixes)
+        if not hits:
+            what = f"with suffix {tuple(suffixes)}" if suffixes is not None else ""
+            raise InputError(f"input {spec!r} contains no files {what}".rstrip())
+        found.update(hits)
+    return sorted(found)
+
+
+def stat_size(uri: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Size in bytes of one document (one metadata call; no data read)."""
+    fs, path = _fs(uri, storage_options)
+    return int(fs.size(path))
+
+
+def read_document(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    max_bytes: int | None = None,
+) -> bytes:
+    """Read one whole document into memory.
+
+    With `max_bytes`, a larger document raises DocumentTooLarge without being read in full (the
+    size is taken from the open file where the backend knows it, and the read is capped anyway).
+    Missing files raise FileNotFoundError; other backend failures raise OSError subclasses.
+    """
+    fs, path = _fs(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        if max_bytes is None:
+            return f.read()
+        size = getattr(f, "size", None)
+        if isinstance(size, int) and size > max_bytes:
+            raise DocumentTooLarge(uri, size, max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DocumentTooLarge(uri, size if isinstance(size, int) else len(data), max_bytes)
+    return data
+
+
+def content_id(data: bytes | bytearray | memoryview | Iterable[bytes]) -> str:
+    """sha256 hex digest of a document's bytes (the pipeline's content address).
+
+    Accepts a bytes-like object or an iterable of chunks (for hashing a stream without holding it).
+    """
+    h = hashlib.sha256()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        h.update(data)
+    else:
+        for chunk in data:
+            h.update(chunk)
+    return h.hexdigest()

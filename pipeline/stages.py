@@ -1,0 +1,401 @@
+"""Ray Data stages of the job: discover -> render -> preprocess -> OCR -> post-process -> write.
+
+Every stage takes and returns Arrow batches in one internal schema (the page schema plus a few
+`_`-prefixed working columns), so blocks from different stages always unify. A row's `status`
+is `pending` while it travels; a stage only works on pending rows and passes every other row
+through untouched, so error rows (doc_error, render_error, ocr_error) reach the writer like any
+other row: one row in, one row out, nothing dropped. Heavy work (PyMuPDF, the model) lives in
+`pipeline/render.py` and `model/`; these callables are thin glue.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import PipelineConfig
+from pipeline.schema import COLUMNS, PAGE_SCHEMA
+
+log = logging.getLogger("pagemill")
+
+WORK_FIELDS = [
+    pa.field("_password", pa.string()),
+    pa.field("_range_start", pa.int32()),
+    pa.field("_range_stop", pa.int32()),
+    pa.field("_pixels", pa.binary()),  # rendered page, raw uint8 HxWx3
+    pa.field("_global", pa.binary()),  # preprocessed global view, raw uint8 SxSx3
+    pa.field("_tiles", pa.binary()),  # preprocessed tiles, raw uint8 Tx s x s x3
+    pa.field("_grid_w", pa.int32()),
+    pa.field("_grid_h", pa.int32()),
+    pa.field("_text_layer", pa.string()),
+]
+WORK_SCHEMA = pa.schema(list(PAGE_SCHEMA) + WORK_FIELDS)
+
+RECEIPT_SCHEMA = pa.schema(
+    [("doc_id", pa.string()), ("page_index", pa.int32()), ("status", pa.string()), ("file", pa.string())]
+)
+
+
+class ModelUnavailable(RuntimeError):
+    """The configured model weights cannot be found or fetched."""
+
+
+def to_rows(batch: pa.Table) -> list[dict[str, Any]]:
+    return batch.to_pylist()
+
+
+def to_batch(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- model check
+
+
+def check_model_available(cfg: PipelineConfig) -> None:
+    """Fail fast, on the driver, when the real weights cannot be reached (cheap: config.json only)."""
+    if cfg.model.name != "deepseek_ocr":
+        return
+    from model.checkpoint import resolve_config_json
+
+    try:
+        resolve_config_json(cfg.model.source)
+    except Exception as e:  # network, auth, missing directory: all mean "cannot load"
+        raise ModelUnavailable(
+            f"cannot fetch the DeepSeek-OCR weights from {cfg.model.source!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Point model.source at a local copy of "
+            "deepseek-ai/DeepSeek-OCR, or run offline with the tiny random-weight model: "
+            "model=tiny_random"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """List the input (a Ray task) and probe every document (Ray Data); small rows come back."""
+    import ray
+
+    from pipeline.sources import expand_input
+
+    lister = ray.remote(num_cpus=0.5)(expand_input)
+    uris = ray.get(lister.remote(cfg.input.uri, cfg.input.storage_options, cfg.input.suffixes))
+    if not uris:
+        return []
+    ds = ray.data.from_items([{"source_uri": u} for u in uris], override_num_blocks=min(len(uris), 256))
+    docs = ds.map_batches(
+        ProbeDocuments,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_size=4,
+        batch_format="pyarrow",
+        concurrency=(1, 64),
+        num_cpus=0.5,
+    ).take_all()
+    docs.sort(key=lambda d: d["source_uri"])
+    return docs
+
+
+class ProbeDocuments:
+    """Read + hash + open each document; emit one metadata row per document (no bytes kept)."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.render import DocError, probe_document
+        from pipeline.sources import content_id, read_document
+
+        out = []
+        for uri in batch.column("source_uri").to_pylist():
+            row: dict[str, Any] = {"source_uri": uri, "doc_id": "", "page_count": 0, "error_code": "",
+                                   "error": "", "password": "", "page_sizes": [], "text_chars": []}
+            try:
+                data = read_document(uri, self.cfg.input.storage_options)
+            except Exception as e:  # missing / unreadable object: a doc_error row, not a crash
+                row.update(doc_id=_uri_id(uri), error_code="read_error", error=f"{type(e).__name__}: {e}")
+                out.append(row)
+                continue
+            row["doc_id"] = content_id(data)
+            password = self._password(uri, row["doc_id"])
+            info = probe_document(data, password)
+            if isinstance(info, DocError):
+                row.update(error_code=info.code, error=info.message)
+            else:
+                row.update(
+                    page_count=info.page_count,
+                    password=password or "",
+                    page_sizes=[list(s) for s in info.page_sizes_pt],
+                    text_chars=list(info.text_chars),
+                )
+            out.append(row)
+        return pa.Table.from_pylist(out)
+
+    def _password(self, uri: str, doc_id: str) -> str | None:
+        pw = self.cfg.input.passwords
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        return pw.get(doc_id) or pw.get(name)
+
+
+def _uri_id(uri: str) -> str:
+    import hashlib
+
+    return "uri:" + hashlib.sha256(uri.encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    tasks: list[dict[str, Any]]  # page-range rows and doc_error rows
+    expected_keys: set[tuple[str, int]] = field(default_factory=set)
+    expected_rows: int = 0
+    doc_error_rows: int = 0
+
+
+def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]]) -> Plan:
+    """Page-range work items (one per `render.pages_per_task` pages) and the rows we must see."""
+    from pipeline.render import page_ranges
+
+    base = _base_row(cfg)
+    plan = Plan(tasks=[])
+    for d in docs:
+        common = {**base, "doc_id": d["doc_id"], "source_uri": d["source_uri"], "page_count": d["page_count"]}
+        if d["error_code"]:
+            plan.tasks.append({**common, "page_index": -1, "status": "doc_error",
+                               "error_code": d["error_code"], "error": d["error"]})
+            plan.expected_keys.add((d["doc_id"], -1))
+            plan.doc_error_rows += 1
+            continue
+        for r in page_ranges(d["page_count"], cfg.render.pages_per_task):
+            plan.tasks.append({**common, "page_index": r.start, "status": "pending",
+                               "_password": d["password"], "_range_start": r.start, "_range_stop": r.stop})
+        plan.expected_keys.update((d["doc_id"], i) for i in range(d["page_count"]))
+    plan.expected_rows = len(plan.expected_keys)
+    return plan
+
+
+def _base_row(cfg: PipelineConfig) -> dict[str, Any]:
+    return {"mode": cfg.mode.name, "config_hash": cfg.config_hash(), "model_id": model_id(cfg)}
+
+
+def model_id(cfg: PipelineConfig) -> str:
+    if cfg.model.name == "tiny_random":
+        return f"tiny_random:seed={cfg.model.seed}"
+    return cfg.model.source
+
+
+# ----------------------------------------------------------------------------- processing
+
+
+def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
+    """The streaming dataset of write receipts (one row per page row written)."""
+    import ray
+
+    n_ocr, gpus = ocr_actor_count(cfg)
+    ds = ray.data.from_arrow(to_batch(plan.tasks)) if plan.tasks else ray.data.from_arrow(to_batch([]))
+    ds = ds.repartition(max(1, min(len(plan.tasks), 1024)))
+    ds = ds.map_batches(
+        RenderStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
+        concurrency=(1, max(1, _cpu_count() - n_ocr)), num_cpus=cfg.ray.render_cpus,
+    )
+    ds = ds.map_batches(preprocess_batch, fn_kwargs={"cfg": cfg}, batch_size=8, batch_format="pyarrow",
+                        num_cpus=0.5)
+    ds = ds.map_batches(
+        OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.ocr_batch_size,
+        batch_format="pyarrow", concurrency=n_ocr, num_gpus=1 if gpus else 0, num_cpus=1,
+    )
+    ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
+                        batch_size=64, batch_format="pyarrow", concurrency=(1, 4), num_cpus=0.25)
+    return ds
+
+
+def _cpu_count() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def ocr_actor_count(cfg: PipelineConfig) -> tuple[int, bool]:
+    """(actors, on_gpu): one actor per GPU of the cluster, or `ray.ocr_actors` if set."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if cfg.ray.ocr_actors:
+        return cfg.ray.ocr_actors, gpus > 0
+    return (gpus, True) if gpus else (1, False)
+
+
+class RenderStage:
+    """Render one page range in a killable, recycled PyMuPDF subprocess; one row per page out."""
+
+    def __init__(self, cfg: PipelineConfig):
+        from pipeline.render import RenderWorker
+
+        self.cfg = cfg
+        self.worker = RenderWorker(recycle_after=cfg.render.recycle_after)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.render import PageError
+        from pipeline.sources import read_document
+
+        out: list[dict[str, Any]] = []
+        for task in to_rows(batch):
+            if task["status"] != "pending":
+                out.append(task)
+                continue
+            r = self.cfg.render
+            pages = list(range(task["_range_start"], task["_range_stop"]))
+            base = {k: task[k] for k in ("doc_id", "source_uri", "page_count", "mode", "config_hash", "model_id")}
+            capped = [i for i in pages if i >= r.max_pages]
+            todo = [i for i in pages if i < r.max_pages]
+            try:
+                data = read_document(task["source_uri"], self.cfg.input.storage_options)
+                results = self.worker.render(
+                    data, task["_password"] or None, todo, dpi=r.dpi, max_pixels=r.max_pixels,
+                    max_side_px=r.max_side_px, timeout_s=r.timeout_s,
+                ) if todo else []
+            except Exception as e:  # the bytes vanished between probe and render, etc.
+                results = [PageError(page_index=i, code="render_error", message=f"{type(e).__name__}: {e}")
+                           for i in todo]
+            for res in results:
+                row = {**base, "page_index": res.page_index, "status": "pending"}
+                if isinstance(res, PageError):
+                    row.update(status="render_error", error_code=res.code, error=res.message)
+                else:
+                    row.update(
+                        width_pt=res.width_pt, height_pt=res.height_pt, width_px=res.width_px,
+                        height_px=res.height_px, dpi=res.dpi, render_ms=res.render_ms,
+                        _pixels=res.pixels.tobytes(), text_layer_chars=res.text_chars,
+                        _text_layer=res.text,
+                    )
+                out.append(row)
+            for i in capped:
+                out.append({**base, "page_index": i, "status": "render_error", "error_code": "too_many_pages",
+                            "error": f"page beyond render.max_pages={r.max_pages}"})
+        return to_batch(out)
+
+
+def preprocess_batch(batch: pa.Table, cfg: PipelineConfig) -> pa.Table:
+    """Mode-specific resize/pad/tiling on CPU; views travel as compact uint8 bytes."""
+    from PIL import Image
+
+    from model.preprocess import ImageError, preprocess_image
+
+    out = []
+    for row in to_rows(batch):
+        if row["status"] == "pending":
+            try:
+                img = np.frombuffer(row["_pixels"], np.uint8).reshape(row["height_px"], row["width_px"], 3)
+                prep = preprocess_image(Image.fromarray(img), cfg.mode.name, max_crops=cfg.mode.max_crops)
+                row.update(
+                    _global=prep.global_view.tobytes(),
+                    _tiles=prep.tiles.tobytes() if prep.tiles is not None else b"",
+                    _grid_w=prep.grid[0], _grid_h=prep.grid[1], num_vision_tokens=prep.num_image_tokens,
+                )
+                if cfg.output.include_images:
+                    row["page_image"] = _png(img)
+            except ImageError as e:
+                row.update(status="render_error", error_code="bad_image", error=str(e))
+            row["_pixels"] = None  # the page itself is not needed downstream
+        out.append(row)
+    return to_batch(out)
+
+
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+class OcrStage:
+    """One actor per GPU (or one on CPU): the model is loaded once, pages are decoded in batches."""
+
+    def __init__(self, cfg: PipelineConfig):
+        from model.runner import PageOcr
+
+        self.cfg = cfg
+        self.ocr = PageOcr.from_pipeline_config(cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from model.runner import OcrInput
+
+        rows = to_rows(batch)
+        todo = [r for r in rows if r["status"] == "pending"]
+        inputs = [OcrInput(
+            global_view=_views(r["_global"], 1), tiles=_views(r["_tiles"], None) if r["_tiles"] else None,
+            grid=(r["_grid_w"], r["_grid_h"]), size_px=(r["width_px"], r["height_px"]),
+        ) for r in todo]
+        for row, res in zip(todo, self.ocr.run(inputs)):
+            row.update(raw_output=res.raw_output, num_output_tokens=res.num_output_tokens,
+                       finish_reason=res.finish_reason, ocr_ms=res.ocr_ms, num_vision_tokens=res.num_vision_tokens)
+            if res.error:
+                row.update(status="ocr_error", error_code="ocr_error", error=res.error)
+            row["_global"] = row["_tiles"] = None
+        return to_batch(rows)
+
+
+def _views(buf: bytes, n: int | None) -> np.ndarray:
+    a = np.frombuffer(buf, np.uint8)
+    if n == 1:
+        side = int(round((a.size // 3) ** 0.5))
+        return a.reshape(side, side, 3)
+    # tiles: T x s x s x 3 with s in {640, 1024}
+    for s in (640, 1024, 512):
+        if a.size % (s * s * 3) == 0:
+            return a.reshape(-1, s, s, 3)
+    raise ValueError(f"cannot infer tile shape from {a.size} bytes")
+
+
+STATUS_BY_FINISH = {"stop": "ok", "length": "truncated", "repetition": "repetition"}
+
+
+def postprocess_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Grounding parse -> markdown + layout; the final status from the finish reason."""
+    from model.grounding import parse_grounding
+
+    if row["status"] != "pending":
+        return row
+    parsed = parse_grounding(
+        row["raw_output"] or "", (row["width_px"], row["height_px"]), (row["width_pt"], row["height_pt"])
+    )
+    row["markdown"] = parsed.markdown
+    row["layout"] = [
+        {"label": b.label, "bbox_norm": list(b.bbox_norm) if b.bbox_norm else None,
+         "bbox_pt": list(b.bbox_pt) if b.bbox_pt else None, "text": b.text}
+        for b in parsed.blocks
+    ]
+    row["status"] = STATUS_BY_FINISH.get(row["finish_reason"] or "", "ocr_error")
+    if row["status"] == "ocr_error" and not row.get("error"):
+        row["error"] = f"unknown finish reason {row['finish_reason']!r}"
+    return row
+
+
+class WriteStage:
+    """Post-process, then write each batch as one atomic Parquet part; emit small receipts."""
+
+    def __init__(self, cfg: PipelineConfig, root: str):
+        from pipeline.outputs import OutputStore
+
+        self.store = OutputStore(root, cfg.output.storage_options)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.schema import rows_to_table
+
+        rows = [postprocess_row(r) for r in to_rows(batch)]
+        page_rows = [{k: r.get(k) for k in COLUMNS} for r in rows]
+        table = rows_to_table(page_rows)
+        name = self.store.write_parquet("pages", table) if rows else ""
+        return pa.table(
+            {"doc_id": [r["doc_id"] for r in rows], "page_index": [r["page_index"] for r in rows],
+             "status": [r["status"] for r in rows], "file": [name] * len(rows)},
+            schema=RECEIPT_SCHEMA,
+        )
+

@@ -1,0 +1,38 @@
+"""Shared test fixtures: where the read-only fixtures (`../shared`) live, and torch thread pinning."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("PAGEMILL_SHARED", REPO.parent / "shared")).resolve()
+PARITY = SHARED / "parity"
+CORPUS = SHARED / "corpus" / "dev"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        # Not a skip: CI always has ../shared, and silently skipping parity would hide regressions.
+        raise FileNotFoundError(f"test fixtures not found at {path} (set PAGEMILL_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    return _require(PARITY)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    return _require(CORPUS)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread_torch() -> None:
+    # This machine's torch gives wrong sqrt results on a second CPU thread (shared/parity/README.md).
+    import torch
+
+    torch.set_num_threads(1)
