@@ -179,6 +179,12 @@ def load_official_state_dict(
     return {k for k, s in kmap.items() if s.param in state}
 
 
+def official_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """{official key: tensor view} - the inverse of loading (export, round-trip tests)."""
+    current = model.state_dict()
+    return {k: current[s.param][s.index] for k, s in official_key_map(model).items()}
+
+
 class _SafetensorsFiles(Mapping[str, Tensor]):
     """Lazy {key: tensor} over several .safetensors files (reads one tensor per lookup)."""
 
@@ -220,12 +226,11 @@ class _SynthTensors(Mapping[str, Tensor]):
         return len(self._shapes)
 
 
-def init_random(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every parameter with `synth_tensor(official key, official shape, seed)` (in place or
-    materialising meta params on CPU); returns `model`."""
+def init_random(model: nn.Module, seed: int = 0) -> set[str]:
+    """Fill every parameter with `synth_tensor(official key, official shape, seed)` (in place, or
+    materialising meta params on CPU); returns the official keys loaded."""
     shapes = {k: s.shape for k, s in official_key_map(model).items()}
-    load_official_state_dict(model, _SynthTensors(shapes, seed), strict=True)
-    return model
+    return load_official_state_dict(model, _SynthTensors(shapes, seed), strict=True)
 
 
 @contextlib.contextmanager
@@ -246,22 +251,45 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
-def _resolve(path_or_hub_id: str | Path) -> Path:
+_CHECKPOINT_FILES = ["config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def _local_dir(path_or_hub_id: str | Path) -> Path | None:
+    """The local directory named by `path_or_hub_id`, None for a hub id; a missing path raises."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
     if str(path_or_hub_id).startswith(("/", ".", "~")) or path.exists():
-        raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+        raise CheckpointUnavailable(f"checkpoint directory {str(path)!r} does not exist")
+    return None
+
+
+def _hub_download(hub_id: str, patterns: list[str]) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["config.json", "*.safetensors"]))
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - any hub/network/offline failure gets the same advice
         raise CheckpointUnavailable(
-            f"could not fetch the weights of {str(path_or_hub_id)!r} from the Hugging Face hub "
-            f"({type(e).__name__}: {e}). Use a local checkpoint directory, or run offline with the "
-            "random-weight model: model=tiny_random"
+            f"could not fetch {hub_id!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Use a local checkpoint directory, or run "
+            "offline with the random-weight model: model=tiny_random"
         ) from e
+
+
+def _resolve(path_or_hub_id: str | Path) -> Path:
+    local = _local_dir(path_or_hub_id)
+    return local if local is not None else _hub_download(str(path_or_hub_id), _CHECKPOINT_FILES)
+
+
+def resolve_config_json(path_or_hub_id: str | Path) -> Path:
+    """Path of the checkpoint's config.json; fetches only that file from the hub (a cheap probe that
+    the weights are reachable before a job starts). Raises CheckpointUnavailable."""
+    local = _local_dir(path_or_hub_id)
+    root = local if local is not None else _hub_download(str(path_or_hub_id), ["config.json"])
+    if not (root / "config.json").is_file():
+        raise CheckpointUnavailable(f"{root} has no config.json")
+    return root / "config.json"
 
 
 def load_checkpoint(
