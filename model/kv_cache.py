@@ -37,6 +37,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_len = max_len
+        self.attend_len = max_len  # decode reads slots [0, attend_len); the engine lowers it
         self._slots = torch.arange(max_len, device=device)  # (S,)
 
     @classmethod
@@ -67,8 +68,38 @@ class KVCache:
         kb, vb = self.k[layer_idx], self.v[layer_idx]
         kb.scatter_(2, idx, k.to(kb.dtype))
         vb.scatter_(2, idx, v.to(vb.dtype))
-        return kb, vb
+        S = self.attend_len
+        return kb[:, :, :S], vb[:, :, :S]
 
     def attn_mask(self, positions: Tensor) -> Tensor:
-        """Boolean mask (B, 1, T, S): query at position p may read slots 0..p."""
-        return (self._slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        """Boolean mask (B, 1, T, S): query at position p may read slots 0..p (S = attend_len)."""
+        slots = self._slots[: self.attend_len]
+        return (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+
+    def rows(self, rows: Tensor) -> RowPrefill:
+        """A cache view that prefills the batch rows `rows` (b,) of this cache from position 0."""
+        return RowPrefill(self, rows)
+
+
+class RowPrefill:
+    """Prefill of fresh sequences into some rows of a KVCache (continuous batching admission).
+
+    The prompt's keys/values are written into rows `rows` at their positions, and attention uses
+    the fresh k/v directly (a fresh sequence has nothing cached before it), so no cache row is
+    gathered. Same two-method interface as KVCache.
+    """
+
+    def __init__(self, cache: KVCache, rows: Tensor) -> None:
+        self.cache, self.rows_idx = cache, rows
+
+    def update(self, layer_idx: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (b, H, T, hd) at positions (b, T) -> written to cache rows; returned unchanged."""
+        r = self.rows_idx[:, None]  # (b, 1) broadcasts against positions (b, T)
+        kb, vb = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        kb[r, :, positions] = k.transpose(1, 2).to(kb.dtype)  # indexed view is (b, T, H, hd)
+        vb[r, :, positions] = v.transpose(1, 2).to(vb.dtype)
+        return k, v
+
+    def attn_mask(self, positions: Tensor) -> Tensor:
+        """Causal mask over the prompt itself: (b, 1, T, T)."""
+        return (positions[:, None, :] <= positions[:, :, None])[:, None]

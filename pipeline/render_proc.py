@@ -85,6 +85,20 @@ def _child_main(conn: Any) -> None:
         conn.send(("done", {"rss": _rss_bytes(), "fatal": fatal}))
 
 
+def _shift_fault(fault: str, consumed: int) -> str:
+    """The test fault for a retry that starts `consumed` pages into the request.
+
+    `hang:N` / `crash:N` mean "at the request's page N" (see `render._inject`); a fresh child
+    counts from 0, so N is re-based, and a fault whose page has already gone by is dropped.
+    `sleep:S` (every page) is kept as it is.
+    """
+    kind, _, arg = fault.partition(":")
+    if kind not in ("hang", "crash"):
+        return fault
+    n = int(arg or 0) - consumed
+    return f"{kind}:{n}" if n >= 0 else ""
+
+
 def _exit_text(code: int | None) -> str:
     if code is None:
         return "exit code unknown"
@@ -242,6 +256,8 @@ class RenderWorker:
                     out.append(PageError(indices[len(out)], "render_error", failure))
                 if not retry_after_failure or time.monotonic() >= deadline:
                     out.extend(PageError(i, "render_error", failure) for i in indices[len(out):])
+                # The fault hook counts pages per child call; re-based so a retry doesn't fire it again.
+                opts["_test_fault"] = _shift_fault(fault, len(out))
         if len(out) != len(indices):  # protocol invariant; never silently drop a page
             raise RuntimeError(f"renderer returned {len(out)} results for {len(indices)} pages")
         return out

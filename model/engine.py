@@ -1,0 +1,289 @@
+"""Continuous-batching greedy generation for many pages on one device (issue 4).
+
+Design (vLLM's scheduler idea in nanochat-sized code):
+- A slotted KV cache (`KVCache`, one row per sequence in flight, `max_batch` rows of
+  `max_model_len`). Pages are *admitted* into free rows as others finish: their views are encoded
+  in one SAM/CLIP batch, their prompts prefilled in right-padded groups straight into their rows
+  (`KVCache.rows`), then they join the decode batch. Nothing is ever recomputed.
+- The decode step is one fixed-shape call over all `max_batch` rows (finished/empty rows ride
+  along masked): embed the last token, decoder over the cache, n-gram ban, EOS forcing, argmax,
+  bookkeeping and the loop detector - all on device, no `.item()`, no per-row Python. Attention
+  reads the cache only up to `attend_len`, the longest live sequence rounded up to `len_bucket`,
+  so short pages do not pay for 8,192-token rows and the step has few distinct shapes.
+- The host looks at the device state only every `sync_every` steps (one small copy): it retires
+  finished rows, yields their results and admits new pages. A finished row idles at most
+  `sync_every - 1` steps.
+- Finish reasons: `stop` (EOS), `length` (max new tokens / model length), `repetition` (the loop
+  detector of `model.sampling` flagged the tail). A request with `force_len` (benchmarks) never
+  stops early: EOS is banned and the detector's verdict ignored until exactly `force_len` tokens.
+The plain one-sequence loop in `model/generate.py` is the reference this engine must match
+token for token (tests/model/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.ocr import OcrModel
+from model.sampling import NGRAM_WHITELIST, no_repeat_ngram_mask, repetition_flags
+from model.vision import PageViews
+
+FINISH_REASONS = ("running", "stop", "length", "repetition")  # device codes 0..3
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 64  # sequences in flight (KV rows); ~60 KiB/token each on the full model
+    max_model_len: int = 8192  # prompt + output per sequence (official max_model_len)
+    max_new_tokens: int = 8192  # also capped by max_model_len - prompt length
+    ngram_size: int = 20  # official PDF script: windowed no-repeat n-gram ban 20 / 50
+    ngram_window: int = 50
+    whitelist: tuple[int, ...] = NGRAM_WHITELIST  # <td> </td> are never banned
+    loop_detect: bool = True  # stop exact loops early (finish_reason "repetition")
+    loop_min_span: int = 256  # tokens of exact periodic tail that count as a loop
+    eos_id: int = 1
+    sync_every: int = 8  # decode steps between host looks at the device state
+    len_bucket: int = 256  # attention reads the cache up to a multiple of this
+    vision_batch: int = 32  # views per SAM/CLIP forward
+    prefill_tokens: int = 16384  # padded prompt tokens per prefill forward
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.sync_every < 1 or self.len_bucket < 1:
+            raise ValueError("max_batch, sync_every and len_bucket must be >= 1")
+        if self.ngram_size and self.ngram_window < self.ngram_size:
+            raise ValueError("ngram_window must be >= ngram_size")
+
+
+@dataclass
+class Request:
+    """One page: prompt ids (with its `<image>` run) and its views (normalised float tensors)."""
+
+    input_ids: Sequence[int]
+    views: PageViews | None  # None: text-only prompt
+    max_new_tokens: int | None = None  # per-request cap (<= the engine's)
+    force_len: int | None = None  # benchmark: generate exactly this many tokens
+    tag: Any = None  # caller's handle, returned with the result
+
+
+@dataclass
+class Result:
+    tag: Any
+    ids: list[int]  # generated ids; ends with EOS when finish_reason == "stop"
+    finish_reason: str
+    prompt_len: int
+    error: str | None = None  # a request that could not run (e.g. prompt too long)
+    ms: float = 0.0  # admission to retirement, wall time
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.ids) - (1 if self.finish_reason == "stop" else 0)
+
+
+@dataclass
+class EngineStats:
+    pages: int = 0
+    output_tokens: int = 0
+    decode_steps: int = 0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    occupancy: list[tuple[float, int]] = field(default_factory=list)  # (time, live rows) per sync
+
+
+class Engine:
+    def __init__(self, model: OcrModel, cfg: EngineConfig | None = None) -> None:
+        self.model, self.cfg = model, cfg or EngineConfig()
+        c, dec = self.cfg, model.decoder
+        self.device = dec.embed_tokens.weight.device
+        self.vocab = dec.config.vocab_size
+        B, T, dev = c.max_batch, c.max_model_len, self.device
+        with torch.inference_mode():  # state is only ever touched inside inference mode
+            self._alloc(B, T, dev)
+        self.stats = EngineStats()
+        self._t0 = time.perf_counter()
+
+    def _alloc(self, B: int, T: int, dev: torch.device) -> None:
+        c, dec = self.cfg, self.model.decoder
+        self.cache = dec.make_cache(B, T)
+        self.out = torch.zeros(B, T, dtype=torch.long, device=dev)  # generated tokens per row
+        self.n = torch.zeros(B, dtype=torch.long, device=dev)  # generated count
+        self.prompt_len = torch.zeros(B, dtype=torch.long, device=dev)
+        self.max_new = torch.ones(B, dtype=torch.long, device=dev)
+        self.force = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.done = torch.ones(B, dtype=torch.bool, device=dev)  # empty rows count as done
+        self.reason = torch.zeros(B, dtype=torch.long, device=dev)
+        self.last = torch.zeros(B, dtype=torch.long, device=dev)  # last token of each row
+        self.whitelist = torch.tensor(c.whitelist, dtype=torch.long, device=dev)
+
+    # ------------------------------------------------------------------ device step pieces
+
+    def _advance(self, logits: Tensor, active: Tensor) -> None:
+        """Pick the next token of every `active` row from fp32 `logits` (B, V); update state."""
+        c = self.cfg
+        if c.ngram_size:
+            banned = no_repeat_ngram_mask(self.out, self.n, c.ngram_size, c.ngram_window, self.whitelist, self.vocab)
+            logits = logits.masked_fill(banned, float("-inf"))
+        no_eos = self.force & (self.n + 1 < self.max_new)  # forced rows: EOS banned until the end
+        logits[:, c.eos_id] = torch.where(no_eos, float("-inf"), logits[:, c.eos_id])
+        tok = logits.argmax(dim=-1)  # (B,)
+        rows = torch.arange(tok.shape[0], device=tok.device)
+        slot = self.n.clamp(max=self.out.shape[1] - 1)
+        self.out[rows, slot] = torch.where(active, tok, self.out[rows, slot])
+        self.n += active.long()
+        self.last = torch.where(active, tok, self.last)
+        eos = active & (tok == c.eos_id) & ~self.force
+        full = active & (self.n >= self.max_new)
+        loop = torch.zeros_like(eos)
+        if c.loop_detect:
+            loop = active & ~self.force & repetition_flags(self.out, self.n, min_span=c.loop_min_span)
+        code = torch.where(eos, 1, torch.where(loop, 3, torch.where(full, 2, 0)))
+        self.reason = torch.where(active & ~self.done, code, self.reason)
+        self.done |= eos | loop | full
+
+    @torch.inference_mode()
+    def _decode_step(self, attend_len: int) -> None:
+        self.cache.attend_len = attend_len
+        positions = (self.prompt_len + self.n - 1).clamp(min=0)[:, None]  # (B, 1) last token's slot
+        logits = self.model(self.last[:, None], positions, None, self.cache)[:, 0]  # (B, V)
+        self._advance(logits, ~self.done)
+
+    # ------------------------------------------------------------------ admission
+
+    @torch.inference_mode()
+    def _admit(self, rows: list[int], reqs: list[Request]) -> None:
+        """Encode, prefill and take the first token of `reqs` into cache rows `rows`."""
+        t0 = time.perf_counter()
+        views = [r.views for r in reqs if r.views is not None]
+        embeds = self.model.vision.image_embeddings_batch(views, max_batch=self.cfg.vision_batch) if views else []
+        self._sync()
+        t1 = time.perf_counter()
+        it = iter(embeds)
+        per_req = [next(it) if r.views is not None else None for r in reqs]
+        logits = torch.zeros(self.cfg.max_batch, self.vocab, device=self.device)
+        order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].input_ids))  # similar lengths together
+        group: list[int] = []
+        for i in order + [-1]:
+            longest = max([len(reqs[j].input_ids) for j in group] + ([len(reqs[i].input_ids)] if i >= 0 else []))
+            if group and (i < 0 or longest * (len(group) + 1) > self.cfg.prefill_tokens):
+                self._prefill([rows[j] for j in group], [reqs[j] for j in group], [per_req[j] for j in group], logits)
+                group = []
+            if i >= 0:
+                group.append(i)
+        c = self.cfg
+        idx = torch.tensor(rows, device=self.device)
+        plen = torch.tensor([len(r.input_ids) for r in reqs], device=self.device)
+        cap = [min(r.max_new_tokens or c.max_new_tokens, c.max_new_tokens, c.max_model_len - len(r.input_ids))
+               for r in reqs]
+        cap = [min(r.force_len, m) if r.force_len else m for r, m in zip(reqs, cap)]
+        self.prompt_len[idx] = plen
+        self.max_new[idx] = torch.tensor(cap, device=self.device)
+        self.force[idx] = torch.tensor([bool(r.force_len) for r in reqs], device=self.device)
+        self.n[idx] = 0
+        self.done[idx] = False
+        self.reason[idx] = 0
+        active = torch.zeros(c.max_batch, dtype=torch.bool, device=self.device)
+        active[idx] = True
+        self._advance(logits, active)
+        self._sync()
+        self.stats.vision_s += t1 - t0
+        self.stats.prefill_s += time.perf_counter() - t1
+
+    def _prefill(self, rows: list[int], reqs: list[Request], embeds: list[Tensor | None], logits: Tensor) -> None:
+        """One right-padded prefill forward; last-position logits land in `logits[rows]`."""
+        T = max(len(r.input_ids) for r in reqs)
+        ids = torch.zeros(len(reqs), T, dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, : len(r.input_ids)] = torch.as_tensor(list(r.input_ids))
+        ids = ids.to(self.device)
+        lens = torch.tensor([len(r.input_ids) for r in reqs], device=self.device)
+        # padded tokens sit past each row's end: their cache writes are overwritten by decode
+        positions = torch.arange(T, device=self.device).expand(len(reqs), T)
+        image = [e for e in embeds if e is not None]
+        idx = torch.tensor(rows, device=self.device)
+        out = self.model(ids, positions, torch.cat(image) if image else None, self.cache.rows(idx), lens - 1)
+        logits[idx] = out
+
+    # ------------------------------------------------------------------ host loop
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Run every request; yields each Result as soon as its sequence is retired.
+
+        `requests` may be a lazy iterator (e.g. fed by another thread): it is pulled only when a
+        row is free, so admission streams."""
+        c = self.cfg
+        source = iter(requests)
+        exhausted = False
+        live: dict[int, tuple[Request, float, int]] = {}  # row -> (request, t_admit, steps bound)
+        while True:
+            free = [r for r in range(c.max_batch) if r not in live]
+            new_rows, new_reqs = [], []
+            while free and not exhausted:
+                try:
+                    req = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                bad = self._check(req)
+                if bad is not None:
+                    yield Result(req.tag, [], "error", len(req.input_ids), error=bad)
+                    continue
+                new_rows.append(free.pop(0))
+                new_reqs.append(req)
+            if new_reqs:
+                self._admit(new_rows, new_reqs)
+                now = time.perf_counter()
+                for row, req in zip(new_rows, new_reqs):
+                    live[row] = (req, now, 1)
+            if not live:
+                return
+            t0 = time.perf_counter()
+            for _ in range(c.sync_every):
+                longest = max(len(req.input_ids) + steps for req, _, steps in live.values())
+                attend = min(c.max_model_len, -(-(longest + 1) // c.len_bucket) * c.len_bucket)
+                self._decode_step(attend)
+                live = {r: (q, t, s + 1) for r, (q, t, s) in live.items()}
+            done, n, reason = (x.cpu() for x in (self.done, self.n, self.reason))  # the one host sync
+            self.stats.decode_s += time.perf_counter() - t0
+            self.stats.decode_steps += c.sync_every
+            self.stats.occupancy.append((time.perf_counter() - self._t0, len(live)))
+            out_rows = [r for r in live if bool(done[r])]
+            if out_rows:
+                toks = self.out[out_rows].cpu()
+            for k, row in enumerate(out_rows):
+                req, t_admit, _ = live.pop(row)
+                ids = toks[k, : int(n[row])].tolist()
+                self.stats.pages += 1
+                self.stats.output_tokens += len(ids)
+                yield Result(req.tag, ids, FINISH_REASONS[int(reason[row])], len(req.input_ids),
+                             ms=(time.perf_counter() - t_admit) * 1000.0)
+
+    def _check(self, req: Request) -> str | None:
+        n = len(req.input_ids)
+        if n == 0:
+            return "empty prompt"
+        if n >= self.cfg.max_model_len:
+            return f"prompt of {n} tokens does not fit max_model_len={self.cfg.max_model_len}"
+        return None
+
+    def run(self, requests: Iterable[Request]) -> list[Result]:
+        """All results, in request order."""
+        reqs = list(requests)
+        for i, r in enumerate(reqs):
+            r.tag = (i, r.tag)
+        results = sorted(self.generate(reqs), key=lambda res: res.tag[0])
+        for r in results:
+            r.tag = r.tag[1]
+        for r in reqs:
+            r.tag = r.tag[1]
+        return results
