@@ -105,7 +105,8 @@ class GenerationConfig:
     max_model_len: int = 8192
     ngram_size: int = 20  # official PDF script; 0 disables the ban
     ngram_window: int = 50
-    loop_min_span: int = 200  # stop a page whose tail repeats for this many tokens
+    loop_min_span: int = 256  # stop a page whose tail repeats exactly for this many tokens
+    max_batch: int = 64  # pages decoded together per OCR actor (KV rows; ~60 KiB/token each)
 
     def __post_init__(self) -> None:
         _check(self.prompt in PROMPT_NAMES, "generation.prompt", self.prompt, " | ".join(PROMPT_NAMES))
@@ -118,6 +119,8 @@ class GenerationConfig:
         )
         _check(self.ngram_size >= 0, "generation.ngram_size", self.ngram_size, ">= 0")
         _check(self.ngram_window >= self.ngram_size, "generation.ngram_window", self.ngram_window, ">= ngram_size")
+        _check(self.loop_min_span >= 8, "generation.loop_min_span", self.loop_min_span, ">= 8")
+        _check(self.max_batch >= 1, "generation.max_batch", self.max_batch, ">= 1")
 
 
 @dataclass

@@ -82,7 +82,7 @@ def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
     from pipeline.sources import expand_input
 
     lister = ray.remote(num_cpus=0.5)(expand_input)
-    uris = ray.get(lister.remote(cfg.input.uri, cfg.input.storage_options, cfg.input.suffixes))
+    uris = ray.get(lister.remote(cfg.input.uri, cfg.input.storage_options, suffixes=list(cfg.input.suffixes)))
     if not uris:
         return []
     ds = ray.data.from_items([{"source_uri": u} for u in uris], override_num_blocks=min(len(uris), 256))
@@ -316,13 +316,20 @@ def _png(img: np.ndarray) -> bytes:
 
 
 class OcrStage:
-    """One actor per GPU (or one on CPU): the model is loaded once, pages are decoded in batches."""
+    """One actor per GPU (or one on CPU): the model is loaded once; pages stream through the
+    continuous-batching engine (model/engine.py)."""
 
     def __init__(self, cfg: PipelineConfig):
-        from model.runner import PageOcr
+        from model.runner import PageOcr, default_device
 
-        self.cfg = cfg
-        self.ocr = PageOcr.from_pipeline_config(cfg)
+        g = cfg.generation
+        on_cpu = default_device().type == "cpu"
+        self.ocr = PageOcr.load(
+            cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
+            max_batch=min(g.max_batch, cfg.ray.ocr_batch_size) if on_cpu else g.max_batch,
+            max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
+            ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from model.runner import OcrInput
@@ -331,13 +338,21 @@ class OcrStage:
         todo = [r for r in rows if r["status"] == "pending"]
         inputs = [OcrInput(
             global_view=_views(r["_global"], 1), tiles=_views(r["_tiles"], None) if r["_tiles"] else None,
-            grid=(r["_grid_w"], r["_grid_h"]), size_px=(r["width_px"], r["height_px"]),
+            grid=(r["_grid_w"], r["_grid_h"]), num_image_tokens=r["num_vision_tokens"],
         ) for r in todo]
-        for row, res in zip(todo, self.ocr.run(inputs)):
+        try:
+            results = self.ocr.run(inputs)
+        except Exception as e:  # an engine failure costs this batch's pages an error row, not the job
+            log.exception("OCR failed for a batch of %d pages", len(todo))
+            for row in todo:
+                row.update(status="ocr_error", error_code="ocr_error", error=f"{type(e).__name__}: {e}")
+            results = []
+        for row, res in zip(todo, results):
             row.update(raw_output=res.raw_output, num_output_tokens=res.num_output_tokens,
                        finish_reason=res.finish_reason, ocr_ms=res.ocr_ms, num_vision_tokens=res.num_vision_tokens)
             if res.error:
                 row.update(status="ocr_error", error_code="ocr_error", error=res.error)
+        for row in todo:
             row["_global"] = row["_tiles"] = None
         return to_batch(rows)
 

@@ -1,0 +1,119 @@
+"""Page OCR on one device: uint8 views in, raw model text out (what a pipeline GPU actor holds).
+
+`PageOcr` owns the model, the tokenizer and the continuous-batching `Engine`; it turns the compact
+uint8 views made by CPU preprocessing into normalised tensors, builds the official prompt ids,
+streams pages through the engine and decodes the generated ids with special tokens kept (the
+grounding parser needs `<|ref|>`/`<|det|>` and the EOS marker). No Ray, no Hydra: the pipeline
+passes plain values.
+
+`load_model` is the one place that knows the two model sources: the official checkpoint (hub id
+or local directory, strict load) and `tiny_random` (same architecture, tiny widths, synthetic
+weights from the parity rule) for offline runs and tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.engine import Engine, EngineConfig, Request
+from model.ocr import OcrModel
+from model.preprocess import to_pixel_tensor
+from model.tokenizer import PROMPTS, OcrTokenizer
+from model.vision import PageViews
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0,
+               device: torch.device | str | None = None) -> tuple[OcrModel, OcrTokenizer]:
+    """(model in eval mode on `device`, tokenizer) for `deepseek_ocr` (from `source`) or `tiny_random`."""
+    from model.checkpoint import _resolve, init_random, load_checkpoint  # noqa: PLC0415
+
+    device = torch.device(device) if device is not None else default_device()
+    if name == "tiny_random":
+        from model.config import OcrConfig  # noqa: PLC0415
+
+        model = OcrModel(OcrConfig.tiny())
+        init_random(model, seed=seed)
+        return model.to(device=device, dtype=DTYPES[dtype]).eval(), OcrTokenizer.default()
+    if name != "deepseek_ocr":
+        raise ValueError(f"unknown model {name!r}: expected deepseek_ocr or tiny_random")
+    root = _resolve(source)
+    model = load_checkpoint(root, device=device, dtype=DTYPES[dtype])
+    tok = OcrTokenizer.from_dir(root) if (Path(root) / "tokenizer.json").is_file() else OcrTokenizer.default()
+    return model, tok
+
+
+@dataclass
+class OcrInput:
+    global_view: np.ndarray  # (S, S, 3) uint8
+    tiles: np.ndarray | None  # (T, s, s, 3) uint8 or None
+    grid: tuple[int, int]  # (w_tiles, h_tiles)
+    num_image_tokens: int
+    force_len: int | None = None  # benchmarks: generate exactly this many tokens
+    tag: Any = None
+
+
+@dataclass
+class OcrOutput:
+    tag: Any
+    raw_output: str
+    ids: list[int]
+    num_output_tokens: int
+    num_vision_tokens: int
+    finish_reason: str  # stop | length | repetition | error
+    ocr_ms: float
+    error: str | None = None
+
+
+class PageOcr:
+    def __init__(self, model: OcrModel, tokenizer: OcrTokenizer, engine_cfg: EngineConfig | None = None,
+                 prompt: str = "document") -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = Engine(model, engine_cfg)
+        self.prompt = PROMPTS.get(prompt, prompt)
+        self._dtype = model.vision.dtype
+
+    @classmethod
+    def load(cls, name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0, prompt: str = "document",
+             device: str | None = None, **engine: Any) -> PageOcr:
+        model, tok = load_model(name, source, dtype, seed, device)
+        return cls(model, tok, EngineConfig(**engine), prompt)
+
+    def _request(self, x: OcrInput) -> Request:
+        dev = self.engine.device
+        g = to_pixel_tensor(x.global_view).to(dev, self._dtype)
+        tiles = to_pixel_tensor(x.tiles).to(dev, self._dtype) if x.tiles is not None and len(x.tiles) else None
+        ids = self.tokenizer.build_prompt_ids(self.prompt, x.num_image_tokens)
+        return Request(ids, PageViews(g, tiles, tuple(x.grid)), force_len=x.force_len,
+                       tag=(x.tag, x.num_image_tokens, time.perf_counter()))
+
+    def stream(self, inputs: Iterable[OcrInput]) -> Iterator[OcrOutput]:
+        """OCR pages as they come; outputs are yielded as pages finish (not in input order)."""
+        for res in self.engine.generate(self._request(x) for x in inputs):
+            tag, n_img, t0 = res.tag
+            yield OcrOutput(
+                tag=tag, raw_output=self.tokenizer.decode(res.ids), ids=res.ids,
+                num_output_tokens=res.num_output_tokens, num_vision_tokens=n_img, finish_reason=res.finish_reason,
+                ocr_ms=(time.perf_counter() - t0) * 1000.0, error=res.error,
+            )
+
+    def run(self, inputs: list[OcrInput]) -> list[OcrOutput]:
+        """OCR a list of pages; outputs in input order."""
+        tagged = [OcrInput(x.global_view, x.tiles, x.grid, x.num_image_tokens, x.force_len, (i, x.tag))
+                  for i, x in enumerate(inputs)]
+        out = sorted(self.stream(tagged), key=lambda o: o.tag[0])
+        for o in out:
+            o.tag = o.tag[1]
+        return out
