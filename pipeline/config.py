@@ -36,8 +36,11 @@ class InputConfig:
     # The default is the embedded sample set so `make run` works on a fresh machine.
     uri: str = "tests/data"
     suffixes: list[str] = field(default_factory=lambda: [".pdf"])
-    # sha256 of the file bytes, or its file name -> user password (for encrypted PDFs).
+    # sha256 of the file bytes, or its file name -> user password (for encrypted PDFs). Set it in a
+    # YAML experiment, or keep the secrets in `passwords_file` (lines `key<TAB>password`, any fsspec
+    # URI): Hydra's command-line grammar cannot add dict keys that contain dots or start with digits.
     passwords: dict[str, str] = field(default_factory=dict)
+    passwords_file: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -156,7 +159,8 @@ class PipelineConfig:
             "dpi": self.render.dpi,
             "max_side_px": self.render.max_side_px,
             "max_pixels": self.render.max_pixels,
-            "generation": asdict(self.generation),
+            # max_batch only changes how many pages decode together, not what they produce
+            "generation": {k: v for k, v in asdict(self.generation).items() if k != "max_batch"},
             "include_images": self.output.include_images,
         }
 

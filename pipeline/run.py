@@ -89,10 +89,12 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
     from pipeline import stages
     from pipeline.outputs import OutputStore
+    from pipeline.sources import read_passwords
 
     t0 = time.time()
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     stages.check_model_available(cfg)
+    read_passwords(cfg.input.passwords_file, cfg.input.storage_options)  # a bad file fails before any work
     init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     local = not cfg.ray.address
@@ -179,6 +181,7 @@ def main() -> None:
         except ConfigValueError as e:
             print(f"pagemill: configuration error: {e}", file=sys.stderr)
             sys.exit(2)
+        from pipeline.sources import InputError
         from pipeline.stages import ModelUnavailable
 
         try:
@@ -186,6 +189,9 @@ def main() -> None:
         except ModelUnavailable as e:
             print(f"pagemill: {e}", file=sys.stderr)
             sys.exit(3)
+        except InputError as e:
+            print(f"pagemill: input error: {e}", file=sys.stderr)
+            sys.exit(2)
         if not summary["accounting_ok"]:
             sys.exit(1)
 

@@ -31,6 +31,7 @@ __all__ = [
     "DocumentTooLarge",
     "expand_input",
     "read_document",
+    "read_passwords",
     "stat_size",
     "content_id",
     "DEFAULT_SUFFIXES",
@@ -203,3 +204,26 @@ def content_id(data: bytes | bytearray | memoryview | Iterable[bytes]) -> str:
         for chunk in data:
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_passwords(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """{sha256 or file name: password} from a `key<TAB>password` file ("" -> {}).
+
+    Blank lines and `#` comments are skipped; a line without a tab is an InputError naming it."""
+    if not uri:
+        return {}
+    fs, path = _fs(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read passwords file {uri!r}: {e}") from e
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, tab, pw = line.partition("\t")
+        if not tab or not key.strip():
+            raise InputError(f"passwords file {uri!r} line {lineno}: expected 'key<TAB>password'")
+        out[key.strip()] = pw
+    return out

@@ -79,10 +79,15 @@ def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """List the input (a Ray task) and probe every document (Ray Data); small rows come back."""
     import ray
 
-    from pipeline.sources import expand_input
+    from pipeline.sources import InputError, expand_input
 
     lister = ray.remote(num_cpus=0.5)(expand_input)
-    uris = ray.get(lister.remote(cfg.input.uri, cfg.input.storage_options, suffixes=list(cfg.input.suffixes)))
+    try:
+        uris = ray.get(lister.remote(cfg.input.uri, cfg.input.storage_options, suffixes=list(cfg.input.suffixes)))
+    except ray.exceptions.RayTaskError as e:  # bad input spec: surface the InputError itself
+        if isinstance(e.cause, InputError):
+            raise e.cause from None
+        raise
     if not uris:
         return []
     ds = ray.data.from_items([{"source_uri": u} for u in uris], override_num_blocks=min(len(uris), 256))
@@ -91,7 +96,7 @@ def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=4,
         batch_format="pyarrow",
-        concurrency=(1, 64),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=64),
         num_cpus=0.5,
     ).take_all()
     docs.sort(key=lambda d: d["source_uri"])
@@ -102,7 +107,10 @@ class ProbeDocuments:
     """Read + hash + open each document; emit one metadata row per document (no bytes kept)."""
 
     def __init__(self, cfg: PipelineConfig):
+        from pipeline.sources import read_passwords
+
         self.cfg = cfg
+        self.passwords = {**read_passwords(cfg.input.passwords_file, cfg.input.storage_options), **cfg.input.passwords}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.render import DocError, probe_document
@@ -134,7 +142,7 @@ class ProbeDocuments:
         return pa.Table.from_pylist(out)
 
     def _password(self, uri: str, doc_id: str) -> str | None:
-        pw = self.cfg.input.passwords
+        pw = self.passwords
         name = uri.rstrip("/").rsplit("/", 1)[-1]
         return pw.get(doc_id) or pw.get(name)
 
@@ -200,16 +208,19 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
     ds = ds.repartition(max(1, min(len(plan.tasks), 1024)))
     ds = ds.map_batches(
         RenderStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
-        concurrency=(1, max(1, _cpu_count() - n_ocr)), num_cpus=cfg.ray.render_cpus,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, _cpu_count() - n_ocr)),
+        num_cpus=cfg.ray.render_cpus,
     )
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"cfg": cfg}, batch_size=8, batch_format="pyarrow",
                         num_cpus=0.5)
     ds = ds.map_batches(
         OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.ocr_batch_size,
-        batch_format="pyarrow", concurrency=n_ocr, num_gpus=1 if gpus else 0, num_cpus=1,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_ocr), num_gpus=1 if gpus else 0,
+        num_cpus=1,
     )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
-                        batch_size=64, batch_format="pyarrow", concurrency=(1, 4), num_cpus=0.25)
+                        batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
+                        num_cpus=0.25)
     return ds
 
 

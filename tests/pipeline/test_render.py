@@ -162,9 +162,11 @@ def test_probe_options_and_odd_inputs(corpus_bytes) -> None:
     for blob in (png.getvalue(), b"<html><body>hi</body></html>", b"   \n"):
         err = probe_document(blob)
         assert isinstance(err, DocError) and err.code == "not_a_pdf", (blob[:8], err)
-    # a header followed by garbage is not a PDF either; a header with objects but no pages is corrupt
+    # a header followed by no object syntax is not a PDF either; objects but no page tree: zero pages
     err = probe_document(b"%PDF-1.7\n" + b"garbage" * 50)
-    assert isinstance(err, DocError) and err.code in ("not_a_pdf", "corrupt"), err
+    assert isinstance(err, DocError) and err.code == "not_a_pdf", err
+    err = probe_document(b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer << /Root 1 0 R >>\n%%EOF")
+    assert isinstance(err, DocError) and err.code == "zero_pages", err
     # memoryview / bytearray inputs behave like bytes (what Arrow buffers hand us)
     assert probe_document(bytearray(data), extract_text=False) == cheap
     assert probe_document(memoryview(data), extract_text=False) == cheap
@@ -318,7 +320,7 @@ def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
         t0 = time.monotonic()
         out = w.render(data, None, [0, 1, 2], dpi=36, timeout_s=1.5, _test_fault="hang:0")
         elapsed = time.monotonic() - t0
-        assert 1.4 < elapsed < 5, elapsed
+        assert 1.4 < elapsed < 10, elapsed
         assert [(type(r), r.page_index, r.code) for r in out] == [(PageError, i, "render_error") for i in (0, 1, 2)]
         assert all("timed out" in r.message for r in out)
         assert w.pid is None and not _alive(pid)  # the hung child was killed and reaped
@@ -329,7 +331,7 @@ def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
         # a per-page timeout kills only the page in flight; a fresh child does the rest
         t0 = time.monotonic()
         out = w.render(data, None, [0, 1, 2, 3], dpi=36, timeout_s=30, page_timeout_s=1.0, _test_fault="hang:1")
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 10
         assert [(type(r), r.page_index) for r in out] == [
             (PageImage, 0), (PageError, 1), (PageImage, 2), (PageImage, 3)]
         assert "page render timed out" in out[1].message

@@ -1,0 +1,196 @@
+"""End to end: `python -m pipeline.run` on real PDFs with the tiny random-weight model on embedded
+local Ray, and the same job through `ray job submit` on a real local cluster. Output is read back
+with pyarrow and checked against the corpus MANIFEST (one row per page, one doc_error row per
+unreadable document, with its reason code).
+
+The model is real code with random weights (its text is gibberish and rarely ends with EOS, so
+pages end `truncated` at the small token cap used here); every other part is the production path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from pipeline.schema import COLUMNS, DOC_ERROR_CODES, STATUSES
+
+REPO = Path(__file__).resolve().parents[2]
+PAGE_STATUSES = {"ok", "truncated", "repetition", "render_error", "ocr_error"}
+ERROR_CODE = {"error:empty-file": "empty_file", "error:not-a-pdf": "not_a_pdf", "error:no-pages": "zero_pages",
+              "error:password-required": "needs_password"}
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # as in an activated venv: the job's `python` entrypoint is this interpreter
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def run_job(*overrides: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "pipeline.run", "model=tiny_random", "progress=false", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def read_pages(out: Path) -> list[dict]:
+    return ds.dataset(out / "pages", format="parquet").to_table().to_pylist()
+
+
+def manifest(corpus: Path) -> list[dict[str, str]]:
+    with open(corpus / "MANIFEST.tsv", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_corpus_dev_end_to_end(corpus_dir: Path, tmp_path: Path) -> None:
+    """All 68 dev PDFs: rows match MANIFEST page counts and expected behaviours; a password given in
+    a passwords file opens its document; the summary accounts for every page."""
+    pw = tmp_path / "passwords.tsv"
+    pw.write_text("# name or sha256 <TAB> password\nencrypted-needs-password-01.pdf\topenpassword\n")
+    out = tmp_path / "out"
+    proc = run_job(f"input.uri={corpus_dir}", f"output.uri={out}", "mode=tiny", "generation.max_new_tokens=8",
+                   f"input.passwords_file={pw}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "pagemill run summary" in proc.stdout
+
+    rows = read_pages(out)
+    assert set(rows[0]) == set(COLUMNS)
+    by_doc: dict[str, list[dict]] = {}
+    for r in rows:
+        by_doc.setdefault(r["doc_id"], []).append(r)
+    keys = [(r["doc_id"], r["page_index"]) for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate rows"
+
+    expected_rows = 0
+    for m in manifest(corpus_dir):
+        got = sorted(by_doc.pop(m["sha256"]), key=lambda r: r["page_index"])
+        assert {r["source_uri"].rsplit("/", 1)[-1] for r in got} == {m["file"]}
+        if m["file"] == "encrypted-needs-password-01.pdf":  # opened with the password from the file
+            assert [r["page_index"] for r in got] == [0] and got[0]["status"] in PAGE_STATUSES
+            expected_rows += 1
+        elif m["expected_rows"] == "doc_error":
+            assert len(got) == 1, m["file"]
+            (r,) = got
+            assert (r["page_index"], r["status"]) == (-1, "doc_error")
+            assert r["error_code"] == ERROR_CODE[m["expected_behavior"]], (m["file"], r["error"])
+            assert r["error"]
+            expected_rows += 1
+        else:
+            n = int(m["expected_rows"].split(":")[1])
+            assert [r["page_index"] for r in got] == list(range(n)), m["file"]
+            for r in got:
+                assert r["status"] in PAGE_STATUSES, (m["file"], r["page_index"], r["status"], r["error"])
+                assert r["page_count"] == n and r["mode"] == "tiny" and r["dpi"] > 0
+                if r["status"] != "render_error":
+                    assert r["num_vision_tokens"] == 73  # tiny mode: 8 x 9 + separator
+                    assert 1 <= r["num_output_tokens"] <= 8 and r["raw_output"] is not None
+                    assert r["width_px"] > 0 and r["height_px"] > 0 and r["width_pt"] > 0
+            expected_rows += n
+    assert not by_doc, f"rows for documents not in the manifest: {list(by_doc)}"
+    assert len(rows) == expected_rows
+
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["accounting_ok"] is True and summary["missing_rows"] == 0
+    assert summary["rows_out"] == len(rows) == summary["rows_expected"]
+    assert summary["documents_in"] == 68
+    assert sum(summary["rows_by_status"].values()) == len(rows)
+    assert set(summary["rows_by_status"]) == set(STATUSES)
+    assert summary["config"]["mode"]["name"] == "tiny"
+    # vertical tall page: rendered with a lowered dpi so it fits the pixel bounds, not dropped
+    tall = [r for r in rows if r["source_uri"].endswith("odd-page-very-tall-01.pdf")]
+    assert tall[0]["status"] != "render_error" and tall[0]["dpi"] < 144
+    assert max(tall[0]["width_px"], tall[0]["height_px"]) <= 8192
+    assert all(code in DOC_ERROR_CODES for code in {r["error_code"] for r in rows if r["status"] == "doc_error"})
+
+
+def test_default_gundam_overrides_and_images(tmp_path: Path) -> None:
+    """Default mode (gundam) on the bundled samples, with dpi and include_images overridden: the
+    overrides reach the rows, the config hash and the summary; page images decode to their size."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.run import compose
+
+    out = tmp_path / "out"
+    overrides = [f"output.uri={out}", "render.dpi=100", "output.include_images=true",
+                 "generation.max_new_tokens=6"]
+    proc = run_job(*overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_pages(out)
+    cfg = compose(["model=tiny_random", *overrides])
+    assert {r["config_hash"] for r in rows} == {cfg.config_hash()}
+    assert cfg.config_hash() != compose(["model=tiny_random", f"output.uri={out}"]).config_hash()
+    pages = [r for r in rows if r["page_index"] >= 0]
+    assert len(pages) == 3 and len(rows) == 5  # tests/data: 3 one-page PDFs + 2 doc_error files
+    for r in pages:
+        assert r["mode"] == "gundam" and r["dpi"] == pytest.approx(100, abs=0.01)
+        assert r["num_vision_tokens"] in (903, 893, 693, 583, 273)  # 2x3 or 3x2 tiles for these pages
+        img = Image.open(io.BytesIO(r["page_image"]))
+        assert img.size == (r["width_px"], r["height_px"])
+        assert r["width_px"] == pytest.approx(r["width_pt"] * 100 / 72, abs=1)
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["config"]["render"]["dpi"] == 100 and summary["config_hash"] == cfg.config_hash()
+    assert summary["accounting_ok"]
+
+
+def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_job(f"input.uri={tmp_path / 'nope'}", f"output.uri={tmp_path / 'out'}", timeout=300)
+    assert proc.returncode == 2
+    assert "input error" in proc.stderr and "does not exist" in proc.stderr
+    assert not (tmp_path / "out" / "pages").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_on_local_cluster(tmp_path: Path) -> None:
+    """`ray start --head`, then the README's `ray job submit ... -- python -m pipeline.run` from the
+    repo root (working dir uploaded with jobs/runtime_env.yaml); wait for success; check output."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = _env()
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_AUTH_MODE"] = "disabled"  # a throwaway loopback cluster; real clusters keep their auth
+    temp = Path("/tmp") / f"pm-ray-{os.getpid()}"  # short: unix socket paths are length-limited
+    dash = _free_port()
+    start = subprocess.run(
+        [str(ray_bin), "start", "--head", f"--temp-dir={temp}", f"--port={_free_port()}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        out = tmp_path / "out"
+        address = f"http://127.0.0.1:{dash}"
+        for _ in range(60):  # the job server comes up a little after `ray start` returns
+            if subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                              capture_output=True, timeout=60).returncode == 0:
+                break
+            time.sleep(1)
+        sub = subprocess.run(
+            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env",
+             "jobs/runtime_env.yaml", "--", "python", "-m", "pipeline.run", "ray.address=auto", "model=tiny_random",
+             "input.uri=tests/data", f"output.uri={out}", "generation.max_new_tokens=4", "mode=base"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert sub.returncode == 0, sub.stdout[-6000:] + sub.stderr[-3000:]
+        assert "succeeded" in (sub.stdout + sub.stderr).lower()
+        rows = read_pages(out)
+        assert len(rows) == 5 and {r["mode"] for r in rows} == {"base"}
+        assert json.loads((out / "_summary.json").read_text())["accounting_ok"]
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
