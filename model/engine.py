@@ -53,6 +53,8 @@ class EngineConfig:
     len_bucket: int = 256  # attention reads the cache up to a multiple of this
     vision_batch: int = 32  # views per SAM/CLIP forward
     prefill_tokens: int = 16384  # padded prompt tokens per prefill forward
+    static_batches: bool = False  # baseline only: admit a new batch only when all rows are done
+    cuda_graphs: bool = True  # on CUDA, replay the decode step from a graph per attend length
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.sync_every < 1 or self.len_bucket < 1:
@@ -121,6 +123,8 @@ class Engine:
         self.reason = torch.zeros(B, dtype=torch.long, device=dev)
         self.last = torch.zeros(B, dtype=torch.long, device=dev)  # last token of each row
         self.whitelist = torch.tensor(c.whitelist, dtype=torch.long, device=dev)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool: Any = None
 
     # ------------------------------------------------------------------ device step pieces
 
@@ -137,22 +141,52 @@ class Engine:
         slot = self.n.clamp(max=self.out.shape[1] - 1)
         self.out[rows, slot] = torch.where(active, tok, self.out[rows, slot])
         self.n += active.long()
-        self.last = torch.where(active, tok, self.last)
+        self.last.copy_(torch.where(active, tok, self.last))  # in place: graph-replay safe
         eos = active & (tok == c.eos_id) & ~self.force
         full = active & (self.n >= self.max_new)
         loop = torch.zeros_like(eos)
         if c.loop_detect:
             loop = active & ~self.force & repetition_flags(self.out, self.n, min_span=c.loop_min_span)
         code = torch.where(eos, 1, torch.where(loop, 3, torch.where(full, 2, 0)))
-        self.reason = torch.where(active & ~self.done, code, self.reason)
+        self.reason.copy_(torch.where(active & ~self.done, code, self.reason))
         self.done |= eos | loop | full
+
+    def _step_body(self) -> None:
+        positions = (self.prompt_len + self.n - 1).clamp(min=0)[:, None]  # (B, 1) last token's slot
+        logits = self.model(self.last[:, None], positions, None, self.cache)[:, 0]  # (B, V)
+        self._advance(logits, ~self.done)
 
     @torch.inference_mode()
     def _decode_step(self, attend_len: int) -> None:
         self.cache.attend_len = attend_len
-        positions = (self.prompt_len + self.n - 1).clamp(min=0)[:, None]  # (B, 1) last token's slot
-        logits = self.model(self.last[:, None], positions, None, self.cache)[:, 0]  # (B, V)
-        self._advance(logits, ~self.done)
+        if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
+            self._step_body()
+            return
+        graph = self._graphs.get(attend_len)
+        if graph is None:
+            graph = self._graphs[attend_len] = self._capture()
+        graph.replay()
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Record one decode step for the current attend_len. Every state tensor is updated in
+        place, so replaying the graph advances the live state. The state is saved around the
+        warm-up/capture runs (they execute the step for real) and restored afterwards."""
+        state = [self.out, self.n, self.done, self.reason, self.last]
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._step_body()  # warm-up (lazy inits, cuBLAS handles) outside the capture
+            for t, v in zip(state, saved):
+                t.copy_(v)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._step_body()
+        self._pool = graph.pool()
+        for t, v in zip(state, saved):
+            t.copy_(v)
+        return graph
 
     # ------------------------------------------------------------------ admission
 
@@ -227,6 +261,8 @@ class Engine:
         live: dict[int, tuple[Request, float, int]] = {}  # row -> (request, t_admit, steps bound)
         while True:
             free = [r for r in range(c.max_batch) if r not in live]
+            if c.static_batches and live:
+                free = []
             new_rows, new_reqs = [], []
             while free and not exhausted:
                 try:
