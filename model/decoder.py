@@ -74,19 +74,20 @@ class Attention(nn.Module):
         positions: Tensor,
         cos: Tensor,
         sin: Tensor,
-        mask: Tensor,
+        mask: Tensor | None,
         cache: KVCache | RowPrefill | None,
         layer_idx: int,
     ) -> Tensor:
-        """x (B, T, D); mask (B, 1, T, S) bool, S = T without cache, cache.max_len with one."""
+        """x (B, T, D); mask (B, 1, T, T) bool, used without a cache (the cache attends itself)."""
         B, T, D = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer_idx, positions, k, v)  # (B, H, S, hd)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (B, H, T, hd)
+        if cache is None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        else:
+            o = cache.attend(layer_idx, q, k, v, positions)  # writes k/v, reads the row's slots
         return self.o_proj(o.transpose(1, 2).reshape(B, T, D))
 
 
@@ -171,7 +172,7 @@ class DecoderLayer(nn.Module):
         self.idx = idx
 
     def forward(
-        self, h: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | RowPrefill | None
+        self, h: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | RowPrefill | None
     ) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), positions, cos, sin, mask, cache, self.idx)
         return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, D)
@@ -197,10 +198,9 @@ class Decoder(nn.Module):
         cfg = self.config
         h = inputs_embeds  # (B, T, D)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, h.dtype)  # (B, T, hd)
+        mask = None
         if cache is None:
             mask = (positions[:, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, T)
-        else:
-            mask = cache.attn_mask(positions)  # (B, 1, T, S)
         for layer in self.layers:
             h = layer(h, positions, cos, sin, mask, cache)
         return h

@@ -7,9 +7,10 @@ Design (vLLM's scheduler idea in nanochat-sized code):
   (`KVCache.rows`), then they join the decode batch. Nothing is ever recomputed.
 - The decode step is one fixed-shape call over all `max_batch` rows (finished/empty rows ride
   along masked): embed the last token, decoder over the cache, n-gram ban, EOS forcing, argmax,
-  bookkeeping and the loop detector - all on device, no `.item()`, no per-row Python. Attention
-  reads the cache only up to `attend_len`, the longest live sequence rounded up to `len_bucket`,
-  so short pages do not pay for 8,192-token rows and the step has few distinct shapes.
+  bookkeeping and the loop detector - all on device, no `.item()`, no per-row Python. On CUDA
+  (bf16/fp16) each row's attention reads only its own length (flash varlen, `model/kv_cache.py`)
+  and the step is replayed from one CUDA graph; elsewhere attention reads the cache up to
+  `attend_len`, the longest live sequence rounded up to `len_bucket` (few distinct shapes).
 - The host looks at the device state only every `sync_every` steps (one small copy): it retires
   finished rows, yields their results and admits new pages. A finished row idles at most
   `sync_every - 1` steps.
@@ -123,6 +124,8 @@ class Engine:
         self.reason = torch.zeros(B, dtype=torch.long, device=dev)
         self.last = torch.zeros(B, dtype=torch.long, device=dev)  # last token of each row
         self.whitelist = torch.tensor(c.whitelist, dtype=torch.long, device=dev)
+        self._flash = dev.type == "cuda" and self.cache.use_flash and dec.embed_tokens.weight.dtype in (
+            torch.float16, torch.bfloat16)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool: Any = None
 
@@ -287,6 +290,8 @@ class Engine:
             for _ in range(c.sync_every):
                 longest = max(len(req.input_ids) + steps for req, _, steps in live.values())
                 attend = min(c.max_model_len, -(-(longest + 1) // c.len_bucket) * c.len_bucket)
+                if self._flash:
+                    attend = c.max_model_len  # flash reads each row's own length: one shape, one graph
                 self._decode_step(attend)
                 live = {r: (q, t, s + 1) for r, (q, t, s) in live.items()}
             done, n, reason = (x.cpu() for x in (self.done, self.n, self.reason))  # the one host sync

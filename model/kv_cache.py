@@ -1,26 +1,36 @@
 """Preallocated key/value cache for the decoder (one contiguous buffer per layer, gpt-fast style).
 
 Decisions:
-- Buffers are (B, H, max_len, hd) and never reallocated: a step writes its keys/values at the
+- Buffers are (B, max_len, H, hd) and never reallocated: a step writes its keys/values at the
   *positions* of its tokens (cache slot index == RoPE position), with `scatter_`, so rows of a
   batch may sit at different lengths and no host-side length bookkeeping is needed.
-- Attention reads the whole buffer; `attn_mask(positions)` hides every slot after a query's own
-  position (slot <= position). Stale values there (right padding of a batched prefill, old
-  decode steps) are therefore never read, and the next decode step overwrites them.
+- Attention lives here (`attend`), because how to read the cache is the cache's business:
+  * CUDA decode (one query per row): FlashAttention's varlen kernel with `seqused_k` = each
+    row's own length, over the buffer viewed as packed (B*max_len, H, hd). Every row reads only
+    its own keys, so one 8,000-token page does not make a hundred 1,000-token pages read 8,000
+    slots each (what a padded, masked SDPA does), and the call has one shape for all lengths.
+  * elsewhere (CPU, fp32, multi-token steps): SDPA over slots [0, attend_len) with a mask that
+    hides every slot after a query's own position (stale slots are never read and the next
+    decode step overwrites them).
 - NOTE: padded tokens of a right-padded prefill must use positions past the row's real length
   (e.g. `arange(T)` for every row), otherwise they overwrite real cache slots.
-- The interface the attention sees is two methods (`update`, `attn_mask`); a later slot/paged
-  cache only has to provide the same two.
+- `RowPrefill` fills some rows of the cache with fresh prompts (continuous-batching admission):
+  it writes their k/v and attends causally over the prompt itself (flash-eligible SDPA).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
+def _flash_ok(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
 class KVCache:
-    """Per-layer k/v buffers (B, H, max_len, hd); see module docstring for the position contract."""
+    """Per-layer k/v buffers (B, max_len, H, hd); see module docstring for the position contract."""
 
     def __init__(
         self,
@@ -33,12 +43,15 @@ class KVCache:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (batch_size, num_heads, max_len, head_dim)
+        shape = (batch_size, max_len, num_heads, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_len = max_len
-        self.attend_len = max_len  # decode reads slots [0, attend_len); the engine lowers it
+        self.attend_len = max_len  # SDPA path reads slots [0, attend_len); the engine lowers it
+        self.use_flash = True  # CUDA decode through the varlen flash kernel (see module doc)
         self._slots = torch.arange(max_len, device=device)  # (S,)
+        self._cu_q = torch.arange(batch_size + 1, device=device, dtype=torch.int32)  # (B+1,)
+        self._cu_k = self._cu_q * max_len  # row b's keys start at b * max_len in the packed view
 
     @classmethod
     def for_model(
@@ -61,20 +74,32 @@ class KVCache:
             dtype=dtype,
         )
 
-    def update(self, layer_idx: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k/v (B, H, T, hd) at `positions` (B, T); return the full buffers (B, H, S, hd)."""
+    def write(self, layer_idx: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k/v (B, H, T, hd) at `positions` (B, T); return this layer's buffers."""
         B, H, T, hd = k.shape
-        idx = positions[:, None, :, None].expand(B, H, T, hd)  # (B, H, T, hd)
+        idx = positions[:, :, None, None].expand(B, T, H, hd)  # (B, T, H, hd)
         kb, vb = self.k[layer_idx], self.v[layer_idx]
-        kb.scatter_(2, idx, k.to(kb.dtype))
-        vb.scatter_(2, idx, v.to(vb.dtype))
-        S = self.attend_len
-        return kb[:, :, :S], vb[:, :, :S]
+        kb.scatter_(1, idx, k.transpose(1, 2).to(kb.dtype))
+        vb.scatter_(1, idx, v.transpose(1, 2).to(vb.dtype))
+        return kb, vb
 
-    def attn_mask(self, positions: Tensor) -> Tensor:
-        """Boolean mask (B, 1, T, S): query at position p may read slots 0..p (S = attend_len)."""
-        slots = self._slots[: self.attend_len]
-        return (slots[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """Store k/v (B, H, T, hd) at `positions` (B, T), attend q (B, H, T, hd) over the row's
+        slots <= each query's position; returns (B, H, T, hd)."""
+        kb, vb = self.write(layer_idx, positions, k, v)
+        B, H, T, hd = q.shape
+        if T == 1 and self.use_flash and _flash_ok(q) and kb.dtype == q.dtype:
+            L = self.max_len
+            out = torch.ops.aten._flash_attention_forward(
+                q[:, :, 0].contiguous(), kb.view(B * L, H, hd), vb.view(B * L, H, hd),
+                self._cu_q[: B + 1], self._cu_k[: B + 1], 1, L, 0.0, False, False,
+                seqused_k=(positions[:, 0] + 1).to(torch.int32),
+            )[0]  # (B, H, hd)
+            return out[:, :, None]
+        S = self.attend_len
+        mask = (self._slots[:S][None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        ks, vs = kb[:, :S].transpose(1, 2), vb[:, :S].transpose(1, 2)  # (B, H, S, hd)
+        return F.scaled_dot_product_attention(q, ks.to(q.dtype), vs.to(q.dtype), attn_mask=mask)
 
     def rows(self, rows: Tensor) -> RowPrefill:
         """A cache view that prefills the batch rows `rows` (b,) of this cache from position 0."""
@@ -84,22 +109,17 @@ class KVCache:
 class RowPrefill:
     """Prefill of fresh sequences into some rows of a KVCache (continuous batching admission).
 
-    The prompt's keys/values are written into rows `rows` at their positions, and attention uses
+    The prompts' keys/values are written into rows `rows` at their positions, and attention uses
     the fresh k/v directly (a fresh sequence has nothing cached before it), so no cache row is
-    gathered. Same two-method interface as KVCache.
+    gathered. Positions must be `arange(T)` per row (right padding), hence plain causal attention.
     """
 
     def __init__(self, cache: KVCache, rows: Tensor) -> None:
         self.cache, self.rows_idx = cache, rows
 
-    def update(self, layer_idx: int, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """k, v (b, H, T, hd) at positions (b, T) -> written to cache rows; returned unchanged."""
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         r = self.rows_idx[:, None]  # (b, 1) broadcasts against positions (b, T)
         kb, vb = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        kb[r, :, positions] = k.transpose(1, 2).to(kb.dtype)  # indexed view is (b, T, H, hd)
-        vb[r, :, positions] = v.transpose(1, 2).to(vb.dtype)
-        return k, v
-
-    def attn_mask(self, positions: Tensor) -> Tensor:
-        """Causal mask over the prompt itself: (b, 1, T, T)."""
-        return (positions[:, None, :] <= positions[:, :, None])[:, None]
+        kb[r, positions] = k.transpose(1, 2).to(kb.dtype)  # indexed view is (b, T, H, hd)
+        vb[r, positions] = v.transpose(1, 2).to(vb.dtype)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -60,7 +60,7 @@ def no_repeat_ngram_mask(
     mask.scatter_(1, target.clamp(0, vocab_size), True)  # column `vocab_size` = discard slot
     mask = mask[:, :vocab_size]
     if whitelist.numel():
-        mask[:, whitelist.to(tokens.device)] = False
+        mask.index_fill_(1, whitelist.to(tokens.device), False)  # no host scalar: graph-capture safe
     return mask
 
 
