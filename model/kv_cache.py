@@ -20,6 +20,8 @@ Decisions:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -27,6 +29,42 @@ from torch import Tensor
 
 def _flash_ok(q: Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+_FLASH_CHECKED: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def flash_decode_works(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Once per (device, dtype): does the varlen flash kernel run here and agree with masked SDPA?
+
+    NOTE: `aten._flash_attention_forward` is a private op whose arguments have changed across
+    torch releases; rather than trusting a version number, a tiny decode is run both ways and the
+    SDPA path is used if flash raises or disagrees (a warning says so)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    key = (str(device), dtype)
+    if key not in _FLASH_CHECKED:
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            B, L, H, hd = 3, 64, 2, 64
+            k, v = (torch.randn(B, L, H, hd, device=device, dtype=dtype, generator=g) for _ in range(2))
+            q = torch.randn(B, H, 1, hd, device=device, dtype=dtype, generator=g)
+            used = torch.tensor([1, 17, 64], device=device)
+            cu = torch.arange(B + 1, device=device, dtype=torch.int32)
+            out = torch.ops.aten._flash_attention_forward(
+                q[:, :, 0].contiguous(), k.view(B * L, H, hd), v.view(B * L, H, hd), cu, cu * L, 1, L, 0.0,
+                False, False, seqused_k=used.to(torch.int32))[0]
+            mask = (torch.arange(L, device=device)[None, :] < used[:, None])[:, None, None]  # (B, 1, 1, L)
+            ref = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)[:, :, 0]
+            ok = bool((out.float() - ref.float()).abs().max() < 2e-2)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use this path
+            warnings.warn(f"flash varlen decode unavailable ({type(e).__name__}: {e}); using SDPA", stacklevel=2)
+        if not ok:
+            warnings.warn("flash varlen decode disagrees with SDPA or failed; using SDPA", stacklevel=2)
+        _FLASH_CHECKED[key] = ok
+    return _FLASH_CHECKED[key]
 
 
 class KVCache:
@@ -48,7 +86,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_len = max_len
         self.attend_len = max_len  # SDPA path reads slots [0, attend_len); the engine lowers it
-        self.use_flash = True  # CUDA decode through the varlen flash kernel (see module doc)
+        self.use_flash = flash_decode_works(device, dtype)  # CUDA decode via varlen flash (module doc)
         self._slots = torch.arange(max_len, device=device)  # (S,)
         self._cu_q = torch.arange(batch_size + 1, device=device, dtype=torch.int32)  # (B+1,)
         self._cu_k = self._cu_q * max_len  # row b's keys start at b * max_len in the packed view
