@@ -85,6 +85,12 @@ class PageOcr:
         self.prompt = PROMPTS.get(prompt, prompt)
         self._dtype = model.vision.dtype
 
+    def variant(self, **engine_overrides: Any) -> PageOcr:
+        """Another engine (e.g. the fallback's stronger n-gram ban) over the same loaded model."""
+        from dataclasses import replace  # noqa: PLC0415
+
+        return PageOcr(self.model, self.tokenizer, replace(self.engine.cfg, **engine_overrides), self.prompt)
+
     @classmethod
     def load(cls, name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0, prompt: str = "document",
              device: str | None = None, **engine: Any) -> PageOcr:

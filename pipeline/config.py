@@ -51,10 +51,21 @@ class InputConfig:
 class OutputConfig:
     uri: str = "out/run"
     include_images: bool = False  # PNG bytes of each rendered page, for image-text pairs
+    write_figures: bool = True  # crops of `image` blocks -> <uri>/figures/ (markdown refs either way)
+    # Parquet sizing: a writer batch is split into files of at most ~target_file_mb, and each file
+    # into row groups of at most ~row_group_mb (and row_group_rows rows) so streaming readers
+    # (datasets streaming, Ray Data) fetch small units. Small rows: a file holds one writer batch.
+    target_file_mb: float = 256.0
+    row_group_mb: float = 32.0
+    row_group_rows: int = 1000
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", self.uri, "a directory or fsspec URI")
+        _check(self.target_file_mb > 0, "output.target_file_mb", self.target_file_mb, "> 0 (MB)")
+        _check(0 < self.row_group_mb <= self.target_file_mb, "output.row_group_mb", self.row_group_mb,
+               "> 0 and <= output.target_file_mb (MB)")
+        _check(self.row_group_rows >= 1, "output.row_group_rows", self.row_group_rows, ">= 1")
 
 
 @dataclass
@@ -91,6 +102,7 @@ class RenderConfig:
     max_side_px: int = 8192  # zoom is lowered per page so the longer side fits
     max_pixels: int = 40_000_000
     recycle_after: int = 50  # render-worker child is replaced after this many tasks (MuPDF leaks)
+    max_failures: int = 3  # renderer crashes/timeouts within one task before its pages are quarantined
 
     def __post_init__(self) -> None:
         _check(36 <= self.dpi <= 600, "render.dpi", self.dpi, "an integer in 36..600")
@@ -99,6 +111,7 @@ class RenderConfig:
         _check(self.max_pages >= 1, "render.max_pages", self.max_pages, ">= 1")
         _check(self.max_side_px >= 64, "render.max_side_px", self.max_side_px, ">= 64")
         _check(self.max_pixels >= 4096, "render.max_pixels", self.max_pixels, ">= 4096")
+        _check(self.max_failures >= 1, "render.max_failures", self.max_failures, ">= 1")
 
 
 @dataclass
@@ -110,6 +123,11 @@ class GenerationConfig:
     ngram_window: int = 50
     loop_min_span: int = 256  # stop a page whose tail repeats exactly for this many tokens
     max_batch: int = 64  # pages decoded together per OCR actor (KV rows; ~60 KiB/token each)
+    # A page that ends without EOS (loop or length) is retried once: "ngram" = with a stronger
+    # no-repeat ban (smaller n, wider window); "none" = keep the first result.
+    fallback: str = "ngram"
+    fallback_ngram_size: int = 12
+    fallback_ngram_window: int = 200
 
     def __post_init__(self) -> None:
         _check(self.prompt in PROMPT_NAMES, "generation.prompt", self.prompt, " | ".join(PROMPT_NAMES))
@@ -124,6 +142,9 @@ class GenerationConfig:
         _check(self.ngram_window >= self.ngram_size, "generation.ngram_window", self.ngram_window, ">= ngram_size")
         _check(self.loop_min_span >= 8, "generation.loop_min_span", self.loop_min_span, ">= 8")
         _check(self.max_batch >= 1, "generation.max_batch", self.max_batch, ">= 1")
+        _check(self.fallback in ("none", "ngram"), "generation.fallback", self.fallback, "none | ngram")
+        _check(2 <= self.fallback_ngram_size <= self.fallback_ngram_window, "generation.fallback_ngram_size",
+               self.fallback_ngram_size, "2..fallback_ngram_window")
 
 
 @dataclass
@@ -131,6 +152,7 @@ class RayConfig:
     address: str = ""  # "" = start an embedded local Ray; "auto" = join the running cluster
     ocr_actors: int = 0  # 0 = one per GPU (or 1 without GPUs)
     ocr_batch_size: int = 16  # pages handed to an OCR actor at once
+    ocr_max_retries: int = 3  # a batch whose actor dies is rerun on a fresh actor this many times
     render_cpus: float = 1.0
     namespace: str = "pagemill"
 
@@ -149,6 +171,7 @@ class PipelineConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     progress: bool = True
+    force: bool = False  # redo every row of this configuration (default: skip rows the ledger has)
 
     def output_affecting(self) -> dict[str, Any]:
         """The settings that change what a page's row contains (not where or how fast)."""

@@ -243,6 +243,8 @@ def _inject(fault: str | None, done: int) -> None:
     kind, _, arg = fault.partition(":")
     if kind == "sleep":
         time.sleep(float(arg))
+    elif kind == "crashall":  # a document that kills every renderer it meets
+        os.kill(os.getpid(), signal.SIGSEGV)
     elif done == int(arg or 0) and kind == "hang":
         time.sleep(3600)
     elif done == int(arg or 0) and kind == "crash":

@@ -229,6 +229,7 @@ class RenderWorker:
         timeout_s: float = 120.0,
         page_timeout_s: float | None = None,
         retry_after_failure: bool = True,
+        max_failures: int = 3,
         _test_fault: str | None = None,
     ) -> list[PageImage | PageError]:
         """Render pages in the child: exactly one result per requested index, in request order.
@@ -244,6 +245,7 @@ class RenderWorker:
         opts = dict(data=data, password=password, dpi=dpi, max_pixels=max_pixels, max_side_px=max_side_px,
                     output=output, extract_text=extract_text, _test_fault=fault)
         out: list[PageImage | PageError] = []
+        failures = 0
         with self._lock:
             deadline = time.monotonic() + timeout_s
             while len(out) < len(indices):
@@ -254,6 +256,11 @@ class RenderWorker:
                     break
                 if len(out) < len(indices):  # the page that was in flight
                     out.append(PageError(indices[len(out)], "render_error", failure))
+                failures += 1
+                if failures >= max_failures and len(out) < len(indices):
+                    # the document keeps killing renderers: quarantine the rest of this range
+                    why = f"quarantined after {failures} renderer crashes/timeouts (last: {failure})"
+                    out.extend(PageError(i, "quarantined", why) for i in indices[len(out):])
                 if not retry_after_failure or time.monotonic() >= deadline:
                     out.extend(PageError(i, "render_error", failure) for i in indices[len(out):])
                 # The fault hook counts pages per child call; re-based so a retry doesn't fire it again.

@@ -89,52 +89,77 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
     from pipeline import stages
     from pipeline.outputs import OutputStore
+    from pipeline.ledger import Ledger
     from pipeline.sources import read_passwords
 
     t0 = time.time()
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0))
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     stages.check_model_available(cfg)
     read_passwords(cfg.input.passwords_file, cfg.input.storage_options)  # a bad file fails before any work
+    ledger = Ledger.load(store, cfg.config_hash())
     init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
     local = not cfg.ray.address
     ctx.enable_progress_bars = not local  # locally our own tqdm bar is the progress display
     ctx.log_internal_stack_trace_to_stdout = False
+    # A batch that still fails after its retries must not stop the night: its rows are reported
+    # missing by the accounting below (non-zero exit) and the next run retries them.
+    ctx.max_errored_blocks = -1
 
     docs = stages.discover(cfg)
-    plan = stages.plan_pages(cfg, docs)
-    log.info("discovered %d documents, %d pages", len(docs), plan.expected_rows)
+    plan = stages.plan_pages(cfg, docs, ledger.done)
+    if cfg.force and plan.done_keys:  # redo this input's rows: take them out of the outputs first
+        log.info("force: %d committed rows will be redone", ledger.forget(store, plan.expected_keys))
+        plan = stages.plan_pages(cfg, docs, ledger.done)
+    ledger.record_sources(store, plan.sources)
+    todo = plan.expected_rows - len(plan.done_keys)
+    log.info("discovered %d documents (%d duplicate paths), %d rows: %d already final, %d to do",
+             len(docs), plan.duplicates, plan.expected_rows, len(plan.done_keys), todo)
 
-    counts: Counter[str] = Counter()
+    counts: Counter[str] = ledger.counts(plan.expected_keys)  # rows final before this run
     written: set[tuple[str, int]] = set()
-    bar = _progress(cfg, plan.expected_rows, local)
-    for receipt in stages.process(cfg, plan, store).iter_batches(batch_size=None, batch_format="pyarrow"):
-        statuses = receipt.column("status").to_pylist()
-        counts.update(statuses)
-        written.update(zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist()))
-        if bar is not None:
-            bar.update(len(statuses))
+    new_counts: Counter[str] = Counter()
+    bar = _progress(cfg, todo, local)
+    if plan.tasks:  # nothing to do: no Ray work at all, no model loaded
+        for receipt in stages.process(cfg, plan, store).iter_batches(batch_size=None, batch_format="pyarrow"):
+            statuses = receipt.column("status").to_pylist()
+            new_counts.update(statuses)
+            written.update(zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist()))
+            if bar is not None:
+                bar.update(len(statuses))
     if bar is not None:
         bar.close()
+    counts.update(new_counts)
+    from pipeline.documents import build_for_run
+
+    build_for_run(store, cfg)  # documents/: one row per document, assembled from pages/
 
     wall = time.time() - t0
-    missing = sorted(plan.expected_keys - written)
+    final = written | plan.done_keys
+    missing = sorted(plan.expected_keys - final)
     summary = {
+        "run_id": run_id,
         "output_uri": store.root,
         "config_hash": cfg.config_hash(),
         "config": asdict(cfg),
         "documents_in": len(docs),
+        "duplicate_paths": plan.duplicates,
         "documents_with_errors": sum(1 for d in docs if d["error_code"]),
         "pages_in": plan.expected_rows - plan.doc_error_rows,
         "rows_expected": plan.expected_rows,
-        "rows_out": sum(counts.values()),
+        "rows_already_final": len(plan.done_keys),
+        "rows_written": len(written),
+        "rows_out": len(final & plan.expected_keys),
         "rows_by_status": {s: counts.get(s, 0) for s in STATUSES},
+        "rows_written_by_status": {s: new_counts.get(s, 0) for s in STATUSES if new_counts.get(s)},
         "missing_rows": len(missing),
         "missing_documents": sorted({d for d, _ in missing})[:100],
         "wall_time_s": round(wall, 3),
-        "pages_per_s": round((plan.expected_rows - plan.doc_error_rows) / wall, 4) if wall > 0 else 0.0,
+        "pages_per_s": round(len(written) / wall, 4) if wall > 0 else 0.0,
         "accounting_ok": not missing and sum(counts.values()) == plan.expected_rows,
     }
+    store.write_json(f"_runs/{run_id}-{cfg.config_hash()}.json", summary)
     store.write_json("_summary.json", summary)
     print_summary(summary)
     return summary
@@ -153,6 +178,8 @@ def print_summary(s: dict[str, Any]) -> None:
         ("documents in", s["documents_in"]),
         ("documents with errors", s["documents_with_errors"]),
         ("pages in", s["pages_in"]),
+        ("rows already final", s["rows_already_final"]),
+        ("rows written now", s["rows_written"]),
         ("rows out", s["rows_out"]),
         *((f"  {k}", v) for k, v in s["rows_by_status"].items() if v),
         ("pages/s", s["pages_per_s"]),

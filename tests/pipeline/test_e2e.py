@@ -40,9 +40,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_job(*overrides: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def run_job(*overrides: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "pipeline.run", "model=tiny_random", "progress=false", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env={**_env(), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def read_pages(out: Path) -> list[dict]:

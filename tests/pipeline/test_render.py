@@ -382,3 +382,19 @@ def test_worker_recycles_child(corpus_bytes) -> None:
         assert w.children_started == 2
     with pytest.raises(ValueError):
         RenderWorker(recycle_after=0)
+
+
+def test_document_that_keeps_crashing_renderers_is_quarantined(corpus_dir: Path) -> None:
+    """Every page kills its renderer: after `max_failures` crashes the rest of the range is not
+    tried again but gets `quarantined` errors, one per page, and the worker still works after."""
+    from pipeline.render import RenderWorker
+
+    data = (corpus_dir / "slides-deck-26p-01.pdf").read_bytes()
+    with RenderWorker(recycle_after=50) as w:
+        out = w.render(data, None, list(range(6)), dpi=36, timeout_s=60, max_failures=2, _test_fault="crashall")
+        assert [r.page_index for r in out] == list(range(6))
+        assert [r.code for r in out] == ["render_error", "render_error", "quarantined", "quarantined",
+                                         "quarantined", "quarantined"]
+        assert "quarantined after 2 renderer crashes" in out[2].message and "SIGSEGV" in out[2].message
+        again = w.render(data, None, [0], dpi=36, timeout_s=60)
+        assert again[0].width_px > 0

@@ -1,0 +1,175 @@
+"""The ledger: which (doc_id, page_index, config_hash) rows are final, and which file holds each.
+
+Why it can be trusted after a crash:
+- The unit of commit is one Parquet part under `pages/`, written under a hidden temporary name and
+  renamed into place (`OutputStore`). Right after it, the writer commits a ledger part with the
+  SAME file name under `_ledger/` holding that part's keys, status and file name.
+- A crash between the two renames leaves a pages part without its ledger part. `Ledger.load`
+  reconciles on every start: such orphans are indexed from their own key columns (the pages part
+  is the truth), ledger parts whose pages part vanished are dropped, and leftover `.tmp-*` files
+  are removed. So the ledger always describes exactly the committed rows.
+- A key that is in the ledger is never processed again (unless `force`), so no row is written twice;
+  a key that is not is processed, so nothing is lost. Re-running a finished build writes nothing.
+- `force` takes the current inputs' rows out of the committed parts first (`forget`), so the redo
+  cannot leave duplicates; other documents' and other configurations' rows stay.
+`_sources/` records every (doc_id, source_uri) pair ever seen: the same bytes under two paths are
+processed once and both paths kept; parts are named by their content, so nothing new = no write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+log = logging.getLogger("pagemill")
+
+PAGES_DIR = "pages"
+LEDGER_DIR = "_ledger"
+SOURCES_DIR = "_sources"
+SIDE_DIRS = ("figures",)  # per-batch outputs named like their pages part (deleted with it)
+
+LEDGER_SCHEMA = pa.schema([
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("page_index", pa.int32(), nullable=False),
+    pa.field("config_hash", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("file", pa.string(), nullable=False),  # relative to the output root: pages/part-….parquet
+])
+SOURCES_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("source_uri", pa.string())])
+
+Key = tuple[str, int]
+
+
+def ledger_table(pages: pa.Table, file: str) -> pa.Table:
+    """Ledger rows for one committed pages part."""
+    n = pages.num_rows
+    return pa.table({
+        "doc_id": pages.column("doc_id").cast(pa.string()),
+        "page_index": pages.column("page_index").cast(pa.int32()),
+        "config_hash": pages.column("config_hash").cast(pa.string()),
+        "status": pages.column("status").cast(pa.string()),
+        "file": pa.array([file] * n, pa.string()),
+    }, schema=LEDGER_SCHEMA)
+
+
+def commit_entry(store: Any, pages: pa.Table, file: str) -> None:
+    """Write the ledger part of the pages part `file` (call right after that part is committed)."""
+    name = file.rsplit("/", 1)[-1]
+    store.write_parquet(LEDGER_DIR, ledger_table(pages, file), name=name)
+
+
+def _names(store: Any, sub: str) -> dict[str, str]:
+    """{file name: full path} of the committed parts in `sub` (hidden temporaries excluded)."""
+    path = store.join(sub)
+    if not store.fs.exists(path):
+        return {}
+    return {p.rsplit("/", 1)[-1]: p for p in store.fs.ls(path, detail=False)
+            if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")}
+
+
+def _remove_temporaries(store: Any) -> int:
+    n = 0
+    for sub in (PAGES_DIR, LEDGER_DIR, SOURCES_DIR, *SIDE_DIRS):
+        path = store.join(sub)
+        if store.fs.exists(path):
+            for p in store.fs.ls(path, detail=False):
+                if p.rsplit("/", 1)[-1].startswith(".tmp-"):
+                    store.fs.rm(p)
+                    n += 1
+    return n
+
+
+@dataclass
+class Ledger:
+    config_hash: str
+    status: dict[Key, str] = field(default_factory=dict)  # final rows of this configuration
+    files: dict[Key, str] = field(default_factory=dict)
+    sources: set[tuple[str, str]] = field(default_factory=set)
+    reconciled: int = 0  # orphan pages parts indexed on load
+    dropped: int = 0  # ledger parts without their pages part
+
+    @property
+    def done(self) -> set[Key]:
+        return set(self.status)
+
+    def counts(self, keys: set[Key]) -> Counter[str]:
+        return Counter(self.status[k] for k in keys if k in self.status)
+
+    @classmethod
+    def load(cls, store: Any, config_hash: str) -> Ledger:
+        """Reconcile the output root, then read this configuration's committed keys."""
+        _remove_temporaries(store)
+        pages, entries = _names(store, PAGES_DIR), _names(store, LEDGER_DIR)
+        led = cls(config_hash)
+        for name in sorted(set(entries) - set(pages)):  # rows gone: they must be redone
+            store.fs.rm(entries.pop(name))
+            led.dropped += 1
+        for name in sorted(pages):  # crash between the two commits (new part, or a rewrite)
+            rows = pq.read_metadata(pages[name], filesystem=store.fs).num_rows
+            if name in entries and pq.read_metadata(entries[name], filesystem=store.fs).num_rows == rows:
+                continue
+            table = pq.read_table(pages[name], filesystem=store.fs,
+                                  columns=["doc_id", "page_index", "config_hash", "status"])
+            commit_entry(store, table, f"{PAGES_DIR}/{name}")
+            led.reconciled += 1
+        for sub in SIDE_DIRS:  # side outputs of a batch whose pages part never committed
+            for name, path in _names(store, sub).items():
+                if name not in pages:
+                    store.fs.rm(path)
+        table = store.read_table(LEDGER_DIR) if _names(store, LEDGER_DIR) else LEDGER_SCHEMA.empty_table()
+        for d, p, c, s, f in zip(*(table.column(n).to_pylist() for n in LEDGER_SCHEMA.names)):
+            if c == config_hash:
+                key = (d, int(p))
+                if key in led.status:  # cannot happen through this code; never hide it
+                    log.warning("ledger: duplicate row %s in %s and %s", key, led.files[key], f)
+                led.status[key], led.files[key] = s, f
+        if _names(store, SOURCES_DIR):
+            src = store.read_table(SOURCES_DIR)
+            led.sources = set(zip(src.column("doc_id").to_pylist(), src.column("source_uri").to_pylist()))
+        if led.reconciled or led.dropped:
+            log.info("ledger: indexed %d orphan part(s), dropped %d stale entr(ies)", led.reconciled, led.dropped)
+        return led
+
+    def forget(self, store: Any, keys: set[Key]) -> int:
+        """`force`: take `keys` out of the committed outputs so they are redone exactly once.
+
+        Each part holding some of them is rewritten without them (pages first, then its ledger
+        part: a crash in between is caught by `load`'s row-count check) or removed when empty.
+        Rows of other documents in the same part are kept."""
+        by_file: dict[str, set[Key]] = {}
+        for k in keys & self.done:
+            by_file.setdefault(self.files[k], set()).add(k)
+        for file, drop in sorted(by_file.items()):
+            name = file.rsplit("/", 1)[-1]
+            for sub in (PAGES_DIR, *SIDE_DIRS, LEDGER_DIR):
+                path = store.join(sub, name)
+                if not store.fs.exists(path):
+                    continue
+                t = pq.read_table(path, filesystem=store.fs)
+                keep = [(d, int(p)) not in drop for d, p in zip(t.column("doc_id").to_pylist(),
+                                                               t.column("page_index").to_pylist())]
+                if not any(keep):
+                    store.fs.rm(path)
+                else:
+                    store.write_parquet(sub, t.filter(pa.array(keep)), name=name)
+            for k in drop:
+                del self.status[k], self.files[k]
+        return sum(len(v) for v in by_file.values())
+
+    def record_sources(self, store: Any, pairs: set[tuple[str, str]]) -> int:
+        """Append the (doc_id, source_uri) pairs not seen before; returns how many were new."""
+        new = sorted(pairs - self.sources)
+        if new:
+            blob = "\n".join(f"{d}\t{u}" for d, u in new).encode()
+            name = f"part-{hashlib.sha256(blob).hexdigest()[:20]}.parquet"
+            table = pa.table({"doc_id": [d for d, _ in new], "source_uri": [u for _, u in new]}, schema=SOURCES_SCHEMA)
+            store.write_parquet(SOURCES_DIR, table, name=name)
+            self.sources.update(new)
+        return len(new)
