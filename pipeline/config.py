@@ -153,12 +153,15 @@ class RayConfig:
     ocr_actors: int = 0  # 0 = one per GPU (or 1 without GPUs)
     ocr_batch_size: int = 16  # pages handed to an OCR actor at once
     ocr_max_retries: int = 3  # a batch whose actor dies is rerun on a fresh actor this many times
+    ocr_resource: str = ""  # "" = one OCR actor per GPU; else per unit of this custom resource
+    write_batch_size: int = 64  # rows per committed Parquet part (the unit a crash can lose)
     render_cpus: float = 1.0
     namespace: str = "pagemill"
 
     def __post_init__(self) -> None:
         _check(self.ocr_actors >= 0, "ray.ocr_actors", self.ocr_actors, ">= 0")
         _check(self.ocr_batch_size >= 1, "ray.ocr_batch_size", self.ocr_batch_size, ">= 1")
+        _check(self.write_batch_size >= 1, "ray.write_batch_size", self.write_batch_size, ">= 1")
 
 
 @dataclass

@@ -27,7 +27,8 @@ from pipeline.outputs import OutputStore
 from tests.pipeline.test_e2e import REPO, _env, run_job
 
 pytestmark = pytest.mark.slow
-FAST = ["mode=tiny", "generation.max_new_tokens=4", "render.pages_per_task=4", "ray.ocr_batch_size=4"]
+FAST = ["mode=tiny", "generation.max_new_tokens=4", "render.pages_per_task=4", "ray.ocr_batch_size=4",
+        "ray.write_batch_size=8"]
 
 
 def rows(out: Path) -> list[dict]:

@@ -1,0 +1,58 @@
+"""Multi-node behaviour on one machine: `ray.cluster_utils.Cluster` with a head and three worker
+nodes, each worker offering one unit of a custom `ocr_slot` resource that stands in for a GPU (one
+OCR actor per unit). A worker node is removed mid-run; the job must still account for every page.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_node_removed_mid_run_every_page_accounted(corpus_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.run import compose, run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("slides-deck-26p-01.pdf", "report-ibm-redbook-18p-01.pdf", "not-a-pdf-01.pdf"):
+        shutil.copy(corpus_dir / name, src / name)
+    out = tmp_path / "out"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    workers = [cluster.add_node(num_cpus=2, resources={"ocr_slot": 1}) for _ in range(3)]
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address)
+        cfg = compose(["model=tiny_random", "progress=false", f"input.uri={src}", f"output.uri={out}",
+                       f"ray.address={cluster.address}", "ray.ocr_resource=ocr_slot", "mode=tiny",
+                       "generation.max_new_tokens=4", "generation.fallback=none", "render.pages_per_task=4",
+                       "ray.ocr_batch_size=4", "ray.write_batch_size=4"])
+        removed: list[float] = []
+
+        def remove_one() -> None:
+            deadline = time.time() + 300
+            while time.time() < deadline and len(list((out / "_ledger").glob("part-*.parquet"))) < 2:
+                time.sleep(0.2)
+            cluster.remove_node(workers[1])
+            removed.append(time.time())
+
+        t = threading.Thread(target=remove_one, daemon=True)
+        t.start()
+        summary = run(cfg)
+        finished = time.time()
+        t.join(timeout=60)
+        assert removed and removed[0] < finished, "the node was not removed during the run"
+        assert summary["accounting_ok"], summary["missing_documents"]
+        assert summary["rows_out"] == summary["rows_expected"] == 26 + 18 + 1
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
