@@ -33,7 +33,7 @@ run: $(STAMP)
 smoke: $(STAMP)
 	$(PY) -m pipeline.run model=tiny_random input.uri=tests/data output.uri=out/smoke $(ARGS)
 
-bench:
+bench:  ## GPU engine benchmark (needs CUDA): make bench ARGS="--pages 2000"
 	$(PY) -m jobs.benchmark $(ARGS)
 
 ## submit to a running cluster: RAY_ADDRESS=http://head:8265 make submit ARGS="input.uri=s3://… output.uri=s3://…"

@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# Nightly corpus build: the main job into a dated output prefix.
+# Nightly corpus build.
 #   bash jobs/nightly.sh input.uri=s3://corpus/pdfs output.uri=s3://corpus/nightly [overrides]
-# writes to <output.uri>/<YYYY-MM-DD>/. With RAY_ADDRESS set it is submitted to that cluster,
-# otherwise it runs on embedded local Ray.
+# NIGHTLY_LAYOUT=dated (default): writes to <output.uri>/<YYYY-MM-DD>/ (NIGHTLY_DATE overrides the
+#   day); re-running the same night resumes it.
+# NIGHTLY_LAYOUT=incremental: writes to <output.uri> itself, one growing corpus; each night only
+#   new or changed documents are processed (the ledger), and the night's record lands in _runs/.
+# With RAY_ADDRESS set it is submitted to that cluster, otherwise it runs on embedded local Ray.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 day=${NIGHTLY_DATE:-$(date -u +%F)}
+layout=${NIGHTLY_LAYOUT:-dated}
 args=(); out=""
 for a in "$@"; do
   case "$a" in
     output.uri=*) out="${a#output.uri=}" ;;
+    NIGHTLY_LAYOUT=*) layout="${a#NIGHTLY_LAYOUT=}" ;;
     *) args+=("$a") ;;
   esac
 done
 : "${out:?pass output.uri=<prefix>}"
-target="${out%/}/$day"
-echo "pagemill nightly: writing to $target" >&2
+case "$layout" in
+  dated) target="${out%/}/$day" ;;
+  incremental) target="${out%/}" ;;
+  *) echo "NIGHTLY_LAYOUT must be dated or incremental, not '$layout'" >&2; exit 2 ;;
+esac
+echo "pagemill nightly ($layout): writing to $target" >&2
 if [[ -n "${RAY_ADDRESS:-}" ]]; then
   exec bash jobs/submit.sh output.uri="$target" "${args[@]}"
 fi

@@ -140,10 +140,28 @@ class OcrConfig:
         if "num_key_value_heads" not in dec and "num_attention_heads" in dec:
             dec["num_key_value_heads"] = dec["num_attention_heads"]
         proj = cfg.get("projector_config") or {}
+        # The official file leaves the vision dims to the code (SAM-B, CLIP-L); a non-official
+        # checkpoint (e.g. the tiny test model) states them under "pagemill_vision".
+        vis = cfg.get("pagemill_vision") or {}
+        tup = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
         return cls(
+            sam=SamConfig(**tup(vis["sam"])) if "sam" in vis else SamConfig(),
+            clip=ClipConfig(**tup(vis["clip"])) if "clip" in vis else ClipConfig(),
             decoder=DecoderConfig(**dec),
             projector_input_dim=proj.get("input_dim", 2048),
         )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """config.json content for this config: LM keys at the top level (as the official file),
+        plus "pagemill_vision" when the vision dims are not the official ones."""
+        from dataclasses import asdict  # noqa: PLC0415
+
+        out: dict[str, Any] = {"model_type": "deepseek_vl_v2", "use_mla": False, **asdict(self.decoder),
+                               "projector_config": {"input_dim": self.projector_input_dim,
+                                                    "n_embed": self.decoder.hidden_size, "projector_type": "linear"}}
+        if (self.sam, self.clip) != (SamConfig(), ClipConfig()):
+            out["pagemill_vision"] = {"sam": asdict(self.sam), "clip": asdict(self.clip)}
+        return out
 
     @classmethod
     def tiny(cls) -> OcrConfig:

@@ -195,3 +195,13 @@ def test_ray_job_submit_on_local_cluster(tmp_path: Path) -> None:
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_unreachable_weights_name_the_offline_option(tmp_path: Path) -> None:
+    """The default model with no weights in reach: one clear message naming model=tiny_random,
+    exit code 3, before any Ray work or output."""
+    cmd = [sys.executable, "-m", "pipeline.run", f"model.source={tmp_path / 'no-weights'}", f"output.uri={tmp_path / 'o'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3
+    assert "model=tiny_random" in proc.stderr and "does not exist" in proc.stderr
+    assert not (tmp_path / "o" / "pages").exists()

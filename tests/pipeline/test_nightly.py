@@ -194,3 +194,16 @@ def test_pages_without_eos_get_one_fallback_pass(tmp_path: Path) -> None:
     assert run_job(f"output.uri={out2}", *FAST, "generation.fallback=none").returncode == 0
     t2 = ds.dataset(out2 / "pages", format="parquet").to_table().to_pylist()
     assert all(r["attempts"] == 1 and r["fallback"] is None for r in t2 if r["page_index"] >= 0)
+
+
+def test_nightly_wrapper_dated_and_incremental_layouts(tmp_path: Path) -> None:
+    env = {**_env(), "NIGHTLY_DATE": "2026-01-02"}
+    common = ["model=tiny_random", "progress=false", "input.uri=tests/data", *FAST]
+    dated = subprocess.run(["bash", "jobs/nightly.sh", f"output.uri={tmp_path / 'n'}", *common], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert dated.returncode == 0, dated.stderr[-3000:]
+    assert summary(tmp_path / "n" / "2026-01-02")["rows_out"] == 5
+    inc = subprocess.run(["bash", "jobs/nightly.sh", f"output.uri={tmp_path / 'g'}", "NIGHTLY_LAYOUT=incremental",
+                          *common], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert inc.returncode == 0, inc.stderr[-3000:]
+    assert summary(tmp_path / "g")["rows_out"] == 5 and len(list((tmp_path / "g" / "_runs").glob("*.json"))) == 1
