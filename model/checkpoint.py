@@ -260,7 +260,10 @@ def _local_dir(path_or_hub_id: str | Path) -> Path | None:
     if path.is_dir():
         return path
     if str(path_or_hub_id).startswith(("/", ".", "~")) or path.exists():
-        raise CheckpointUnavailable(f"checkpoint directory {str(path)!r} does not exist")
+        raise CheckpointUnavailable(
+            f"checkpoint directory {str(path)!r} does not exist. Point it at a copy of "
+            "deepseek-ai/DeepSeek-OCR, or run offline with the random-weight model: model=tiny_random"
+        )
     return None
 
 
