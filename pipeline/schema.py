@@ -1,25 +1,63 @@
-"""The output contract: the Arrow schema of `pages/` rows, and the row statuses.
+"""The output contract: the Arrow schemas of `pages/`, `figures/` and `documents/`, and the statuses.
 
-One row per input page, plus one `doc_error` row (page_index = -1) per document that cannot be
-opened at all. Rows are built as plain dicts by the stages and turned into Arrow here, so the
-schema is enforced in one place (a missing or mistyped field fails loudly in tests).
+One `pages/` row per input page, plus one `doc_error` row (page_index = -1) per document that cannot
+be opened at all. Rows are built as plain dicts by the stages and turned into Arrow here, so the
+schema is enforced in one place (a missing or mistyped field fails loudly in tests). Image columns
+use the Hugging Face `datasets` Image layout (struct of `bytes`, `path`) and every schema carries
+the `huggingface` features metadata, so `datasets.load_dataset("parquet", ...)` decodes them.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: page_image became an Image struct; quality columns
 
 # Final page statuses. `ok` = the model ended the page with EOS.
 STATUSES = ("ok", "render_error", "ocr_error", "truncated", "repetition", "doc_error")
 
 # Document-level reason codes carried in `error_code` of doc_error rows.
-DOC_ERROR_CODES = ("empty_file", "not_a_pdf", "corrupt", "needs_password", "zero_pages", "read_error")
+DOC_ERROR_CODES = ("empty_file", "not_a_pdf", "corrupt", "needs_password", "zero_pages", "read_error",
+                   "probe_error")  # probe_error: the parser hung or crashed on the file (killed)
 
 BOX = pa.list_(pa.float32(), 4)
+
+# The Hugging Face `datasets` Image feature's storage type: readers decode `bytes` (or open `path`).
+IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+IMAGE_COLUMNS = ("page_image", "image")  # columns in IMAGE layout, declared as `Image` features
+
+
+def hf_feature(t: pa.DataType, name: str = "") -> Any:
+    """The `datasets` feature JSON of an Arrow type, in the long-standing format (`Value`,
+    `Sequence`, a one-element list for lists of structs) that old and new `datasets` both read."""
+    if name in IMAGE_COLUMNS and t == IMAGE:
+        return {"_type": "Image"}
+    if pa.types.is_struct(t):
+        return {t.field(i).name: hf_feature(t.field(i).type) for i in range(t.num_fields)}
+    if pa.types.is_fixed_size_list(t):
+        return {"_type": "Sequence", "feature": hf_feature(t.value_type), "length": t.list_size}
+    if pa.types.is_list(t):
+        inner = hf_feature(t.value_type)
+        return [inner] if pa.types.is_struct(t.value_type) else {"_type": "Sequence", "feature": inner}
+    if pa.types.is_timestamp(t):
+        return {"_type": "Value", "dtype": f"timestamp[{t.unit}, tz={t.tz}]" if t.tz else f"timestamp[{t.unit}]"}
+    names = {pa.string(): "string", pa.binary(): "binary", pa.int32(): "int32", pa.int64(): "int64",
+             pa.float32(): "float32", pa.float64(): "float64", pa.bool_(): "bool"}
+    if t not in names:
+        raise TypeError(f"no datasets feature mapping for {t}")
+    return {"_type": "Value", "dtype": names[t]}
+
+
+def with_hf_features(schema: pa.Schema, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """`schema` with the `huggingface` metadata that makes `datasets.load_dataset("parquet", ...)`
+    decode IMAGE columns as images (the same key `datasets` itself writes into Parquet files)."""
+    features = {f.name: hf_feature(f.type, f.name) for f in schema}
+    hf = json.dumps({"info": {"features": features}}, separators=(",", ":"))
+    return schema.with_metadata({**(metadata or {}), "huggingface": hf})
+
 
 LAYOUT_BLOCK = pa.struct(
     [
@@ -51,17 +89,78 @@ PAGE_SCHEMA = pa.schema(
         pa.field("num_vision_tokens", pa.int32()),
         pa.field("num_output_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
+        pa.field("attempts", pa.int32()),  # OCR passes: 2 when the no-EOS fallback ran
+        pa.field("fallback", pa.string()),  # e.g. "ngram:repetition->stop" (first -> final finish)
         pa.field("text_layer_chars", pa.int32()),
         pa.field("model_id", pa.string()),
         pa.field("config_hash", pa.string()),
         pa.field("render_ms", pa.float32()),
         pa.field("ocr_ms", pa.float32()),
-        pa.field("page_image", pa.binary()),  # PNG, only with output.include_images=true
+        # Hugging Face `Image` layout (struct of bytes + path): PNG, only with output.include_images=true
+        pa.field("page_image", IMAGE),
+        # quality signals (pipeline/quality.py); null where they do not apply
+        pa.field("repetition_score", pa.float32()),  # 1 - distinct/total token 10-grams of raw_output
+        pa.field("num_text_tokens", pa.int32()),  # tokens of the markdown (tags, boxes, figure refs out)
+        pa.field("compression_ratio", pa.float32()),  # num_text_tokens / num_vision_tokens
+        pa.field("text_layer_agreement", pa.float32()),  # 1 - normalised Levenshtein vs the PDF text layer
+        pa.field("written_at", pa.timestamp("ms", tz="UTC")),  # when the writer committed the row
+    ],
+)
+PAGE_SCHEMA = with_hf_features(PAGE_SCHEMA, {"pagemill_schema_version": str(SCHEMA_VERSION)})
+
+COLUMNS = tuple(PAGE_SCHEMA.names)
+
+# `figures/`: one row per `image` block with a box, cropped from the rendered page. `name` is the
+# relative reference the page's markdown uses (`![](name)`) and also the image's `path`.
+FIGURE_SCHEMA = with_hf_features(
+    pa.schema(
+        [
+            pa.field("doc_id", pa.string(), nullable=False),
+            pa.field("page_index", pa.int32(), nullable=False),
+            pa.field("block_index", pa.int32(), nullable=False),  # index in the page's `layout`
+            pa.field("name", pa.string(), nullable=False),
+            pa.field("label", pa.string()),
+            pa.field("bbox_norm", pa.list_(pa.int32(), 4)),
+            pa.field("bbox_px", pa.list_(pa.int32(), 4)),  # x1, y1, x2, y2 (x2, y2 exclusive)
+            pa.field("width_px", pa.int32()),
+            pa.field("height_px", pa.int32()),
+            pa.field("config_hash", pa.string()),
+            pa.field("image", IMAGE),
+        ]
+    ),
+    {"pagemill_schema_version": str(SCHEMA_VERSION)},
+)
+
+# `documents/`: one row per document (per configuration), assembled from `pages/` after a run.
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("page_count", pa.int32()),
+        pa.field("markdown", pa.string()),  # `ok` pages in order, each after a PAGE_MARKER line
+        pa.field("pages_included", pa.list_(pa.int32())),  # page indices whose markdown is in `markdown`
+        *(pa.field(f"pages_{s}", pa.int32()) for s in STATUSES),  # rows by status
+        pa.field("error_code", pa.string()),  # doc_error documents: the reason code
+        pa.field("num_figures", pa.int32()),  # figure references in `markdown`
+        pa.field("model_id", pa.string()),
+        pa.field("config_hash", pa.string()),
     ],
     metadata={"pagemill_schema_version": str(SCHEMA_VERSION)},
 )
 
-COLUMNS = tuple(PAGE_SCHEMA.names)
+# Marker line before each page's markdown in `documents/` (0-based page index, as in `pages/`).
+PAGE_MARKER = "<!-- page {page_index} -->"
+
+
+def figure_name(doc_id: str, page_index: int, block_index: int) -> str:
+    """Stable relative name of a figure crop: the markdown's `![](...)` target, the `figures/` row's
+    `name` and its image `path`. Export the crops under these names next to the markdown."""
+    return f"figures/{doc_id}-p{page_index:05d}-b{block_index:03d}.png"
+
+
+def page_image_name(doc_id: str, page_index: int) -> str:
+    """The `path` of a page image (informative; readers decode the `bytes`)."""
+    return f"{doc_id}-p{page_index:05d}.png"
 
 
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:

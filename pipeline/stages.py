@@ -59,16 +59,17 @@ def check_model_available(cfg: PipelineConfig) -> None:
     """Fail fast, on the driver, when the real weights cannot be reached (cheap: config.json only)."""
     if cfg.model.name != "deepseek_ocr":
         return
-    from model.checkpoint import resolve_config_json
+    from model.checkpoint import CheckpointUnavailable, resolve_config_json
 
     try:
         resolve_config_json(cfg.model.source)
-    except Exception as e:  # network, auth, missing directory: all mean "cannot load"
+    except CheckpointUnavailable as e:  # its message already names the offline option
+        raise ModelUnavailable(f"cannot load the DeepSeek-OCR weights: {e}") from None
+    except Exception as e:  # anything else (auth, disk): same advice
         raise ModelUnavailable(
-            f"cannot fetch the DeepSeek-OCR weights from {cfg.model.source!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Point model.source at a local copy of "
-            "deepseek-ai/DeepSeek-OCR, or run offline with the tiny random-weight model: "
-            "model=tiny_random"
+            f"cannot load the DeepSeek-OCR weights from {cfg.model.source!r} ({type(e).__name__}: {e}). "
+            "Point model.source at a local copy of deepseek-ai/DeepSeek-OCR, or run offline with the "
+            "tiny random-weight model: model=tiny_random"
         ) from None
 
 
@@ -94,7 +95,7 @@ def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
     docs = ds.map_batches(
         ProbeDocuments,
         fn_constructor_kwargs={"cfg": cfg},
-        batch_size=4,
+        batch_size=32,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=64),
         num_cpus=0.5,
@@ -107,19 +108,23 @@ class ProbeDocuments:
     """Read + hash + open each document; emit one metadata row per document (no bytes kept)."""
 
     def __init__(self, cfg: PipelineConfig):
+        from pipeline.render import RenderWorker
         from pipeline.sources import read_passwords
 
         self.cfg = cfg
         self.passwords = {**read_passwords(cfg.input.passwords_file, cfg.input.storage_options), **cfg.input.passwords}
+        # MuPDF runs in a killable child here too: a file that hangs the parser costs one
+        # doc_error row (probe_error), not the discovery of the whole collection
+        self.worker = RenderWorker(recycle_after=cfg.render.recycle_after * 20)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.render import DocError, probe_document
+        from pipeline.render import DocError
         from pipeline.sources import content_id, read_document
 
         out = []
         for uri in batch.column("source_uri").to_pylist():
             row: dict[str, Any] = {"source_uri": uri, "doc_id": "", "page_count": 0, "error_code": "",
-                                   "error": "", "password": "", "page_sizes": [], "text_chars": []}
+                                   "error": "", "password": ""}
             try:
                 data = read_document(uri, self.cfg.input.storage_options)
             except Exception as e:  # missing / unreadable object: a doc_error row, not a crash
@@ -128,16 +133,12 @@ class ProbeDocuments:
                 continue
             row["doc_id"] = content_id(data)
             password = self._password(uri, row["doc_id"])
-            info = probe_document(data, password)
+            info = self.worker.probe(data, password, extract_text=False, timeout_s=self.cfg.render.timeout_s)
+            del data
             if isinstance(info, DocError):
                 row.update(error_code=info.code, error=info.message)
             else:
-                row.update(
-                    page_count=info.page_count,
-                    password=password or "",
-                    page_sizes=[list(s) for s in info.page_sizes_pt],
-                    text_chars=list(info.text_chars),
-                )
+                row.update(page_count=info.page_count, password=password or "")
             out.append(row)
         return pa.Table.from_pylist(out)
 
@@ -158,31 +159,56 @@ def _uri_id(uri: str) -> str:
 
 @dataclass
 class Plan:
-    tasks: list[dict[str, Any]]  # page-range rows and doc_error rows
-    expected_keys: set[tuple[str, int]] = field(default_factory=set)
+    tasks: list[dict[str, Any]]  # page-range rows and doc_error rows still to produce
+    expected_keys: set[tuple[str, int]] = field(default_factory=set)  # every row of these inputs
     expected_rows: int = 0
     doc_error_rows: int = 0
+    done_keys: set[tuple[str, int]] = field(default_factory=set)  # already final in the ledger
+    duplicates: int = 0  # documents whose bytes were already seen under another path
+    sources: set[tuple[str, str]] = field(default_factory=set)  # every (doc_id, source_uri)
 
 
-def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]]) -> Plan:
-    """Page-range work items (one per `render.pages_per_task` pages) and the rows we must see."""
-    from pipeline.render import page_ranges
+def _missing_ranges(missing: list[int], per_task: int) -> list[range]:
+    """Consecutive runs of the missing page indices, cut into ranges of at most `per_task`."""
+    out: list[range] = []
+    for i in missing:
+        if out and out[-1].stop == i and len(out[-1]) < per_task:
+            out[-1] = range(out[-1].start, i + 1)
+        else:
+            out.append(range(i, i + 1))
+    return out
 
+
+def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[str, int]] | None = None) -> Plan:
+    """Work items for the rows not yet final (`done` keys from the ledger are skipped), page
+    ranges of at most `render.pages_per_task`; each distinct doc_id is planned once."""
+    done = done or set()
     base = _base_row(cfg)
     plan = Plan(tasks=[])
+    seen: set[str] = set()
     for d in docs:
+        plan.sources.add((d["doc_id"], d["source_uri"]))
+        if d["doc_id"] in seen:
+            plan.duplicates += 1
+            continue
+        seen.add(d["doc_id"])
         common = {**base, "doc_id": d["doc_id"], "source_uri": d["source_uri"], "page_count": d["page_count"]}
         if d["error_code"]:
-            plan.tasks.append({**common, "page_index": -1, "status": "doc_error",
-                               "error_code": d["error_code"], "error": d["error"]})
-            plan.expected_keys.add((d["doc_id"], -1))
+            key = (d["doc_id"], -1)
+            plan.expected_keys.add(key)
             plan.doc_error_rows += 1
+            if key not in done:
+                plan.tasks.append({**common, "page_index": -1, "status": "doc_error",
+                                   "error_code": d["error_code"], "error": d["error"]})
             continue
-        for r in page_ranges(d["page_count"], cfg.render.pages_per_task):
+        keys = [(d["doc_id"], i) for i in range(d["page_count"])]
+        plan.expected_keys.update(keys)
+        missing = [i for (_, i) in keys if (d["doc_id"], i) not in done]
+        for r in _missing_ranges(missing, cfg.render.pages_per_task):
             plan.tasks.append({**common, "page_index": r.start, "status": "pending",
                                "_password": d["password"], "_range_start": r.start, "_range_stop": r.stop})
-        plan.expected_keys.update((d["doc_id"], i) for i in range(d["page_count"]))
     plan.expected_rows = len(plan.expected_keys)
+    plan.done_keys = plan.expected_keys & done
     return plan
 
 
@@ -215,11 +241,11 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
                         num_cpus=0.5)
     ds = ds.map_batches(
         OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.ocr_batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_ocr), num_gpus=1 if gpus else 0,
-        num_cpus=1,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_ocr),
+        num_cpus=1, max_restarts=-1, max_task_retries=cfg.ray.ocr_max_retries, **ocr_resources(cfg, gpus),
     )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
-                        batch_size=64, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
+                        batch_size=cfg.ray.write_batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
                         num_cpus=0.25)
     return ds
 
@@ -234,10 +260,20 @@ def ocr_actor_count(cfg: PipelineConfig) -> tuple[int, bool]:
     """(actors, on_gpu): one actor per GPU of the cluster, or `ray.ocr_actors` if set."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    res = cfg.ray.ocr_resource or "GPU"  # a custom resource can stand in for GPUs (tests, pinning)
+    gpus = int(ray.cluster_resources().get(res, 0))
     if cfg.ray.ocr_actors:
         return cfg.ray.ocr_actors, gpus > 0
     return (gpus, True) if gpus else (1, False)
+
+
+def ocr_resources(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
+    """Ray resources of one OCR actor: one GPU (or one unit of `ray.ocr_resource`) each."""
+    if not on_gpu:
+        return {"num_gpus": 0}
+    if cfg.ray.ocr_resource:
+        return {"num_gpus": 0, "resources": {cfg.ray.ocr_resource: 1}}
+    return {"num_gpus": 1}
 
 
 class RenderStage:
@@ -267,7 +303,7 @@ class RenderStage:
                 data = read_document(task["source_uri"], self.cfg.input.storage_options)
                 results = self.worker.render(
                     data, task["_password"] or None, todo, dpi=r.dpi, max_pixels=r.max_pixels,
-                    max_side_px=r.max_side_px, timeout_s=r.timeout_s,
+                    max_side_px=r.max_side_px, timeout_s=r.timeout_s, max_failures=r.max_failures,
                 ) if todo else []
             except Exception as e:  # the bytes vanished between probe and render, etc.
                 results = [PageError(page_index=i, code="render_error", message=f"{type(e).__name__}: {e}")
@@ -295,6 +331,7 @@ def preprocess_batch(batch: pa.Table, cfg: PipelineConfig) -> pa.Table:
     from PIL import Image
 
     from model.preprocess import ImageError, preprocess_image
+    from pipeline.schema import page_image_name
 
     out = []
     for row in to_rows(batch):
@@ -308,10 +345,11 @@ def preprocess_batch(batch: pa.Table, cfg: PipelineConfig) -> pa.Table:
                     _grid_w=prep.grid[0], _grid_h=prep.grid[1], num_vision_tokens=prep.num_image_tokens,
                 )
                 if cfg.output.include_images:
-                    row["page_image"] = _png(img)
+                    row["page_image"] = {"bytes": _png(img), "path": page_image_name(row["doc_id"], row["page_index"])}
             except ImageError as e:
                 row.update(status="render_error", error_code="bad_image", error=str(e))
-            row["_pixels"] = None  # the page itself is not needed downstream
+            if row["status"] != "pending" or not cfg.output.write_figures:
+                row["_pixels"] = None  # kept only for the writer's figure crops; never in a pages row
         out.append(row)
     return to_batch(out)
 
@@ -341,6 +379,11 @@ class OcrStage:
             max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
             ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
         )
+        self.fallback = None
+        if g.fallback == "ngram":
+            self.fallback = self.ocr.variant(max_batch=min(8, self.ocr.engine.cfg.max_batch),
+                                             ngram_size=g.fallback_ngram_size, ngram_window=g.fallback_ngram_window)
+        _test_fault("ocr")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from model.runner import OcrInput
@@ -351,21 +394,47 @@ class OcrStage:
             global_view=_views(r["_global"], 1), tiles=_views(r["_tiles"], None) if r["_tiles"] else None,
             grid=(r["_grid_w"], r["_grid_h"]), num_image_tokens=r["num_vision_tokens"],
         ) for r in todo]
+        _test_fault("ocr_call")
         try:
             results = self.ocr.run(inputs)
+            first = [r.finish_reason for r in results]
+            retry = [i for i, r in enumerate(results) if r.finish_reason in ("length", "repetition")]
+            if retry and self.fallback is not None:  # no EOS: once more with the stronger ban
+                for i, res in zip(retry, self.fallback.run([inputs[i] for i in retry])):
+                    res.ocr_ms += results[i].ocr_ms
+                    results[i] = res
         except Exception as e:  # an engine failure costs this batch's pages an error row, not the job
             log.exception("OCR failed for a batch of %d pages", len(todo))
             for row in todo:
                 row.update(status="ocr_error", error_code="ocr_error", error=f"{type(e).__name__}: {e}")
-            results = []
-        for row, res in zip(todo, results):
+            results, retry = [], []
+        for i, (row, res) in enumerate(zip(todo, results)):
             row.update(raw_output=res.raw_output, num_output_tokens=res.num_output_tokens,
-                       finish_reason=res.finish_reason, ocr_ms=res.ocr_ms, num_vision_tokens=res.num_vision_tokens)
+                       finish_reason=res.finish_reason, ocr_ms=res.ocr_ms, num_vision_tokens=res.num_vision_tokens,
+                       attempts=1, fallback=None)
+            if self.fallback is not None and i in retry:
+                row.update(attempts=2, fallback=f"ngram:{first[i]}->{res.finish_reason}")
             if res.error:
                 row.update(status="ocr_error", error_code="ocr_error", error=res.error)
         for row in todo:
             row["_global"] = row["_tiles"] = None
         return to_batch(rows)
+
+
+def _test_fault(where: str) -> None:
+    """Test hook (`PAGEMILL_TEST_OCR_FAULT=<where>:<marker file>`): the first process to get here
+    creates the marker and dies at once (a real actor death); later ones carry on."""
+    import os
+
+    spec = os.environ.get("PAGEMILL_TEST_OCR_FAULT", "")
+    if not spec.startswith(where + ":"):
+        return
+    try:
+        fd = os.open(spec.split(":", 1)[1], os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
 
 
 def _views(buf: bytes, n: int | None) -> np.ndarray:
@@ -383,14 +452,20 @@ def _views(buf: bytes, n: int | None) -> np.ndarray:
 STATUS_BY_FINISH = {"stop": "ok", "length": "truncated", "repetition": "repetition"}
 
 
-def postprocess_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Grounding parse -> markdown + layout; the final status from the finish reason."""
+def postprocess_row(row: dict[str, Any], quality: Any = None) -> dict[str, Any]:
+    """Grounding parse -> markdown + layout; the final status from the finish reason; with a
+    `pipeline.quality.PageQuality`, the quality columns. `image` blocks get a figure reference
+    (`schema.figure_name`) in the markdown and are listed in the work field `_figures` as
+    (block index in `layout`, bbox_norm, name) for the writer's crops."""
     from model.grounding import parse_grounding
+    from pipeline.schema import figure_name
 
     if row["status"] != "pending":
         return row
+    doc_id, page_index = row["doc_id"], row["page_index"]
     parsed = parse_grounding(
-        row["raw_output"] or "", (row["width_px"], row["height_px"]), (row["width_pt"], row["height_pt"])
+        row["raw_output"] or "", (row["width_px"], row["height_px"]), (row["width_pt"], row["height_pt"]),
+        figure_ref=lambda block, _k: figure_name(doc_id, page_index, block),
     )
     row["markdown"] = parsed.markdown
     row["layout"] = [
@@ -398,30 +473,60 @@ def postprocess_row(row: dict[str, Any]) -> dict[str, Any]:
          "bbox_pt": list(b.bbox_pt) if b.bbox_pt else None, "text": b.text}
         for b in parsed.blocks
     ]
+    row["_figures"] = [(i, b.bbox_norm, b.figure_ref) for i, b in enumerate(parsed.blocks) if b.figure_ref]
     row["status"] = STATUS_BY_FINISH.get(row["finish_reason"] or "", "ocr_error")
     if row["status"] == "ocr_error" and not row.get("error"):
         row["error"] = f"unknown finish reason {row['finish_reason']!r}"
+    if quality is not None:
+        quality.fill(row, row.get("_text_layer"))
     return row
 
 
 class WriteStage:
-    """Post-process, then write each batch as one atomic Parquet part; emit small receipts."""
+    """Post-process, then write each batch as atomic Parquet parts of at most ~output.target_file_mb
+    (row groups of ~output.row_group_mb); per part: its figure crops (`figures/`, same part name),
+    then the pages part, then its ledger entry. Emit small receipts (one per page row)."""
 
     def __init__(self, cfg: PipelineConfig, root: str):
-        from pipeline.outputs import OutputStore
+        from pipeline.outputs import MB, OutputStore
+        from pipeline.quality import PageQuality
 
+        self.cfg = cfg
         self.store = OutputStore(root, cfg.output.storage_options)
+        self.quality = PageQuality()
+        o = cfg.output
+        self.target_bytes = int(o.target_file_mb * MB)
+        self.sizing = {"row_group_bytes": int(o.row_group_mb * MB), "row_group_rows": o.row_group_rows}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from datetime import datetime, timezone
+
+        from pipeline.ledger import commit_entry
+        from pipeline.outputs import figure_table, part_name, split_table
         from pipeline.schema import rows_to_table
 
-        rows = [postprocess_row(r) for r in to_rows(batch)]
-        page_rows = [{k: r.get(k) for k in COLUMNS} for r in rows]
-        table = rows_to_table(page_rows)
-        name = self.store.write_parquet("pages", table) if rows else ""
+        # the raw pages stay in Arrow: only those of pages with figures are copied out, for the crops
+        pixels = batch.column("_pixels") if "_pixels" in batch.column_names else None
+        light = batch if pixels is None else batch.drop_columns(["_pixels"])
+        rows = [postprocess_row(r, self.quality) for r in to_rows(light)]
+        now = datetime.now(timezone.utc)
+        for i, r in enumerate(rows):
+            r["written_at"] = now
+            if r.get("_figures") and pixels is not None:
+                r["_pixels"] = pixels[i].as_py()
+        table = rows_to_table([{k: r.get(k) for k in COLUMNS} for r in rows])  # work fields dropped here
+        files: list[str] = []
+        for part in split_table(table, self.target_bytes) if rows else []:
+            name = part_name(part)
+            if self.cfg.output.write_figures:
+                figures = figure_table(rows[len(files):len(files) + part.num_rows])
+                if figures.num_rows:  # before the pages part: a crash leaves no committed page without them
+                    self.store.write_parquet("figures", figures, name=name, **self.sizing)
+            path = self.store.write_parquet("pages", part, name=name, **self.sizing)
+            commit_entry(self.store, part, path)  # after the pages part: the ledger never runs ahead
+            files += [path] * part.num_rows
         return pa.table(
             {"doc_id": [r["doc_id"] for r in rows], "page_index": [r["page_index"] for r in rows],
-             "status": [r["status"] for r in rows], "file": [name] * len(rows)},
+             "status": [r["status"] for r in rows], "file": files},
             schema=RECEIPT_SCHEMA,
         )
-
