@@ -262,6 +262,8 @@ class Engine:
         source = iter(requests)
         exhausted = False
         live: dict[int, tuple[Request, float, int]] = {}  # row -> (request, t_admit, steps bound)
+        with torch.inference_mode():
+            self.done.fill_(True)  # rows left over by an earlier, aborted call are not live
         while True:
             free = [r for r in range(c.max_batch) if r not in live]
             if c.static_batches and live:

@@ -175,6 +175,9 @@ class PipelineConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     progress: bool = True
     force: bool = False  # redo every row of this configuration (default: skip rows the ledger has)
+    # a document whose rows could not be produced in this many runs gets `quarantined` rows
+    # (status ocr_error) instead of another attempt; delete <output>/_failures/ to retry it
+    quarantine_after: int = 2
 
     def output_affecting(self) -> dict[str, Any]:
         """The settings that change what a page's row contains (not where or how fast)."""

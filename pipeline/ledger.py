@@ -43,6 +43,9 @@ LEDGER_SCHEMA = pa.schema([
     pa.field("file", pa.string(), nullable=False),  # relative to the output root: pages/part-….parquet
 ])
 SOURCES_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("source_uri", pa.string())])
+FAILURES_DIR = "_failures"
+FAILURES_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("config_hash", pa.string()),
+                             pa.field("run_id", pa.string()), pa.field("reason", pa.string())])
 
 Key = tuple[str, int]
 
@@ -76,7 +79,7 @@ def _names(store: Any, sub: str) -> dict[str, str]:
 
 def _remove_temporaries(store: Any) -> int:
     n = 0
-    for sub in (PAGES_DIR, LEDGER_DIR, SOURCES_DIR, *SIDE_DIRS):
+    for sub in (PAGES_DIR, LEDGER_DIR, SOURCES_DIR, FAILURES_DIR, *SIDE_DIRS):
         path = store.join(sub)
         if store.fs.exists(path):
             for p in store.fs.ls(path, detail=False):
@@ -92,6 +95,7 @@ class Ledger:
     status: dict[Key, str] = field(default_factory=dict)  # final rows of this configuration
     files: dict[Key, str] = field(default_factory=dict)
     sources: set[tuple[str, str]] = field(default_factory=set)
+    failures: dict[str, list[str]] = field(default_factory=dict)  # doc_id -> reasons, one per failed run
     reconciled: int = 0  # orphan pages parts indexed on load
     dropped: int = 0  # ledger parts without their pages part
 
@@ -130,6 +134,11 @@ class Ledger:
                 if key in led.status:  # cannot happen through this code; never hide it
                     log.warning("ledger: duplicate row %s in %s and %s", key, led.files[key], f)
                 led.status[key], led.files[key] = s, f
+        if _names(store, FAILURES_DIR):
+            fail = store.read_table(FAILURES_DIR)
+            for d, c, r in zip(*(fail.column(n).to_pylist() for n in ("doc_id", "config_hash", "reason"))):
+                if c == config_hash:
+                    led.failures.setdefault(d, []).append(r)
         if _names(store, SOURCES_DIR):
             src = store.read_table(SOURCES_DIR)
             led.sources = set(zip(src.column("doc_id").to_pylist(), src.column("source_uri").to_pylist()))
@@ -162,6 +171,18 @@ class Ledger:
             for k in drop:
                 del self.status[k], self.files[k]
         return sum(len(v) for v in by_file.values())
+
+    def record_failures(self, store: Any, run_id: str, reasons: dict[str, str]) -> None:
+        """Note the documents whose rows this run could not produce (their batch kept killing the
+        OCR worker, say); after `quarantine_after` such runs they are quarantined, not retried."""
+        if not reasons:
+            return
+        docs = sorted(reasons)
+        table = pa.table({"doc_id": docs, "config_hash": [self.config_hash] * len(docs), "run_id": [run_id] * len(docs),
+                          "reason": [reasons[d] for d in docs]}, schema=FAILURES_SCHEMA)
+        store.write_parquet(FAILURES_DIR, table, name=f"part-{run_id}-{self.config_hash}.parquet")
+        for d in docs:
+            self.failures.setdefault(d, []).append(reasons[d])
 
     def record_sources(self, store: Any, pairs: set[tuple[str, str]]) -> int:
         """Append the (doc_id, source_uri) pairs not seen before; returns how many were new."""

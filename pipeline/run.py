@@ -108,10 +108,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     ctx.max_errored_blocks = -1
 
     docs = stages.discover(cfg)
-    plan = stages.plan_pages(cfg, docs, ledger.done)
+    plan = stages.plan_pages(cfg, docs, ledger.done, ledger.failures)
     if cfg.force and plan.done_keys:  # redo this input's rows: take them out of the outputs first
         log.info("force: %d committed rows will be redone", ledger.forget(store, plan.expected_keys))
-        plan = stages.plan_pages(cfg, docs, ledger.done)
+        plan = stages.plan_pages(cfg, docs, ledger.done, ledger.failures)
     ledger.record_sources(store, plan.sources)
     todo = plan.expected_rows - len(plan.done_keys)
     log.info("discovered %d documents (%d duplicate paths), %d rows: %d already final, %d to do",
@@ -138,6 +138,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     wall = time.time() - t0
     final = written | plan.done_keys
     missing = sorted(plan.expected_keys - final)
+    ledger.record_failures(store, run_id, {d: f"{sum(1 for x, _ in missing if x == d)} row(s) not produced in run "
+                                              f"{run_id} (OCR/render batch failed after its retries)"
+                                           for d in {d for d, p in missing if p >= 0}})
     summary = {
         "run_id": run_id,
         "output_uri": store.root,
@@ -145,6 +148,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "documents_in": len(docs),
         "duplicate_paths": plan.duplicates,
+        "documents_quarantined": plan.quarantined,
         "documents_with_errors": sum(1 for d in docs if d["error_code"]),
         "pages_in": plan.expected_rows - plan.doc_error_rows,
         "rows_expected": plan.expected_rows,

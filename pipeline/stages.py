@@ -165,6 +165,7 @@ class Plan:
     doc_error_rows: int = 0
     done_keys: set[tuple[str, int]] = field(default_factory=set)  # already final in the ledger
     duplicates: int = 0  # documents whose bytes were already seen under another path
+    quarantined: int = 0  # documents given `quarantined` rows instead of another attempt
     sources: set[tuple[str, str]] = field(default_factory=set)  # every (doc_id, source_uri)
 
 
@@ -179,10 +180,12 @@ def _missing_ranges(missing: list[int], per_task: int) -> list[range]:
     return out
 
 
-def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[str, int]] | None = None) -> Plan:
+def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[str, int]] | None = None,
+               failures: dict[str, list[str]] | None = None) -> Plan:
     """Work items for the rows not yet final (`done` keys from the ledger are skipped), page
-    ranges of at most `render.pages_per_task`; each distinct doc_id is planned once."""
-    done = done or set()
+    ranges of at most `render.pages_per_task`; each distinct doc_id is planned once. A document
+    that failed in `quarantine_after` earlier runs gets `quarantined` error rows instead."""
+    done, failures = done or set(), failures or {}
     base = _base_row(cfg)
     plan = Plan(tasks=[])
     seen: set[str] = set()
@@ -204,6 +207,13 @@ def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[
         keys = [(d["doc_id"], i) for i in range(d["page_count"])]
         plan.expected_keys.update(keys)
         missing = [i for (_, i) in keys if (d["doc_id"], i) not in done]
+        past = failures.get(d["doc_id"], [])
+        if missing and len(past) >= cfg.quarantine_after:
+            why = f"quarantined after {len(past)} runs that could not process it (last: {past[-1]})"
+            plan.tasks.extend({**common, "page_index": i, "status": "ocr_error", "error_code": "quarantined",
+                               "error": why} for i in missing)
+            plan.quarantined += 1
+            continue
         for r in _missing_ranges(missing, cfg.render.pages_per_task):
             plan.tasks.append({**common, "page_index": r.start, "status": "pending",
                                "_password": d["password"], "_range_start": r.start, "_range_stop": r.stop})
@@ -395,19 +405,15 @@ class OcrStage:
             grid=(r["_grid_w"], r["_grid_h"]), num_image_tokens=r["num_vision_tokens"],
         ) for r in todo]
         _test_fault("ocr_call")
-        try:
-            results = self.ocr.run(inputs)
-            first = [r.finish_reason for r in results]
-            retry = [i for i, r in enumerate(results) if r.finish_reason in ("length", "repetition")]
-            if retry and self.fallback is not None:  # no EOS: once more with the stronger ban
-                for i, res in zip(retry, self.fallback.run([inputs[i] for i in retry])):
+        _test_poison(todo)
+        results = self._run_isolated(self.ocr, inputs)
+        first = [r.finish_reason for r in results]
+        retry = [i for i, r in enumerate(results) if r.finish_reason in ("length", "repetition")]
+        if retry and self.fallback is not None:  # no EOS: once more with the stronger ban
+            for i, res in zip(retry, self._run_isolated(self.fallback, [inputs[i] for i in retry])):
+                if res.finish_reason != "error":
                     res.ocr_ms += results[i].ocr_ms
                     results[i] = res
-        except Exception as e:  # an engine failure costs this batch's pages an error row, not the job
-            log.exception("OCR failed for a batch of %d pages", len(todo))
-            for row in todo:
-                row.update(status="ocr_error", error_code="ocr_error", error=f"{type(e).__name__}: {e}")
-            results, retry = [], []
         for i, (row, res) in enumerate(zip(todo, results)):
             row.update(raw_output=res.raw_output, num_output_tokens=res.num_output_tokens,
                        finish_reason=res.finish_reason, ocr_ms=res.ocr_ms, num_vision_tokens=res.num_vision_tokens,
@@ -419,6 +425,37 @@ class OcrStage:
         for row in todo:
             row["_global"] = row["_tiles"] = None
         return to_batch(rows)
+
+    @staticmethod
+    def _run_isolated(ocr: Any, inputs: list[Any]) -> list[Any]:
+        """`ocr.run(inputs)`; if the batch raises, each page is run alone so that only the pages
+        that fail by themselves get an error result (finish_reason "error"), not their batch."""
+        from model.runner import OcrOutput
+
+        try:
+            return ocr.run(inputs)
+        except Exception as e:  # noqa: BLE001 - per-page isolation below
+            log.warning("OCR batch of %d pages failed (%s: %s); retrying page by page", len(inputs),
+                        type(e).__name__, e)
+        out = []
+        for x in inputs:
+            try:
+                out.extend(ocr.run([x]))
+            except Exception as e:  # noqa: BLE001 - this page's own failure: an ocr_error row
+                out.append(OcrOutput(tag=x.tag, raw_output="", ids=[], num_output_tokens=0,
+                                     num_vision_tokens=x.num_image_tokens, finish_reason="error", ocr_ms=0.0,
+                                     error=f"{type(e).__name__}: {e}"))
+        return out
+
+
+def _test_poison(rows: list[dict[str, Any]]) -> None:
+    """Test hook (`PAGEMILL_TEST_OCR_POISON=<name>`): a batch holding a page of a document whose
+    URI contains <name> kills the OCR process, every time (a document that crashes workers)."""
+    import os
+
+    name = os.environ.get("PAGEMILL_TEST_OCR_POISON", "")
+    if name and any(name in r["source_uri"] for r in rows):
+        os._exit(1)
 
 
 def _test_fault(where: str) -> None:

@@ -207,3 +207,28 @@ def test_nightly_wrapper_dated_and_incremental_layouts(tmp_path: Path) -> None:
                           *common], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert inc.returncode == 0, inc.stderr[-3000:]
     assert summary(tmp_path / "g")["rows_out"] == 5 and len(list((tmp_path / "g" / "_runs").glob("*.json"))) == 1
+
+
+def test_document_that_keeps_killing_the_ocr_worker_is_quarantined(corpus_dir: Path, tmp_path: Path) -> None:
+    """A document whose batch kills the OCR process every time: the run goes on, reports its rows
+    missing (exit 1) and notes the failure; after `quarantine_after` such runs it gets
+    `quarantined` rows and the build completes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(corpus_dir / "form-libreoffice-01.pdf", src / "poison-form.pdf")
+    out = tmp_path / "out"
+    args = [f"input.uri={src}", f"output.uri={out}", *FAST, "ray.ocr_max_retries=0", "quarantine_after=2"]
+    env = {"PAGEMILL_TEST_OCR_POISON": "poison-form"}
+    for attempt in (1, 2):
+        proc = run_job(*args, env=env)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        s = summary(out)
+        assert not s["accounting_ok"] and s["missing_rows"] == 1 and len(s["missing_documents"]) == 1
+        assert len(list((out / "_failures").glob("*.parquet"))) == attempt
+    third = run_job(*args, env=env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    s = summary(out)
+    assert s["accounting_ok"] and s["documents_quarantined"] == 1
+    (row,) = rows(out)
+    full = ds.dataset(out / "pages", format="parquet").to_table().to_pylist()[0]
+    assert row["status"] == "ocr_error" and full["error_code"] == "quarantined" and "2 runs" in full["error"]
