@@ -131,9 +131,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     counts.update(new_counts)
-    from pipeline.documents import build_for_run
+    from pipeline.documents import build_for_run, has_documents
 
-    build_for_run(store, cfg)  # documents/: one row per document, assembled from pages/
+    if written or not has_documents(store, cfg.config_hash()):  # a no-op rerun rewrites nothing
+        build_for_run(store, cfg)  # documents/: one row per document, assembled from pages/
 
     wall = time.time() - t0
     final = written | plan.done_keys

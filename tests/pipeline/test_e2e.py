@@ -139,7 +139,7 @@ def test_default_gundam_overrides_and_images(tmp_path: Path) -> None:
     for r in pages:
         assert r["mode"] == "gundam" and r["dpi"] == pytest.approx(100, abs=0.01)
         assert r["num_vision_tokens"] in (903, 893, 693, 583, 273)  # 2x3 or 3x2 tiles for these pages
-        img = Image.open(io.BytesIO(r["page_image"]))
+        img = Image.open(io.BytesIO(r["page_image"]["bytes"]))
         assert img.size == (r["width_px"], r["height_px"])
         assert r["width_px"] == pytest.approx(r["width_pt"] * 100 / 72, abs=1)
     summary = json.loads((out / "_summary.json").read_text())

@@ -1,0 +1,232 @@
+"""Document assembly: `pages/` -> `documents/`, one row per document and configuration.
+
+    python -m pipeline.documents OUTPUT [--config-hash H]        # (re)build documents/ of a run
+    python -m pipeline.documents OUTPUT --export DIR [--doc ID]  # DOC.md + figures/*.png files
+
+`assemble_documents` runs at the end of `pipeline.run` on the driver and reads `pages/` with
+pyarrow in two streaming passes, so driver memory is bounded by `budget_mb` of markdown, not by
+the corpus: (1) keys, status and markdown sizes of every row of the configuration; (2) per group
+of documents holding at most `budget_mb` of `ok` markdown, those pages' markdown. A document's
+markdown is its `ok` pages in page order, each preceded by a `PAGE_MARKER` line
+(`<!-- page N -->`, 0-based as `page_index`); other pages are counted by status, not included.
+Figure references stay as the pages wrote them (`schema.figure_name`), so exporting the crops of
+`figures/` under their `name` next to the markdown makes every `![](...)` resolve.
+
+Files are `documents/part-<config_hash>-NNNNN.parquet` (~`output.target_file_mb` each); a rebuild
+rewrites them and removes this configuration's stale parts, other configurations' stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from pipeline.outputs import MB, OutputStore, split_by_bytes
+from pipeline.schema import DOCUMENT_SCHEMA, PAGE_MARKER, PAGE_SCHEMA, STATUSES
+
+log = logging.getLogger("pagemill")
+
+PAGES_DIR, DOCUMENTS_DIR, FIGURES_DIR = "pages", "documents", "figures"
+
+
+def pages_dataset(store: OutputStore) -> ds.Dataset | None:
+    """`pages/` as a pyarrow dataset in the current schema (None when nothing was written)."""
+    path = store.join(PAGES_DIR)
+    if not store.fs.exists(path):
+        return None
+    return ds.dataset(path, filesystem=store.fs, format="parquet", schema=PAGE_SCHEMA)
+
+
+def _config_filter(config_hash: str | None) -> Any:
+    return None if config_hash is None else pc.field("config_hash") == config_hash
+
+
+def _new_doc() -> dict[str, Any]:
+    return {"source_uri": "", "page_count": 0, "error_code": None, "model_id": None,
+            "counts": Counter(), "ok": {}}
+
+
+def _scan_keys(pages: ds.Dataset, config_hash: str | None) -> dict[str, dict[str, Any]]:
+    """Pass 1: per document, status counts and the markdown size of each `ok` page (no text)."""
+    docs: dict[str, dict[str, Any]] = {}
+    seen: set[tuple[str, int]] = set()
+    columns = {n: pc.field(n) for n in ("doc_id", "source_uri", "page_index", "page_count", "status",
+                                        "error_code", "model_id")}
+    columns["md_bytes"] = pc.binary_length(pc.field("markdown"))
+    for batch in pages.to_batches(columns=columns, filter=_config_filter(config_hash)):
+        for r in batch.to_pylist():
+            key = (r["doc_id"], r["page_index"])
+            if key in seen:  # a duplicate row (e.g. an interrupted pre-ledger rerun): count once
+                continue
+            seen.add(key)
+            d = docs.setdefault(r["doc_id"], _new_doc())
+            d["source_uri"] = d["source_uri"] or r["source_uri"]
+            d["page_count"] = max(d["page_count"], r["page_count"] or 0)
+            d["model_id"] = d["model_id"] or r["model_id"]
+            d["counts"][r["status"]] += 1
+            if r["status"] == "doc_error":
+                d["error_code"] = r["error_code"]
+            elif r["status"] == "ok":
+                d["ok"][r["page_index"]] = r["md_bytes"] or 0
+    return docs
+
+
+def join_pages(pages: dict[int, str]) -> str:
+    """A document's markdown from {page_index: markdown} of its `ok` pages."""
+    return "\n\n".join(f"{PAGE_MARKER.format(page_index=i)}\n\n{pages[i]}".rstrip() for i in sorted(pages))
+
+
+def assemble_documents(store: OutputStore, config_hash: str | None, *, target_file_mb: float = 256.0,
+                       row_group_mb: float = 32.0, budget_mb: float = 256.0) -> int:
+    """Build `documents/` for `config_hash` (None: every row, e.g. outputs of one configuration)
+    from `pages/`; returns the number of documents written."""
+    pages = pages_dataset(store)
+    docs = _scan_keys(pages, config_hash) if pages is not None else {}
+    order = sorted(docs, key=lambda d: (docs[d]["source_uri"], d))
+    groups = split_by_bytes([sum(docs[d]["ok"].values()) + 1 for d in order], int(budget_mb * MB))
+    tag = config_hash or "all"
+    written: list[str] = []
+    pending: list[dict[str, Any]] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending_bytes
+        name = f"part-{tag}-{len(written):05d}.parquet"
+        table = pa.Table.from_pylist(pending, schema=DOCUMENT_SCHEMA)
+        written.append(store.write_parquet(DOCUMENTS_DIR, table, name=name,
+                                           row_group_bytes=int(row_group_mb * MB), row_group_rows=1000))
+        pending.clear()
+        pending_bytes = 0
+
+    for a, b in groups:
+        ids = order[a:b]
+        text: dict[str, dict[int, str]] = {d: {} for d in ids}
+        wanted = [d for d in ids if docs[d]["ok"]]
+        if wanted:
+            flt = (pc.field("status") == "ok") & pc.field("doc_id").isin(wanted)
+            if config_hash is not None:
+                flt = flt & (pc.field("config_hash") == config_hash)
+            for batch in pages.to_batches(columns=["doc_id", "page_index", "markdown"], filter=flt):
+                for d, i, md in zip(*(batch.column(n).to_pylist() for n in ("doc_id", "page_index", "markdown"))):
+                    text[d].setdefault(i, md or "")
+        for d in ids:
+            info, markdown = docs[d], join_pages(text[d])
+            row = {
+                "doc_id": d, "source_uri": info["source_uri"], "page_count": info["page_count"],
+                "markdown": markdown, "pages_included": sorted(text[d]),
+                **{f"pages_{s}": info["counts"].get(s, 0) for s in STATUSES},
+                "error_code": info["error_code"], "num_figures": markdown.count("](figures/"),
+                "model_id": info["model_id"], "config_hash": config_hash,
+            }
+            size = len(markdown.encode()) + len(d) + len(info["source_uri"]) + 128
+            if pending and pending_bytes + size > target_file_mb * MB:
+                flush()
+            pending.append(row)
+            pending_bytes += size
+    if pending:
+        flush()
+    _remove_stale(store, tag, {w.rsplit("/", 1)[-1] for w in written})
+    log.info("documents: %d documents in %d file(s) under %s/", len(docs), len(written), DOCUMENTS_DIR)
+    return len(docs)
+
+
+def _remove_stale(store: OutputStore, tag: str, keep: set[str]) -> None:
+    path = store.join(DOCUMENTS_DIR)
+    if not store.fs.exists(path):
+        return
+    for p in store.fs.ls(path, detail=False):
+        name = p.rsplit("/", 1)[-1]
+        if name.startswith(f"part-{tag}-") and name.endswith(".parquet") and name not in keep:
+            store.fs.rm(p)
+
+
+def has_documents(store: OutputStore, config_hash: str) -> bool:
+    """Whether `documents/` already holds this configuration's parts."""
+    path = store.join(DOCUMENTS_DIR)
+    return store.fs.exists(path) and any(
+        p.rsplit("/", 1)[-1].startswith(f"part-{config_hash}-") for p in store.fs.ls(path, detail=False))
+
+
+def build_for_run(store: OutputStore, cfg: Any) -> int:
+    """The end-of-run step of `pipeline.run`: documents of this run's configuration."""
+    o = cfg.output
+    return assemble_documents(store, cfg.config_hash(), target_file_mb=o.target_file_mb, row_group_mb=o.row_group_mb)
+
+
+# ----------------------------------------------------------------------------- reading / export
+
+
+def last_config_hash(store: OutputStore) -> str | None:
+    """The configuration of the last run into `store` (from `_summary.json`), if any."""
+    import json
+
+    path = store.join("_summary.json")
+    if not store.fs.exists(path):
+        return None
+    with store.fs.open(path, "rb") as f:
+        return json.load(f).get("config_hash")
+
+
+def read_documents(store: OutputStore, doc_id: str | None = None) -> list[dict[str, Any]]:
+    path = store.join(DOCUMENTS_DIR)
+    if not store.fs.exists(path):
+        return []
+    data = ds.dataset(path, filesystem=store.fs, format="parquet")
+    return data.to_table(filter=None if doc_id is None else pc.field("doc_id") == doc_id).to_pylist()
+
+
+def export_documents(store: OutputStore, dest: str, doc_id: str | None = None) -> list[str]:
+    """Write `<dest>/<doc_id>.md` and the figure crops it references (`<dest>/figures/...png`)."""
+    import os
+
+    written = []
+    for doc in read_documents(store, doc_id):
+        os.makedirs(os.path.join(dest, FIGURES_DIR), exist_ok=True)
+        md_path = os.path.join(dest, f"{doc['doc_id']}.md")
+        with open(md_path, "w", encoding="utf-8") as f:
+            f.write(doc["markdown"] or "")
+        written.append(md_path)
+        fig_path = store.join(FIGURES_DIR)
+        if doc["num_figures"] and store.fs.exists(fig_path):
+            flt = pc.field("doc_id") == doc["doc_id"]
+            if doc["config_hash"]:
+                flt = flt & (pc.field("config_hash") == doc["config_hash"])
+            figs = ds.dataset(fig_path, filesystem=store.fs, format="parquet").to_table(
+                columns=["name", "image"], filter=flt)
+            for name, image in zip(figs.column("name").to_pylist(), figs.column("image").to_pylist()):
+                out = os.path.join(dest, name)
+                with open(out, "wb") as f:
+                    f.write(image["bytes"])
+                written.append(out)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.documents", description=__doc__.split("\n\n")[0])
+    p.add_argument("output", help="the run's output.uri")
+    p.add_argument("--config-hash", default=None,
+                   help="rows of this configuration (default: the last run's, from _summary.json; 'all': every row)")
+    p.add_argument("--export", metavar="DIR", help="write DOC_ID.md files and their figures into DIR")
+    p.add_argument("--doc", help="with --export: only this document")
+    args = p.parse_args(argv)
+    store = OutputStore(args.output)
+    if args.export:
+        for path in export_documents(store, args.export, args.doc):
+            print(path)
+        return 0
+    config_hash = args.config_hash or last_config_hash(store)
+    n = assemble_documents(store, None if config_hash == "all" else config_hash)
+    print(f"{n} documents -> {store.join(DOCUMENTS_DIR)}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Document assembly (pipeline.documents): pages/ -> documents/, one row per document."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pyarrow.dataset as ds
+
+from pipeline.documents import assemble_documents, export_documents, join_pages, main
+from pipeline.outputs import OutputStore
+from pipeline.schema import DOCUMENT_SCHEMA, STATUSES, figure_name, rows_to_table
+from pipeline.run import compose
+from pipeline.stages import WriteStage, to_batch
+from tests.pipeline.pages_fixture import ocr_row
+
+A, B, C = "a" * 64, "b" * 64, "c" * 64
+
+
+def _page(doc: str, i: int, status: str, md: str | None, config_hash: str = "h1", **kw) -> dict:
+    return {"doc_id": doc, "source_uri": f"s3://bucket/{doc[0]}.pdf", "page_index": i, "page_count": kw.pop("n", 4),
+            "status": status, "markdown": md, "config_hash": config_hash, "model_id": "m", **kw}
+
+
+def _write_pages(store: OutputStore) -> None:
+    rows = [
+        _page(A, 0, "ok", "# A zero"), _page(A, 1, "truncated", "A one (cut)"), _page(A, 2, "ok", "A two"),
+        _page(A, 3, "ok", "A three"),
+        _page(B, -1, "doc_error", None, n=0, error_code="not_a_pdf"),
+        _page(C, 0, "truncated", "c0", n=2), _page(C, 1, "repetition", "c1", n=2),
+        _page(A, 0, "ok", "OTHER CONFIG", config_hash="h2"),  # another configuration's row
+        _page(A, 2, "ok", "A two"),  # a duplicate row of the same key: counted once
+    ]
+    random.Random(0).shuffle(rows)
+    for k in range(0, len(rows), 3):  # several part files, pages out of order
+        store.write_parquet("pages", rows_to_table(rows[k:k + 3]), name=f"part-{k}.parquet")
+
+
+def _docs(out: Path, config_hash: str | None = None) -> dict[str, dict]:
+    table = ds.dataset(out / "documents", format="parquet").to_table()
+    assert table.schema.remove_metadata().equals(DOCUMENT_SCHEMA.remove_metadata())
+    return {r["doc_id"]: r for r in table.to_pylist() if config_hash in (None, r["config_hash"])}
+
+
+def test_documents_join_ok_pages_with_markers_and_count_statuses(tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path))
+    _write_pages(store)
+    assert assemble_documents(store, "h1") == 3
+    docs = _docs(tmp_path)
+    a = docs[A]
+    assert a["markdown"] == "<!-- page 0 -->\n\n# A zero\n\n<!-- page 2 -->\n\nA two\n\n<!-- page 3 -->\n\nA three"
+    assert a["pages_included"] == [0, 2, 3] and a["page_count"] == 4 and a["source_uri"] == "s3://bucket/a.pdf"
+    assert (a["pages_ok"], a["pages_truncated"], a["pages_doc_error"]) == (3, 1, 0)
+    assert a["config_hash"] == "h1" and a["model_id"] == "m" and a["error_code"] is None
+    b = docs[B]
+    assert (b["markdown"], b["pages_included"], b["pages_doc_error"], b["error_code"]) == ("", [], 1, "not_a_pdf")
+    c = docs[C]
+    assert c["markdown"] == "" and (c["pages_truncated"], c["pages_repetition"], c["pages_ok"]) == (1, 1, 0)
+    for d in docs.values():
+        assert sum(d[f"pages_{s}"] for s in STATUSES) == max(d["page_count"], 1)
+
+
+def test_small_budgets_give_the_same_documents_and_rebuild_removes_stale_parts(tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path))
+    _write_pages(store)
+    assemble_documents(store, "h1", budget_mb=1e-6, target_file_mb=1e-6)  # one group, one file per doc
+    many = sorted(p.name for p in (tmp_path / "documents").iterdir())
+    assert many == [f"part-h1-{i:05d}.parquet" for i in range(3)]
+    small = _docs(tmp_path)
+    assemble_documents(store, "h2")
+    assemble_documents(store, "h1")
+    names = sorted(p.name for p in (tmp_path / "documents").iterdir())
+    assert names == ["part-h1-00000.parquet", "part-h2-00000.parquet"]  # stale h1 parts gone, h2 kept
+    assert _docs(tmp_path, "h1") == small
+    (h2,) = _docs(tmp_path, "h2").values()
+    assert h2["markdown"] == "<!-- page 0 -->\n\nOTHER CONFIG" and h2["pages_included"] == [0]
+
+
+def test_join_pages_orders_by_page_index() -> None:
+    joined = join_pages({2: "two", 0: "zero", 1: ""})
+    assert joined == "<!-- page 0 -->\n\nzero\n\n<!-- page 1 -->\n\n<!-- page 2 -->\n\ntwo"
+    assert join_pages({}) == ""
+
+
+def test_figure_references_resolve_after_export(tmp_path: Path) -> None:
+    """Pages written by the real writer (figures/ with crops); the document's markdown references
+    them by name, and exporting the document puts each crop where its reference points."""
+    out = tmp_path / "out"
+    cfg = compose(["model=tiny_random", f"output.uri={out}"])
+    rows = [ocr_row(page_index=0, config_hash=cfg.config_hash()),
+            ocr_row("Second page text.<｜end▁of▁sentence｜>", page_index=1, config_hash=cfg.config_hash())]
+    for r in rows:
+        r["page_count"] = 2
+    WriteStage(cfg, str(out))(to_batch(rows))
+    assert main([str(out), "--config-hash", cfg.config_hash()]) == 0
+    (doc,) = _docs(out).values()
+    ref = figure_name(doc["doc_id"], 0, 1)
+    assert doc["num_figures"] == 1 and f"![]({ref})" in doc["markdown"] and doc["pages_included"] == [0, 1]
+    dest = tmp_path / "export"
+    written = export_documents(OutputStore(str(out)), str(dest))
+    md = (dest / f"{doc['doc_id']}.md").read_text()
+    refs = re.findall(r"!\[\]\(([^)]+)\)", md)
+    assert refs == [ref] and (dest / ref).is_file() and str(dest / ref) in written
+
+
+def test_no_pages_no_documents(tmp_path: Path) -> None:
+    assert assemble_documents(OutputStore(str(tmp_path)), "h1") == 0
+    assert not (tmp_path / "documents").exists() or not list((tmp_path / "documents").iterdir())
+
+
+def test_unknown_configuration_gives_no_documents(tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path))
+    _write_pages(store)
+    assert assemble_documents(store, "h9") == 0
