@@ -14,6 +14,10 @@ Design (vLLM's scheduler idea in nanochat-sized code):
 - The host looks at the device state only every `sync_every` steps (one small copy): it retires
   finished rows, yields their results and admits new pages. A finished row idles at most
   `sync_every - 1` steps.
+- Requests may carry their own n-gram ban settings (a fallback pass with a stronger ban shares
+  the batch with first passes); `ngram_max_size`/`ngram_max_window` bound them so shapes stay
+  static. The request source may be a live feed that yields None when nothing is queued
+  (`model.runner.PageOcr.submit` serves concurrent callers this way).
 - Finish reasons: `stop` (EOS), `length` (max new tokens / model length), `repetition` (the loop
   detector of `model.sampling` flagged the tail). A request with `force_len` (benchmarks) never
   stops early: EOS is banned and the detector's verdict ignored until exactly `force_len` tokens.
@@ -46,6 +50,10 @@ class EngineConfig:
     max_new_tokens: int = 8192  # also capped by max_model_len - prompt length
     ngram_size: int = 20  # official PDF script: windowed no-repeat n-gram ban 20 / 50
     ngram_window: int = 50
+    # static bounds of per-request n-gram settings (a fallback pass may ask for other ones);
+    # 0 = the defaults above. They fix the ban's tensor shapes (graph capture).
+    ngram_max_size: int = 0
+    ngram_max_window: int = 0
     whitelist: tuple[int, ...] = NGRAM_WHITELIST  # <td> </td> are never banned
     loop_detect: bool = True  # stop exact loops early (finish_reason "repetition")
     loop_min_span: int = 256  # tokens of exact periodic tail that count as a loop
@@ -72,6 +80,8 @@ class Request:
     views: PageViews | None  # None: text-only prompt
     max_new_tokens: int | None = None  # per-request cap (<= the engine's)
     force_len: int | None = None  # benchmark: generate exactly this many tokens
+    ngram_size: int | None = None  # per-request n-gram ban (None: the engine's)
+    ngram_window: int | None = None
     tag: Any = None  # caller's handle, returned with the result
 
 
@@ -124,6 +134,9 @@ class Engine:
         self.reason = torch.zeros(B, dtype=torch.long, device=dev)
         self.last = torch.zeros(B, dtype=torch.long, device=dev)  # last token of each row
         self.whitelist = torch.tensor(c.whitelist, dtype=torch.long, device=dev)
+        self.ng_n = torch.full((B,), c.ngram_size, dtype=torch.long, device=dev)  # per-row ban settings
+        self.ng_w = torch.full((B,), c.ngram_window, dtype=torch.long, device=dev)
+        self._ng_max = (max(c.ngram_max_size, c.ngram_size), max(c.ngram_max_window, c.ngram_window))
         self._flash = dev.type == "cuda" and self.cache.use_flash and dec.embed_tokens.weight.dtype in (
             torch.float16, torch.bfloat16)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -134,8 +147,9 @@ class Engine:
     def _advance(self, logits: Tensor, active: Tensor) -> None:
         """Pick the next token of every `active` row from fp32 `logits` (B, V); update state."""
         c = self.cfg
-        if c.ngram_size:
-            banned = no_repeat_ngram_mask(self.out, self.n, c.ngram_size, c.ngram_window, self.whitelist, self.vocab)
+        if self._ng_max[0] >= 2:
+            banned = no_repeat_ngram_mask(self.out, self.n, self.ng_n, self.ng_w, self.whitelist, self.vocab,
+                                          max_ngram=self._ng_max[0], max_window=self._ng_max[1])
             logits = logits.masked_fill(banned, float("-inf"))
         no_eos = self.force & (self.n + 1 < self.max_new)  # forced rows: EOS banned until the end
         logits[:, c.eos_id] = torch.where(no_eos, float("-inf"), logits[:, c.eos_id])
@@ -222,6 +236,10 @@ class Engine:
         self.prompt_len[idx] = plen
         self.max_new[idx] = torch.tensor(cap, device=self.device)
         self.force[idx] = torch.tensor([bool(r.force_len) for r in reqs], device=self.device)
+        self.ng_n[idx] = torch.tensor([c.ngram_size if r.ngram_size is None else r.ngram_size for r in reqs],
+                                      device=self.device)
+        self.ng_w[idx] = torch.tensor([c.ngram_window if r.ngram_window is None else r.ngram_window for r in reqs],
+                                      device=self.device)
         self.n[idx] = 0
         self.done[idx] = False
         self.reason[idx] = 0
@@ -257,7 +275,8 @@ class Engine:
         """Run every request; yields each Result as soon as its sequence is retired.
 
         `requests` may be a lazy iterator (e.g. fed by another thread): it is pulled only when a
-        row is free, so admission streams."""
+        row is free, so admission streams; it may yield None for "nothing queued now" (the
+        engine keeps decoding and asks again at the next sync)."""
         c = self.cfg
         source = iter(requests)
         exhausted = False
@@ -275,6 +294,8 @@ class Engine:
                 except StopIteration:
                     exhausted = True
                     break
+                if req is None:  # a live feed with nothing queued right now
+                    break
                 bad = self._check(req)
                 if bad is not None:
                     yield Result(req.tag, [], "error", len(req.input_ids), error=bad)
@@ -287,7 +308,10 @@ class Engine:
                 for row, req in zip(new_rows, new_reqs):
                     live[row] = (req, now, 1)
             if not live:
-                return
+                if exhausted:
+                    return
+                time.sleep(0.002)  # idle live feed: wait for work without spinning the GPU
+                continue
             t0 = time.perf_counter()
             for _ in range(c.sync_every):
                 longest = max(len(req.input_ids) + steps for req, _, steps in live.values())
@@ -317,6 +341,8 @@ class Engine:
             return "empty prompt"
         if n >= self.cfg.max_model_len:
             return f"prompt of {n} tokens does not fit max_model_len={self.cfg.max_model_len}"
+        if (req.ngram_size or 0) > self._ng_max[0] or (req.ngram_window or 0) > self._ng_max[1]:
+            return f"n-gram settings {req.ngram_size}/{req.ngram_window} exceed the engine's {self._ng_max}"
         return None
 
     def run(self, requests: Iterable[Request]) -> list[Result]:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,8 @@ class OcrInput:
     num_image_tokens: int
     force_len: int | None = None  # benchmarks: generate exactly this many tokens
     tag: Any = None
+    ngram_size: int | None = None  # per-page n-gram ban (a fallback pass); None: the engine's
+    ngram_window: int | None = None
 
 
 @dataclass
@@ -84,6 +89,9 @@ class PageOcr:
         self.engine = Engine(model, engine_cfg)
         self.prompt = PROMPTS.get(prompt, prompt)
         self._dtype = model.vision.dtype
+        self._queue: queue.SimpleQueue[tuple[OcrInput, Future[OcrOutput]]] = queue.SimpleQueue()
+        self._server: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def variant(self, **engine_overrides: Any) -> PageOcr:
         """Another engine (e.g. the fallback's stronger n-gram ban) over the same loaded model."""
@@ -103,6 +111,7 @@ class PageOcr:
         tiles = to_pixel_tensor(x.tiles).to(dev, self._dtype) if x.tiles is not None and len(x.tiles) else None
         ids = self.tokenizer.build_prompt_ids(self.prompt, x.num_image_tokens)
         return Request(ids, PageViews(g, tiles, tuple(x.grid)), force_len=x.force_len,
+                       ngram_size=x.ngram_size, ngram_window=x.ngram_window,
                        tag=(x.tag, x.num_image_tokens, time.perf_counter()))
 
     def stream(self, inputs: Iterable[OcrInput]) -> Iterator[OcrOutput]:
@@ -117,9 +126,57 @@ class PageOcr:
 
     def run(self, inputs: list[OcrInput]) -> list[OcrOutput]:
         """OCR a list of pages; outputs in input order."""
-        tagged = [OcrInput(x.global_view, x.tiles, x.grid, x.num_image_tokens, x.force_len, (i, x.tag))
-                  for i, x in enumerate(inputs)]
+        tagged = [replace(x, tag=(i, x.tag)) for i, x in enumerate(inputs)]
         out = sorted(self.stream(tagged), key=lambda o: o.tag[0])
         for o in out:
             o.tag = o.tag[1]
         return out
+
+    # ------------------------------------------------------------------ serving (async callers)
+
+    def submit(self, x: OcrInput) -> Future[OcrOutput]:
+        """Queue one page for the engine's background thread; the future resolves when it is done.
+
+        Pages from many concurrent callers (e.g. the async Ray Data batches of one GPU actor) share
+        one continuous batch, so the device never drains at a caller's batch boundary."""
+        fut: Future[OcrOutput] = Future()
+        with self._lock:
+            if self._server is None or not self._server.is_alive():
+                self._server = threading.Thread(target=self._serve, name="pagemill-engine", daemon=True)
+                self._server.start()
+        self._queue.put((x, fut))
+        return fut
+
+    def _serve(self) -> None:
+        pending: dict[int, Future[OcrOutput]] = {}
+        counter = iter(range(1 << 62))
+
+        def feed() -> Iterator[OcrInput | None]:
+            while True:
+                try:
+                    x, fut = self._queue.get_nowait()
+                except queue.Empty:
+                    yield None  # nothing queued now: the engine keeps decoding its rows
+                    continue
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                key = next(counter)
+                pending[key] = fut
+                yield replace(x, tag=(key, x.tag))
+
+        def requests() -> Iterator[Request | None]:
+            for x in feed():
+                yield None if x is None else self._request(x)
+
+        while True:
+            try:
+                for res in self.engine.generate(requests()):
+                    (key, tag), n_img, t0 = res.tag
+                    pending.pop(key).set_result(OcrOutput(
+                        tag=tag, raw_output=self.tokenizer.decode(res.ids), ids=res.ids,
+                        num_output_tokens=res.num_output_tokens, num_vision_tokens=n_img,
+                        finish_reason=res.finish_reason, ocr_ms=(time.perf_counter() - t0) * 1000.0, error=res.error))
+            except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
+                for fut in pending.values():
+                    fut.set_exception(e)
+                pending.clear()

@@ -27,40 +27,50 @@ NGRAM_WHITELIST = (128821, 128822)  # <td> </td>: the official ban whitelist
 def no_repeat_ngram_mask(
     tokens: torch.Tensor,
     lengths: torch.Tensor,
-    ngram_size: int,
-    window: int,
+    ngram_size: int | torch.Tensor,
+    window: int | torch.Tensor,
     whitelist: torch.Tensor,
     vocab_size: int,
+    max_ngram: int | None = None,
+    max_window: int | None = None,
 ) -> torch.Tensor:
     """Banned next tokens (B, vocab_size), True = ban; exact vectorised windowed n-gram ban.
 
-    For row b with L = lengths[b] generated tokens: if L >= n, every i in [max(0, L-window), L-n]
-    whose (n-1)-gram out[i:i+n-1] equals the last n-1 tokens bans out[i+n-1]; whitelist ids are
-    never banned. Candidate starts are enumerated backwards from L-n (C = min(window, T) - n + 1
-    lanes), so cost is O(B * C * n) and independent of T beyond the gathers.
+    For row b with L = lengths[b] generated tokens and its n, w: if L >= n >= 2, every
+    i in [max(0, L-w), L-n] whose (n-1)-gram out[i:i+n-1] equals the last n-1 tokens bans
+    out[i+n-1]; whitelist ids are never banned. `ngram_size`/`window` are ints or per-row (B,)
+    tensors (then `max_ngram`/`max_window`, Python ints, bound them: shapes stay static, so the
+    call is CUDA-graph safe). Lanes enumerate the banned position j = i+n-1 backwards from L-1;
+    cost O(B * min(max_window, T) * max_ngram).
     """
     B, T = tokens.shape
-    n = ngram_size
-    C = min(window, T) - n + 1  # static lane count; i = L - n - c for c in [0, C)
-    mask = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=tokens.device)
-    if n < 2 or C <= 0:  # n == 1: official no-op quirk; C <= 0: the window never holds an n-gram
+    dev = tokens.device
+    N = int(ngram_size) if not isinstance(ngram_size, torch.Tensor) else int(max_ngram or 0)
+    W = int(window) if not isinstance(window, torch.Tensor) else int(max_window or 0)
+    C = min(W, T)  # static lane count: j = L - 1 - c for c in [0, C)
+    mask = torch.zeros(B, vocab_size + 1, dtype=torch.bool, device=dev)
+    if N < 2 or C <= 0:  # n == 1: the official no-op quirk; no window: nothing to ban
         return mask[:, :vocab_size]
-    L = lengths.to(device=tokens.device, dtype=torch.long).view(B, 1)
-    k = torch.arange(n - 1, device=tokens.device)  # (n-1,)
-    c = torch.arange(C, device=tokens.device)  # (C,)
+    L = lengths.to(device=dev, dtype=torch.long).view(B, 1)
+    n = ngram_size.to(dev).long().view(B, 1) if isinstance(ngram_size, torch.Tensor) else torch.full_like(L, N)
+    w = window.to(dev).long().view(B, 1) if isinstance(window, torch.Tensor) else torch.full_like(L, W)
+    k = torch.arange(N - 1, device=dev)  # (K,) offsets back from the end of a gram
+    c = torch.arange(C, device=dev)  # (C,)
 
-    prefix = tokens.gather(1, (L - (n - 1) + k).clamp(0, T - 1))  # (B, n-1)
-    start = L - n - c  # (B, C) candidate i
-    idx = (start.unsqueeze(-1) + k).clamp(0, T - 1)  # (B, C, n-1)
-    grams = tokens.gather(1, idx.view(B, -1)).view(B, C, n - 1)
-    match = (grams == prefix.unsqueeze(1)).all(-1)  # (B, C)
-    valid = (start >= 0) & (start >= L - window) & (L >= n)
-    nxt = tokens.gather(1, (start + n - 1).clamp(0, T - 1))  # (B, C) token that would repeat
+    prefix = tokens.gather(1, (L - 1 - k).clamp(0, T - 1))  # (B, K): out[L-1-k]
+    j = L - 1 - c  # (B, C) position of the token that would repeat
+    idx = (j.unsqueeze(-1) - 1 - k).clamp(0, T - 1)  # (B, C, K): out[j-1-k]
+    grams = tokens.gather(1, idx.view(B, -1)).view(B, C, N - 1)
+    used = k < (n - 1)  # (B, K): only the row's own n-1 offsets count
+    match = ((grams == prefix.unsqueeze(1)) | ~used.unsqueeze(1)).all(-1)  # (B, C)
+    start = j - (n - 1)  # the gram's first position i
+    valid = (start >= 0) & (start >= L - w) & (L >= n) & (n >= 2)
+    nxt = tokens.gather(1, j.clamp(0, T - 1))  # (B, C)
     target = torch.where(match & valid, nxt, torch.full_like(nxt, vocab_size))
     mask.scatter_(1, target.clamp(0, vocab_size), True)  # column `vocab_size` = discard slot
     mask = mask[:, :vocab_size]
     if whitelist.numel():
-        mask.index_fill_(1, whitelist.to(tokens.device), False)  # no host scalar: graph-capture safe
+        mask.index_fill_(1, whitelist.to(dev), False)  # no host scalar: graph-capture safe
     return mask
 
 

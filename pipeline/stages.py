@@ -376,26 +376,36 @@ def _png(img: np.ndarray) -> bytes:
 
 class OcrStage:
     """One actor per GPU (or one on CPU): the model is loaded once; pages stream through the
-    continuous-batching engine (model/engine.py)."""
+    continuous-batching engine (model/engine.py) in a background thread.
+
+    `__call__` is a coroutine, so Ray Data runs several batches of this actor at once: their pages
+    join one running batch on the device (`PageOcr.submit`) instead of the device draining at every
+    Ray batch boundary. Pages that end without EOS go through the same engine once more with the
+    stronger n-gram ban (per-request settings), as `attempts=2`."""
 
     def __init__(self, cfg: PipelineConfig):
+        import asyncio
+
         from model.runner import PageOcr, default_device
 
         g = cfg.generation
         on_cpu = default_device().type == "cpu"
+        self.g = g
         self.ocr = PageOcr.load(
             cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
             max_batch=min(g.max_batch, cfg.ray.ocr_batch_size) if on_cpu else g.max_batch,
             max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
             ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
+            ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
+            ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
         )
-        self.fallback = None
-        if g.fallback == "ngram":
-            self.fallback = self.ocr.variant(max_batch=min(8, self.ocr.engine.cfg.max_batch),
-                                             ngram_size=g.fallback_ngram_size, ngram_window=g.fallback_ngram_window)
+        self.fallback = g.fallback == "ngram"
+        self._retry_lock: asyncio.Lock | None = None
         _test_fault("ocr")
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        from dataclasses import replace
+
         from model.runner import OcrInput
 
         rows = to_rows(batch)
@@ -406,11 +416,13 @@ class OcrStage:
         ) for r in todo]
         _test_fault("ocr_call")
         _test_poison(todo)
-        results = self._run_isolated(self.ocr, inputs)
+        results = await self._run(inputs)
         first = [r.finish_reason for r in results]
         retry = [i for i, r in enumerate(results) if r.finish_reason in ("length", "repetition")]
-        if retry and self.fallback is not None:  # no EOS: once more with the stronger ban
-            for i, res in zip(retry, self._run_isolated(self.fallback, [inputs[i] for i in retry])):
+        if retry and self.fallback:  # no EOS: once more with the stronger ban
+            again = await self._run([replace(inputs[i], ngram_size=self.g.fallback_ngram_size,
+                                             ngram_window=self.g.fallback_ngram_window) for i in retry])
+            for i, res in zip(retry, again):
                 if res.finish_reason != "error":
                     res.ocr_ms += results[i].ocr_ms
                     results[i] = res
@@ -418,7 +430,7 @@ class OcrStage:
             row.update(raw_output=res.raw_output, num_output_tokens=res.num_output_tokens,
                        finish_reason=res.finish_reason, ocr_ms=res.ocr_ms, num_vision_tokens=res.num_vision_tokens,
                        attempts=1, fallback=None)
-            if self.fallback is not None and i in retry:
+            if self.fallback and i in retry:
                 row.update(attempts=2, fallback=f"ngram:{first[i]}->{res.finish_reason}")
             if res.error:
                 row.update(status="ocr_error", error_code="ocr_error", error=res.error)
@@ -426,26 +438,29 @@ class OcrStage:
             row["_global"] = row["_tiles"] = None
         return to_batch(rows)
 
-    @staticmethod
-    def _run_isolated(ocr: Any, inputs: list[Any]) -> list[Any]:
-        """`ocr.run(inputs)`; if the batch raises, each page is run alone so that only the pages
-        that fail by themselves get an error result (finish_reason "error"), not their batch."""
+    async def _run(self, inputs: list[Any]) -> list[Any]:
+        """Results of `inputs`, in order. If the engine raised while a page was in flight, that
+        page is submitted again on its own (one retry at a time, so a page that keeps failing only
+        fails itself) and, failing again, gets an error result (finish_reason "error")."""
+        import asyncio
+
         from model.runner import OcrOutput
 
-        try:
-            return ocr.run(inputs)
-        except Exception as e:  # noqa: BLE001 - per-page isolation below
-            log.warning("OCR batch of %d pages failed (%s: %s); retrying page by page", len(inputs),
-                        type(e).__name__, e)
-        out = []
-        for x in inputs:
-            try:
-                out.extend(ocr.run([x]))
-            except Exception as e:  # noqa: BLE001 - this page's own failure: an ocr_error row
-                out.append(OcrOutput(tag=x.tag, raw_output="", ids=[], num_output_tokens=0,
-                                     num_vision_tokens=x.num_image_tokens, finish_reason="error", ocr_ms=0.0,
-                                     error=f"{type(e).__name__}: {e}"))
-        return out
+        out = await asyncio.gather(*(asyncio.wrap_future(self.ocr.submit(x)) for x in inputs), return_exceptions=True)
+        if self._retry_lock is None:
+            self._retry_lock = asyncio.Lock()
+        for i, (x, res) in enumerate(zip(inputs, out)):
+            if not isinstance(res, BaseException):
+                continue
+            log.warning("OCR failed with a page in flight (%s: %s); retrying it alone", type(res).__name__, res)
+            async with self._retry_lock:
+                try:
+                    out[i] = await asyncio.wrap_future(self.ocr.submit(x))
+                except Exception as e:  # noqa: BLE001 - this page's own failure: an ocr_error row
+                    out[i] = OcrOutput(tag=x.tag, raw_output="", ids=[], num_output_tokens=0,
+                                       num_vision_tokens=x.num_image_tokens, finish_reason="error", ocr_ms=0.0,
+                                       error=f"{type(e).__name__}: {e}")
+        return list(out)
 
 
 def _test_poison(rows: list[dict[str, Any]]) -> None:

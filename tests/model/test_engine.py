@@ -130,3 +130,20 @@ def test_prompt_too_long_is_an_error_result(tiny_model, requests_) -> None:
     cfg = EngineConfig(max_batch=2, max_model_len=len(ids), max_new_tokens=4)
     (got,) = Engine(tiny_model, cfg).run([Request(ids, views)])
     assert got.finish_reason == "error" and "max_model_len" in got.error
+
+
+def test_per_request_ngram_settings_in_one_batch(tiny_model, requests_) -> None:
+    """Fallback pages (stronger ban) share the batch with normal pages: each gets what it would
+    get from an engine configured with its own settings."""
+    reqs = requests_[:4]
+    base = dict(max_batch=4, max_model_len=2048, max_new_tokens=30, loop_detect=False, sync_every=3, len_bucket=64)
+    weak = Engine(tiny_model, EngineConfig(ngram_size=8, ngram_window=20, **base)).run(
+        [Request(i, v) for i, v in reqs])
+    strong = Engine(tiny_model, EngineConfig(ngram_size=3, ngram_window=30, **base)).run(
+        [Request(i, v) for i, v in reqs])
+    mixed = Engine(tiny_model, EngineConfig(ngram_size=8, ngram_window=20, ngram_max_size=8, ngram_max_window=30,
+                                            **base)).run(
+        [Request(i, v, ngram_size=3 if k % 2 else None, ngram_window=30 if k % 2 else None)
+         for k, (i, v) in enumerate(reqs)])
+    assert [m.ids for m in mixed] == [(strong if k % 2 else weak)[k].ids for k in range(len(reqs))]
+    assert weak[1].ids != strong[1].ids  # the settings really differ in effect

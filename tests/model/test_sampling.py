@@ -198,3 +198,21 @@ def test_repetition_score() -> None:
     assert repetition_score(distinct[:50] * r) == pytest.approx(1 - 1 / r, abs=0.03)
     assert repetition_score([]) == 0.0 and repetition_score([1] * 10) == 0.0  # fewer than 2 n-grams
     assert 0.0 <= repetition_score([1, 2] * 100, n=3) <= 1.0
+
+
+def test_ngram_mask_per_row_parameters_equal_per_row_calls() -> None:
+    """Per-row n and window (the engine mixes normal pages and fallback pages in one batch) give,
+    row by row, the scalar call's result."""
+    from model.sampling import no_repeat_ngram_mask
+
+    g = torch.Generator().manual_seed(7)
+    B, T, V = 6, 120, 12
+    tokens = torch.randint(0, 5, (B, T), generator=g)
+    lengths = torch.tensor([0, 3, 40, 80, 119, 120])
+    n = torch.tensor([2, 3, 20, 5, 12, 1])
+    w = torch.tensor([5, 50, 50, 90, 200, 50])
+    wl = torch.tensor([1])
+    got = no_repeat_ngram_mask(tokens, lengths, n, w, wl, V, max_ngram=20, max_window=200)
+    for b in range(B):
+        ref = no_repeat_ngram_mask(tokens[b : b + 1], lengths[b : b + 1], int(n[b]), int(w[b]), wl, V)
+        assert torch.equal(got[b], ref[0]), b
