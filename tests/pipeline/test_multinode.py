@@ -56,3 +56,51 @@ def test_node_removed_mid_run_every_page_accounted(corpus_dir: Path, tmp_path: P
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_ocr_actor_sigkilled_through_ray_state_is_replaced(corpus_dir: Path, tmp_path: Path) -> None:
+    """Find the live OCR actor with Ray's state API while the job runs and SIGKILL its process:
+    Ray Data starts a replacement, the killed actor's batches are rerun, every page is accounted."""
+    import os
+    import shutil
+    import signal
+
+    import ray
+    from ray.util.state import list_actors
+
+    from pipeline.run import compose, run
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("slides-deck-26p-01.pdf", "report-ibm-redbook-18p-01.pdf"):
+        shutil.copy(corpus_dir / name, src / name)
+    out = tmp_path / "out"
+    cfg = compose(["model=tiny_random", "progress=false", f"input.uri={src}", f"output.uri={out}", "mode=tiny",
+                   "generation.max_new_tokens=4", "generation.fallback=none", "render.pages_per_task=4",
+                   "ray.ocr_batch_size=4", "ray.write_batch_size=4"])
+    killed: list[int] = []
+
+    def kill_ocr_actor() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if list((out / "_ledger").glob("part-*.parquet")):  # OCR is producing rows
+                for a in list_actors(filters=[("state", "=", "ALIVE")]):
+                    if "OcrStage" in (a.class_name or "") and a.pid:
+                        os.kill(a.pid, signal.SIGKILL)
+                        killed.append(a.pid)
+                        break
+            time.sleep(0.2)
+
+    try:
+        from pipeline.run import init_ray
+
+        init_ray(cfg)
+        t = threading.Thread(target=kill_ocr_actor, daemon=True)
+        t.start()
+        summary = run(cfg)
+        t.join(timeout=30)
+    finally:
+        ray.shutdown()
+    assert killed, "no OCR actor was found alive to kill"
+    assert summary["accounting_ok"], summary["missing_documents"]
+    assert summary["rows_out"] == summary["rows_expected"] == 26 + 18
