@@ -59,14 +59,14 @@ def test_node_removed_mid_run_every_page_accounted(corpus_dir: Path, tmp_path: P
 
 
 def test_ocr_actor_sigkilled_through_ray_state_is_replaced(corpus_dir: Path, tmp_path: Path) -> None:
-    """Find the live OCR actor with Ray's state API while the job runs and SIGKILL its process:
+    """Find the live OCR actor in Ray's actor table while the job runs and SIGKILL its process:
     Ray Data starts a replacement, the killed actor's batches are rerun, every page is accounted."""
     import os
     import shutil
     import signal
 
     import ray
-    from ray.util.state import list_actors
+    from ray._private import state  # GCS actor table: works without the dashboard
 
     from pipeline.run import compose, run
 
@@ -84,10 +84,10 @@ def test_ocr_actor_sigkilled_through_ray_state_is_replaced(corpus_dir: Path, tmp
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if list((out / "_ledger").glob("part-*.parquet")):  # OCR is producing rows
-                for a in list_actors(filters=[("state", "=", "ALIVE")]):
-                    if "OcrStage" in (a.class_name or "") and a.pid:
-                        os.kill(a.pid, signal.SIGKILL)
-                        killed.append(a.pid)
+                for a in state.actors().values():
+                    if "OcrStage" in (a.get("ActorClassName") or "") and a.get("State") == "ALIVE" and a.get("Pid"):
+                        os.kill(a["Pid"], signal.SIGKILL)
+                        killed.append(a["Pid"])
                         break
             time.sleep(0.2)
 
