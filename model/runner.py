@@ -138,7 +138,9 @@ class PageOcr:
         """Queue one page for the engine's background thread; the future resolves when it is done.
 
         Pages from many concurrent callers (e.g. the async Ray Data batches of one GPU actor) share
-        one continuous batch, so the device never drains at a caller's batch boundary."""
+        one continuous batch, so the device never drains at a caller's batch boundary.
+        NOTE: once serving, the engine belongs to the serving thread: do not call `run`/`stream`
+        on the same PageOcr concurrently."""
         fut: Future[OcrOutput] = Future()
         with self._lock:
             if self._server is None or not self._server.is_alive():

@@ -147,3 +147,36 @@ def test_per_request_ngram_settings_in_one_batch(tiny_model, requests_) -> None:
          for k, (i, v) in enumerate(reqs)])
     assert [m.ids for m in mixed] == [(strong if k % 2 else weak)[k].ids for k in range(len(reqs))]
     assert weak[1].ids != strong[1].ids  # the settings really differ in effect
+
+
+def test_page_ocr_submit_from_concurrent_callers_equals_run(tiny_model, requests_) -> None:
+    """The serving thread (what the async OCR stage uses): pages submitted from several threads at
+    once share the engine and get the same results as a plain run."""
+    import threading
+
+    from model.runner import OcrInput, PageOcr
+    from model.tokenizer import OcrTokenizer
+
+    rng = np.random.default_rng(1)
+    inputs = []
+    for (w, h), mode in SIZES_MODES:
+        prep = preprocess_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), mode)
+        inputs.append(OcrInput(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens, tag=len(inputs)))
+    cfg = EngineConfig(max_batch=3, max_model_len=2048, max_new_tokens=12, ngram_size=5, ngram_window=12,
+                       ngram_max_size=5, ngram_max_window=20, sync_every=2, len_bucket=64)
+    ocr = PageOcr(tiny_model, OcrTokenizer.default(), cfg)
+    ref = ocr.run(inputs)
+    got: dict[int, object] = {}
+
+    def caller(part: list[OcrInput]) -> None:
+        futs = [ocr.submit(x) for x in part]
+        for x, f in zip(part, futs):
+            got[x.tag] = f.result(timeout=300)
+
+    threads = [threading.Thread(target=caller, args=(inputs[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i].ids for i in range(len(inputs))] == [r.ids for r in ref]
+    assert [got[i].raw_output for i in range(len(inputs))] == [r.raw_output for r in ref]
