@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="", help="where to generate the files (default: a temp dir)")
     args = ap.parse_args(argv)
 
-    from pipeline import stages
+    from pipeline.discover import discover
     from pipeline.run import compose, init_ray
 
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg)
         rss0 = rss_mb()
         t0 = time.perf_counter()
-        docs = stages.discover(cfg)
+        docs = discover(cfg)
         wall = time.perf_counter() - t0
         rss1 = rss_mb()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

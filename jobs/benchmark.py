@@ -28,7 +28,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 PROMPT_TOKENS = 10  # BOS + "\n<|grounding|>Convert the document to markdown." after the image run
 MAX_MODEL_LEN = 8192

@@ -28,7 +28,6 @@ token for token (tests/model/test_engine.py).
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any

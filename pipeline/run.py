@@ -13,7 +13,6 @@ This is the only module where Hydra meets Ray (compose -> dataclasses -> `run`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -89,7 +88,9 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
 
     from pipeline import stages
     from pipeline.outputs import OutputStore
+    from pipeline.discover import discover
     from pipeline.ledger import Ledger
+    from pipeline.plan import plan_pages
     from pipeline.sources import read_passwords
 
     t0 = time.time()
@@ -107,11 +108,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     # missing by the accounting below (non-zero exit) and the next run retries them.
     ctx.max_errored_blocks = -1
 
-    docs = stages.discover(cfg)
-    plan = stages.plan_pages(cfg, docs, ledger.done, ledger.failures)
+    docs = discover(cfg)
+    plan = plan_pages(cfg, docs, ledger.done, ledger.failures)
     if cfg.force and plan.done_keys:  # redo this input's rows: take them out of the outputs first
         log.info("force: %d committed rows will be redone", ledger.forget(store, plan.expected_keys))
-        plan = stages.plan_pages(cfg, docs, ledger.done, ledger.failures)
+        plan = plan_pages(cfg, docs, ledger.done, ledger.failures)
     ledger.record_sources(store, plan.sources)
     todo = plan.expected_rows - len(plan.done_keys)
     log.info("discovered %d documents (%d duplicate paths), %d rows: %d already final, %d to do",

@@ -1,4 +1,5 @@
-"""Ray Data stages of the job: discover -> render -> preprocess -> OCR -> post-process -> write.
+"""Ray Data stages of the job: render -> preprocess -> OCR -> post-process -> write (discovery:
+`pipeline/discover.py`, planning: `pipeline/plan.py`).
 
 Every stage takes and returns Arrow batches in one internal schema (the page schema plus a few
 `_`-prefixed working columns), so blocks from different stages always unify. A row's `status`
@@ -11,13 +12,13 @@ other row: one row in, one row out, nothing dropped. Heavy work (PyMuPDF, the mo
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.config import PipelineConfig
+from pipeline.plan import Plan
 from pipeline.schema import COLUMNS, PAGE_SCHEMA
 
 log = logging.getLogger("pagemill")
@@ -71,165 +72,6 @@ def check_model_available(cfg: PipelineConfig) -> None:
             "Point model.source at a local copy of deepseek-ai/DeepSeek-OCR, or run offline with the "
             "tiny random-weight model: model=tiny_random"
         ) from None
-
-
-# ----------------------------------------------------------------------------- discovery
-
-
-def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """List the input (a Ray task) and probe every document (Ray Data); small rows come back."""
-    import ray
-
-    from pipeline.sources import InputError, expand_input
-
-    lister = ray.remote(num_cpus=0.5)(expand_input)
-    try:
-        uris = ray.get(lister.remote(cfg.input.uri, cfg.input.storage_options, suffixes=list(cfg.input.suffixes)))
-    except ray.exceptions.RayTaskError as e:  # bad input spec: surface the InputError itself
-        if isinstance(e.cause, InputError):
-            raise e.cause from None
-        raise
-    if not uris:
-        return []
-    ds = ray.data.from_items([{"source_uri": u} for u in uris], override_num_blocks=min(len(uris), 256))
-    docs = ds.map_batches(
-        ProbeDocuments,
-        fn_constructor_kwargs={"cfg": cfg},
-        batch_size=32,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=64),
-        num_cpus=0.5,
-    ).take_all()
-    docs.sort(key=lambda d: d["source_uri"])
-    return docs
-
-
-class ProbeDocuments:
-    """Read + hash + open each document; emit one metadata row per document (no bytes kept)."""
-
-    def __init__(self, cfg: PipelineConfig):
-        from pipeline.render import RenderWorker
-        from pipeline.sources import read_passwords
-
-        self.cfg = cfg
-        self.passwords = {**read_passwords(cfg.input.passwords_file, cfg.input.storage_options), **cfg.input.passwords}
-        # MuPDF runs in a killable child here too: a file that hangs the parser costs one
-        # doc_error row (probe_error), not the discovery of the whole collection
-        self.worker = RenderWorker(recycle_after=cfg.render.recycle_after * 20)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from pipeline.render import DocError
-        from pipeline.sources import content_id, read_document
-
-        out = []
-        for uri in batch.column("source_uri").to_pylist():
-            row: dict[str, Any] = {"source_uri": uri, "doc_id": "", "page_count": 0, "error_code": "",
-                                   "error": "", "password": ""}
-            try:
-                data = read_document(uri, self.cfg.input.storage_options)
-            except Exception as e:  # missing / unreadable object: a doc_error row, not a crash
-                row.update(doc_id=_uri_id(uri), error_code="read_error", error=f"{type(e).__name__}: {e}")
-                out.append(row)
-                continue
-            row["doc_id"] = content_id(data)
-            password = self._password(uri, row["doc_id"])
-            info = self.worker.probe(data, password, extract_text=False, timeout_s=self.cfg.render.timeout_s)
-            del data
-            if isinstance(info, DocError):
-                row.update(error_code=info.code, error=info.message)
-            else:
-                row.update(page_count=info.page_count, password=password or "")
-            out.append(row)
-        return pa.Table.from_pylist(out)
-
-    def _password(self, uri: str, doc_id: str) -> str | None:
-        pw = self.passwords
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        return pw.get(doc_id) or pw.get(name)
-
-
-def _uri_id(uri: str) -> str:
-    import hashlib
-
-    return "uri:" + hashlib.sha256(uri.encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- planning
-
-
-@dataclass
-class Plan:
-    tasks: list[dict[str, Any]]  # page-range rows and doc_error rows still to produce
-    expected_keys: set[tuple[str, int]] = field(default_factory=set)  # every row of these inputs
-    expected_rows: int = 0
-    doc_error_rows: int = 0
-    done_keys: set[tuple[str, int]] = field(default_factory=set)  # already final in the ledger
-    duplicates: int = 0  # documents whose bytes were already seen under another path
-    quarantined: int = 0  # documents given `quarantined` rows instead of another attempt
-    sources: set[tuple[str, str]] = field(default_factory=set)  # every (doc_id, source_uri)
-
-
-def _missing_ranges(missing: list[int], per_task: int) -> list[range]:
-    """Consecutive runs of the missing page indices, cut into ranges of at most `per_task`."""
-    out: list[range] = []
-    for i in missing:
-        if out and out[-1].stop == i and len(out[-1]) < per_task:
-            out[-1] = range(out[-1].start, i + 1)
-        else:
-            out.append(range(i, i + 1))
-    return out
-
-
-def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[str, int]] | None = None,
-               failures: dict[str, list[str]] | None = None) -> Plan:
-    """Work items for the rows not yet final (`done` keys from the ledger are skipped), page
-    ranges of at most `render.pages_per_task`; each distinct doc_id is planned once. A document
-    that failed in `quarantine_after` earlier runs gets `quarantined` error rows instead."""
-    done, failures = done or set(), failures or {}
-    base = _base_row(cfg)
-    plan = Plan(tasks=[])
-    seen: set[str] = set()
-    for d in docs:
-        plan.sources.add((d["doc_id"], d["source_uri"]))
-        if d["doc_id"] in seen:
-            plan.duplicates += 1
-            continue
-        seen.add(d["doc_id"])
-        common = {**base, "doc_id": d["doc_id"], "source_uri": d["source_uri"], "page_count": d["page_count"]}
-        if d["error_code"]:
-            key = (d["doc_id"], -1)
-            plan.expected_keys.add(key)
-            plan.doc_error_rows += 1
-            if key not in done:
-                plan.tasks.append({**common, "page_index": -1, "status": "doc_error",
-                                   "error_code": d["error_code"], "error": d["error"]})
-            continue
-        keys = [(d["doc_id"], i) for i in range(d["page_count"])]
-        plan.expected_keys.update(keys)
-        missing = [i for (_, i) in keys if (d["doc_id"], i) not in done]
-        past = failures.get(d["doc_id"], [])
-        if missing and len(past) >= cfg.quarantine_after:
-            why = f"quarantined after {len(past)} runs that could not process it (last: {past[-1]})"
-            plan.tasks.extend({**common, "page_index": i, "status": "ocr_error", "error_code": "quarantined",
-                               "error": why} for i in missing)
-            plan.quarantined += 1
-            continue
-        for r in _missing_ranges(missing, cfg.render.pages_per_task):
-            plan.tasks.append({**common, "page_index": r.start, "status": "pending",
-                               "_password": d["password"], "_range_start": r.start, "_range_stop": r.stop})
-    plan.expected_rows = len(plan.expected_keys)
-    plan.done_keys = plan.expected_keys & done
-    return plan
-
-
-def _base_row(cfg: PipelineConfig) -> dict[str, Any]:
-    return {"mode": cfg.mode.name, "config_hash": cfg.config_hash(), "model_id": model_id(cfg)}
-
-
-def model_id(cfg: PipelineConfig) -> str:
-    if cfg.model.name == "tiny_random":
-        return f"tiny_random:seed={cfg.model.seed}"
-    return cfg.model.source
 
 
 # ----------------------------------------------------------------------------- processing

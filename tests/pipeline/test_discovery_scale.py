@@ -21,7 +21,7 @@ def test_discovery_is_distributed_and_driver_stays_small(tmp_path: Path, monkeyp
     import ray
 
     import pipeline.sources
-    from pipeline import stages
+    from pipeline.discover import discover
     from pipeline.run import compose, init_ray
 
     doc = pymupdf.open()
@@ -45,9 +45,9 @@ def test_discovery_is_distributed_and_driver_stays_small(tmp_path: Path, monkeyp
     warm = compose(["model=tiny_random", f"input.uri={tmp_path / 'warm'}", f"output.uri={tmp_path / 'out'}"])
     try:
         init_ray(cfg)
-        stages.discover(warm)  # first use of Ray Data on the driver (imports, executor): not data
+        discover(warm)  # first use of Ray Data on the driver (imports, executor): not data
         before = _rss_mb()
-        docs = stages.discover(cfg)
+        docs = discover(cfg)
         growth = _rss_mb() - before
     finally:
         ray.shutdown()
