@@ -93,12 +93,6 @@ class PageOcr:
         self._server: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def variant(self, **engine_overrides: Any) -> PageOcr:
-        """Another engine (e.g. the fallback's stronger n-gram ban) over the same loaded model."""
-        from dataclasses import replace  # noqa: PLC0415
-
-        return PageOcr(self.model, self.tokenizer, replace(self.engine.cfg, **engine_overrides), self.prompt)
-
     @classmethod
     def load(cls, name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0, prompt: str = "document",
              device: str | None = None, **engine: Any) -> PageOcr:
