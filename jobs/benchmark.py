@@ -149,7 +149,12 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    results = list(engine.generate(requests()))
+    results, t_log = [], t0
+    for res in engine.generate(requests()):
+        results.append(res)
+        if time.perf_counter() - t_log > 30:  # progress on long phases (a killed run still tells its rate)
+            t_log = time.perf_counter()
+            print(f"  [{label}] {len(results)}/{len(pages)} pages in {t_log - t0:.0f}s", flush=True)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     st = engine.stats
