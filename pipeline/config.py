@@ -16,7 +16,7 @@ from typing import Any
 
 from model.preprocess import MODES
 
-MODEL_NAMES = ("deepseek_ocr", "tiny_random")
+MODEL_NAMES = ("deepseek_ocr", "tiny_random", "full_random")
 DTYPES = ("bfloat16", "float16", "float32")
 PROMPT_NAMES = ("document", "ocr_image", "free_ocr", "figure", "describe")
 
@@ -74,7 +74,7 @@ class ModelConfig:
     # Hugging Face hub id or local directory with config.json + *.safetensors (+ tokenizer.json).
     source: str = "deepseek-ai/DeepSeek-OCR"
     dtype: str = "bfloat16"
-    seed: int = 0  # random-weight models only
+    seed: int = 0  # random-weight models only (tiny_random, full_random)
 
     def __post_init__(self) -> None:
         _check(self.name in MODEL_NAMES, "model.name", self.name, " | ".join(MODEL_NAMES))
