@@ -43,7 +43,7 @@ def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
 
     from model.preprocess import preprocess_image
     from model.tokenizer import OcrTokenizer
-    from pipeline.render import fit_zoom
+    from pipeline.render import fit_zoom, forced_length
 
     tok = OcrTokenizer.default()
     out = []
@@ -56,14 +56,10 @@ def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
             pix = page.get_pixmap(matrix=pymupdf.Matrix(z, z), alpha=False, colorspace=pymupdf.csRGB)
             img = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
             prep = preprocess_image(img, "gundam", max_crops=6)
-            text = page.get_text("text")
-            blocks = [b for b in page.get_text("blocks") if b[6] == 0 and b[4].strip()]
-            has_text = len("".join(text.split())) >= 20
-            target = len(tok.encode(text)) + 20 * len(blocks) if has_text else 1000
             prompt_len = prep.num_image_tokens + PROMPT_TOKENS
             out.append(dict(source=f"{Path(path).name}#{page.number}", global_view=prep.global_view,
                             tiles=prep.tiles, grid=prep.grid, num_image_tokens=prep.num_image_tokens,
-                            force_len=max(1, min(target, MAX_MODEL_LEN - prompt_len))))
+                            force_len=forced_length(page, tok, prompt_len, MAX_MODEL_LEN)))
     except Exception as e:  # unreadable corpus files (encrypted, empty, not a PDF) are skipped
         print(f"skip {Path(path).name}: {type(e).__name__}: {e}", file=sys.stderr)
     return out
