@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from model.checkpoint import random_model
 
 PROMPT_TOKENS = 10  # BOS + "\n<|grounding|>Convert the document to markdown." after the image run
 MAX_MODEL_LEN = 8192
@@ -43,7 +43,7 @@ def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
 
     from model.preprocess import preprocess_image
     from model.tokenizer import OcrTokenizer
-    from pipeline.render import fit_zoom
+    from pipeline.render import fit_zoom, forced_length
 
     tok = OcrTokenizer.default()
     out = []
@@ -56,14 +56,10 @@ def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
             pix = page.get_pixmap(matrix=pymupdf.Matrix(z, z), alpha=False, colorspace=pymupdf.csRGB)
             img = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
             prep = preprocess_image(img, "gundam", max_crops=6)
-            text = page.get_text("text")
-            blocks = [b for b in page.get_text("blocks") if b[6] == 0 and b[4].strip()]
-            has_text = len("".join(text.split())) >= 20
-            target = len(tok.encode(text)) + 20 * len(blocks) if has_text else 1000
             prompt_len = prep.num_image_tokens + PROMPT_TOKENS
             out.append(dict(source=f"{Path(path).name}#{page.number}", global_view=prep.global_view,
                             tiles=prep.tiles, grid=prep.grid, num_image_tokens=prep.num_image_tokens,
-                            force_len=max(1, min(target, MAX_MODEL_LEN - prompt_len))))
+                            force_len=forced_length(page, tok, prompt_len, MAX_MODEL_LEN)))
     except Exception as e:  # unreadable corpus files (encrypted, empty, not a PDF) are skipped
         print(f"skip {Path(path).name}: {type(e).__name__}: {e}", file=sys.stderr)
     return out
@@ -77,37 +73,6 @@ def render_corpus(corpus: Path, dpi: float, workers: int) -> list[dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- model (GPU)
-
-
-def random_model(device: str, seed: int = 0):
-    """Full-size OcrModel in bf16 on `device`, every tensor drawn by the parity rule (per official
-    key: norm scales ~1, tables/vectors x0.02, matrices / sqrt(fan_in)) with a device generator."""
-    import torch
-
-    from model.checkpoint import official_key_map
-    from model.config import OcrConfig
-    from model.ocr import OcrModel
-    from model.synth import synth_rule
-
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = OcrModel(OcrConfig.official())
-    torch.set_default_dtype(torch.float32)
-    g = torch.Generator(device=device).manual_seed(seed)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, slot in official_key_map(model).items():
-            p = params[slot.param]
-            x = torch.randn(slot.shape, generator=g, device=device, dtype=torch.float32)
-            rule = synth_rule(key, slot.shape)
-            if rule == "norm_weight":
-                x = 1 + 0.05 * x
-            elif rule in ("norm_bias", "table", "vector"):
-                x = 0.02 * x
-            else:
-                x = x / math.sqrt(math.prod(slot.shape[1:]))
-            p[slot.index].copy_(x)
-    return model.eval()
 
 
 def kv_bytes_per_token(model) -> int:

@@ -6,9 +6,10 @@ streams pages through the engine and decodes the generated ids with special toke
 grounding parser needs `<|ref|>`/`<|det|>` and the EOS marker). No Ray, no Hydra: the pipeline
 passes plain values.
 
-`load_model` is the one place that knows the two model sources: the official checkpoint (hub id
-or local directory, strict load) and `tiny_random` (same architecture, tiny widths, synthetic
-weights from the parity rule) for offline runs and tests.
+`load_model` is the one place that knows the model sources: the official checkpoint (hub id
+or local directory, strict load), `tiny_random` (same architecture, tiny widths, synthetic
+weights from the parity rule) for offline runs and tests, and `full_random` (the full-size
+architecture, random weights by the same rule drawn on the device) for GPU benchmarks.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def default_device() -> torch.device:
 
 def load_model(name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0,
                device: torch.device | str | None = None) -> tuple[OcrModel, OcrTokenizer]:
-    """(model in eval mode on `device`, tokenizer) for `deepseek_ocr` (from `source`) or `tiny_random`."""
-    from model.checkpoint import _resolve, init_random, load_checkpoint  # noqa: PLC0415
+    """(model in eval mode on `device`, tokenizer) for `deepseek_ocr` (from `source`), `tiny_random`
+    or `full_random` (full size, built and filled on `device`: meaningless text, for benchmarks)."""
+    from model.checkpoint import _resolve, init_random, load_checkpoint, random_model  # noqa: PLC0415
 
     device = torch.device(device) if device is not None else default_device()
     if name == "tiny_random":
@@ -50,8 +52,10 @@ def load_model(name: str, source: str = "", dtype: str = "bfloat16", seed: int =
         model = OcrModel(OcrConfig.tiny())
         init_random(model, seed=seed)
         return model.to(device=device, dtype=DTYPES[dtype]).eval(), OcrTokenizer.default()
+    if name == "full_random":
+        return random_model(device, seed, dtype=DTYPES[dtype]), OcrTokenizer.default()
     if name != "deepseek_ocr":
-        raise ValueError(f"unknown model {name!r}: expected deepseek_ocr or tiny_random")
+        raise ValueError(f"unknown model {name!r}: expected deepseek_ocr, tiny_random or full_random")
     root = _resolve(source)
     model = load_checkpoint(root, device=device, dtype=DTYPES[dtype])
     tok = OcrTokenizer.from_dir(root) if (Path(root) / "tokenizer.json").is_file() else OcrTokenizer.default()

@@ -6,7 +6,8 @@ fingerprints in `shared/parity/cases.json`. Keep it bit-identical: the goldens d
 
 Used for the parity tests (same weights as the reference run) and for the offline
 `tiny_random` model (`model.checkpoint.init_random`). Always generated on CPU in float32 - a
-CUDA generator gives different numbers; move/cast afterwards.
+CUDA generator gives different numbers; move/cast afterwards. `scale_by_rule` is the rule alone:
+`model.checkpoint.init_random_fast` applies it to numbers drawn on the GPU (`full_random`).
 """
 
 from __future__ import annotations
@@ -55,9 +56,15 @@ def synth_tensor(name: str, shape: Iterable[int], seed: int = 0) -> torch.Tensor
     g = torch.Generator(device="cpu")
     g.manual_seed(synth_seed(name, seed))
     x = torch.randn(shape, generator=g, dtype=torch.float32)  # whole shape at once, row-major
-    rule = synth_rule(name, shape)
+    return scale_by_rule(x, name)
+
+
+def scale_by_rule(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Standard-normal `x` (float32, the official shape of key `name`) scaled in place by the rule:
+    norm weights 1 + 0.05 x, norm biases / tables / vectors 0.02 x, matrices x / sqrt(fan_in)."""
+    rule = synth_rule(name, x.shape)
     if rule == "norm_weight":
         return x.mul_(0.05).add_(1.0)
     if rule in ("norm_bias", "table", "vector"):
         return x.mul_(0.02)
-    return x.div_(math.sqrt(math.prod(shape[1:])))  # fan_in
+    return x.div_(math.sqrt(math.prod(x.shape[1:])))  # fan_in

@@ -16,7 +16,8 @@ from typing import Any
 
 from model.preprocess import MODES
 
-MODEL_NAMES = ("deepseek_ocr", "tiny_random")
+MODEL_NAMES = ("deepseek_ocr", "tiny_random", "full_random")
+FORCE_LENGTHS = ("none", "text_layer")
 DTYPES = ("bfloat16", "float16", "float32")
 PROMPT_NAMES = ("document", "ocr_image", "free_ocr", "figure", "describe")
 
@@ -74,7 +75,7 @@ class ModelConfig:
     # Hugging Face hub id or local directory with config.json + *.safetensors (+ tokenizer.json).
     source: str = "deepseek-ai/DeepSeek-OCR"
     dtype: str = "bfloat16"
-    seed: int = 0  # random-weight models only
+    seed: int = 0  # random-weight models only (tiny_random, full_random)
 
     def __post_init__(self) -> None:
         _check(self.name in MODEL_NAMES, "model.name", self.name, " | ".join(MODEL_NAMES))
@@ -128,6 +129,11 @@ class GenerationConfig:
     fallback: str = "ngram"
     fallback_ngram_size: int = 12
     fallback_ngram_window: int = 200
+    # Benchmarks only: "text_layer" forces every page to generate exactly the length
+    # `pipeline.render.forced_length` gives (its text layer's tokens + 20 per text block, or 1,000
+    # without a text layer; capped by max_model_len - prompt, and by max_new_tokens). Forced pages
+    # end `length` (status truncated) by design and get no fallback pass. "none": normal decoding.
+    force_length: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.prompt in PROMPT_NAMES, "generation.prompt", self.prompt, " | ".join(PROMPT_NAMES))
@@ -145,6 +151,8 @@ class GenerationConfig:
         _check(self.fallback in ("none", "ngram"), "generation.fallback", self.fallback, "none | ngram")
         _check(2 <= self.fallback_ngram_size <= self.fallback_ngram_window, "generation.fallback_ngram_size",
                self.fallback_ngram_size, "2..fallback_ngram_window")
+        _check(self.force_length in FORCE_LENGTHS, "generation.force_length", self.force_length,
+               " | ".join(FORCE_LENGTHS))
 
 
 @dataclass
@@ -188,8 +196,10 @@ class PipelineConfig:
             "dpi": self.render.dpi,
             "max_side_px": self.render.max_side_px,
             "max_pixels": self.render.max_pixels,
-            # max_batch only changes how many pages decode together, not what they produce
-            "generation": {k: v for k, v in asdict(self.generation).items() if k != "max_batch"},
+            # max_batch only changes how many pages decode together, not what they produce;
+            # force_length only when set, so configurations from before it keep their hash (ledger)
+            "generation": {k: v for k, v in asdict(self.generation).items()
+                           if k != "max_batch" and not (k == "force_length" and v == "none")},
             "include_images": self.output.include_images,
         }
 

@@ -83,6 +83,6 @@ def _base_row(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def model_id(cfg: PipelineConfig) -> str:
-    if cfg.model.name == "tiny_random":
-        return f"tiny_random:seed={cfg.model.seed}"
+    if cfg.model.name in ("tiny_random", "full_random"):
+        return f"{cfg.model.name}:seed={cfg.model.seed}"
     return cfg.model.source

@@ -82,8 +82,10 @@ def init_ray(cfg: PipelineConfig) -> None:
         )
 
 
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run the whole job; returns the summary (also written to `<output>/_summary.json`)."""
+def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
+    """Run the whole job; returns the summary (also written to `<output>/_summary.json`). With
+    `dataset_stats`, the returned summary also holds Ray Data's per-operator stats text
+    (`ray_data_stats`, `Dataset.stats()` of the processing run; benchmarks)."""
     import ray
 
     from pipeline import stages
@@ -122,8 +124,10 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     written: set[tuple[str, int]] = set()
     new_counts: Counter[str] = Counter()
     bar = _progress(cfg, todo, local)
+    ds = None
     if plan.tasks:  # nothing to do: no Ray work at all, no model loaded
-        for receipt in stages.process(cfg, plan, store).iter_batches(batch_size=None, batch_format="pyarrow"):
+        ds = stages.process(cfg, plan, store)
+        for receipt in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             statuses = receipt.column("status").to_pylist()
             new_counts.update(statuses)
             written.update(zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist()))
@@ -168,6 +172,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     store.write_json(f"_runs/{run_id}-{cfg.config_hash()}.json", summary)
     store.write_json("_summary.json", summary)
     print_summary(summary)
+    if dataset_stats:
+        summary["ray_data_stats"] = ds.stats() if ds is not None else ""
     return summary
 
 

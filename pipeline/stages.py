@@ -33,6 +33,7 @@ WORK_FIELDS = [
     pa.field("_grid_w", pa.int32()),
     pa.field("_grid_h", pa.int32()),
     pa.field("_text_layer", pa.string()),
+    pa.field("_force_len", pa.int32()),  # generation.force_length: target before the prompt cap
 ]
 WORK_SCHEMA = pa.schema(list(PAGE_SCHEMA) + WORK_FIELDS)
 
@@ -136,6 +137,8 @@ class RenderStage:
 
         self.cfg = cfg
         self.worker = RenderWorker(recycle_after=cfg.render.recycle_after)
+        g = cfg.generation
+        self.force_max_model_len = g.max_model_len if g.force_length == "text_layer" else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.render import PageError
@@ -156,6 +159,7 @@ class RenderStage:
                 results = self.worker.render(
                     data, task["_password"] or None, todo, dpi=r.dpi, max_pixels=r.max_pixels,
                     max_side_px=r.max_side_px, timeout_s=r.timeout_s, max_failures=r.max_failures,
+                    force_max_model_len=self.force_max_model_len,
                 ) if todo else []
             except Exception as e:  # the bytes vanished between probe and render, etc.
                 results = [PageError(page_index=i, code="render_error", message=f"{type(e).__name__}: {e}")
@@ -169,7 +173,7 @@ class RenderStage:
                         width_pt=res.width_pt, height_pt=res.height_pt, width_px=res.width_px,
                         height_px=res.height_px, dpi=res.dpi, render_ms=res.render_ms,
                         _pixels=res.pixels.tobytes(), text_layer_chars=res.text_chars,
-                        _text_layer=res.text,
+                        _text_layer=res.text, _force_len=res.force_len,
                     )
                 out.append(row)
             for i in capped:
@@ -223,7 +227,8 @@ class OcrStage:
     `__call__` is a coroutine, so Ray Data runs several batches of this actor at once: their pages
     join one running batch on the device (`PageOcr.submit`) instead of the device draining at every
     Ray batch boundary. Pages that end without EOS go through the same engine once more with the
-    stronger n-gram ban (per-request settings), as `attempts=2`."""
+    stronger n-gram ban (per-request settings), as `attempts=2` - except forced-length pages
+    (`generation.force_length`, benchmarks), which end `length` by design."""
 
     def __init__(self, cfg: PipelineConfig):
         import asyncio
@@ -254,13 +259,14 @@ class OcrStage:
         todo = [r for r in rows if r["status"] == "pending"]
         inputs = [OcrInput(
             global_view=_views(r["_global"], 1), tiles=_views(r["_tiles"], None) if r["_tiles"] else None,
-            grid=(r["_grid_w"], r["_grid_h"]), num_image_tokens=r["num_vision_tokens"],
+            grid=(r["_grid_w"], r["_grid_h"]), num_image_tokens=r["num_vision_tokens"], force_len=self._force(r),
         ) for r in todo]
         _test_fault("ocr_call")
         _test_poison(todo)
         results = await self._run(inputs)
         first = [r.finish_reason for r in results]
-        retry = [i for i, r in enumerate(results) if r.finish_reason in ("length", "repetition")]
+        retry = [i for i, r in enumerate(results)
+                 if r.finish_reason in ("length", "repetition") and inputs[i].force_len is None]
         if retry and self.fallback:  # no EOS: once more with the stronger ban
             again = await self._run([replace(inputs[i], ngram_size=self.g.fallback_ngram_size,
                                              ngram_window=self.g.fallback_ngram_window) for i in retry])
@@ -279,6 +285,15 @@ class OcrStage:
         for row in todo:
             row["_global"] = row["_tiles"] = None
         return to_batch(rows)
+
+    def _force(self, row: dict[str, Any]) -> int | None:
+        """The page's forced length: the render stage's target capped with this prompt's length."""
+        if row.get("_force_len") is None:
+            return None
+        from pipeline.render import cap_forced_length
+
+        prompt = self.ocr.tokenizer.build_prompt_ids(self.ocr.prompt, row["num_vision_tokens"])
+        return cap_forced_length(row["_force_len"], len(prompt), self.g.max_model_len)
 
     async def _run(self, inputs: list[Any]) -> list[Any]:
         """Results of `inputs`, in order. If the engine raised while a page was in flight, that

@@ -15,9 +15,11 @@ from safetensors.torch import save_file
 from model.checkpoint import (
     CheckpointMismatch,
     CheckpointUnavailable,
+    init_random_fast,
     load_checkpoint,
     official_key_map,
     official_state_dict,
+    random_model,
     resolve_config_json,
 )
 from model.config import ConfigError, OcrConfig
@@ -111,3 +113,37 @@ def test_synth_rule_matches_parity_fingerprints(parity_dir: Path) -> None:
         t = synth_tensor(name, fp["shape"])
         assert synth_seed(name) == fp["seed"] and synth_rule(name, fp["shape"]) == fp["rule"], name
         assert hashlib.sha256(t.numpy().astype("<f4").tobytes()).hexdigest() == fp["sha256_f32_le"], name
+
+
+def test_init_random_fast_fills_every_parameter_by_the_rule() -> None:
+    """The device-generator init of `full_random` (here: tiny config, CPU): every element of every
+    parameter is overwritten, each official tensor follows its synth rule, a seed is reproducible."""
+    model = random_model("cpu", seed=3, config=OcrConfig.tiny(), dtype=torch.float32)
+    assert not model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))  # a sentinel no draw can give (randn gives an exact 0 now and then)
+    keys = init_random_fast(model, seed=3)
+    kmap = official_key_map(model)
+    assert keys == set(kmap)
+    for name, p in model.named_parameters():
+        assert bool(p.isfinite().all()), f"{name}: elements left unfilled"
+    got = official_state_dict(model)
+    rules = set()
+    for key, t in got.items():
+        rule = synth_rule(key, t.shape)
+        rules.add(rule)
+        t = t.double()
+        if rule == "norm_weight":  # 1 + 0.05 N
+            assert abs(t.mean() - 1) < 0.05 and t.min() > 0.5 and t.max() < 1.5, key
+        elif rule in ("norm_bias", "table", "vector"):  # 0.02 N
+            assert t.abs().max() < 0.2 and (t.numel() < 64 or 0.01 < t.std() < 0.03), key
+        else:  # N / sqrt(fan_in)
+            expected = 1 / (t[0].numel() ** 0.5)
+            assert t.numel() < 256 or 0.7 * expected < t.std() < 1.3 * expected, key
+    assert rules == {"norm_weight", "norm_bias", "table", "vector", "fan_in"}
+    again = random_model("cpu", seed=3, config=OcrConfig.tiny(), dtype=torch.float32)
+    other = random_model("cpu", seed=4, config=OcrConfig.tiny(), dtype=torch.float32)
+    pairs = list(zip(model.parameters(), again.parameters(), other.parameters()))
+    assert all(torch.equal(a, b) for a, b, _ in pairs)
+    assert not all(torch.equal(a, c) for a, _, c in pairs)
