@@ -94,7 +94,8 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
                         num_cpus=0.5)
     ds = ds.map_batches(
         OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.ocr_batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_ocr),
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)),
         num_cpus=1, max_restarts=-1, max_task_retries=cfg.ray.ocr_max_retries, **ocr_resources(cfg, gpus),
     )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
@@ -118,6 +119,17 @@ def ocr_actor_count(cfg: PipelineConfig) -> tuple[int, bool]:
     if cfg.ray.ocr_actors:
         return cfg.ray.ocr_actors, gpus > 0
     return (gpus, True) if gpus else (1, False)
+
+
+def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
+    """Batches an OCR actor works on at once: enough to keep twice its KV rows fed.
+
+    NOTE: Ray Data gives each actor task one bundle (~`ocr_batch_size` rows) and runs one task
+    per actor at a time unless the actor's concurrency is raised; with the default, an async
+    OcrStage would only ever hold one batch (16 pages) on the device. Each concurrent call
+    submits its pages to the same engine (`PageOcr.submit`), so they share one running batch."""
+    rows = cfg.generation.max_batch if on_gpu else min(cfg.generation.max_batch, cfg.ray.ocr_batch_size)
+    return max(1, -(-2 * rows // cfg.ray.ocr_batch_size))
 
 
 def ocr_resources(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
