@@ -138,9 +138,10 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
         "vision_s": round(st.vision_s, 2), "prefill_s": round(st.prefill_s, 2), "decode_s": round(st.decode_s, 2),
         "decode_steps": st.decode_steps, "max_batch": cfg.max_batch,
         "mean_occupancy": round(statistics.fmean(occ), 1) if occ else 0, "occupancy_deciles": deciles,
+        "admissions": len(st.admissions), "mean_admission_group": round(statistics.fmean(st.admissions), 1),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "engine": {k: getattr(cfg, k) for k in ("max_batch", "sync_every", "len_bucket", "cuda_graphs",
-                                                "static_batches", "ngram_size", "ngram_window", "loop_detect")},
+                                                "static_batches", "admit_min", "ngram_size", "ngram_window", "loop_detect")},
     }
 
 
@@ -227,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=0, help="0: as many KV rows as memory allows")
     ap.add_argument("--headroom-gib", type=float, default=14.0)
     ap.add_argument("--sync-every", type=int, default=8)
+    ap.add_argument("--admit-min", type=int, default=16, help="admit new pages in groups of this many free rows")
+    ap.add_argument("--compare-admit-min", type=int, default=0,
+                    help="also run the headline pages with this admit_min (A/B of admission grouping)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--json-out", default="")
@@ -255,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model ready in {time.perf_counter() - t0:.1f}s, "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params", flush=True)
     max_batch = args.max_batch or auto_max_batch(model, args.headroom_gib)
-    common = dict(sync_every=args.sync_every, cuda_graphs=not args.no_cuda_graphs)
+    common = dict(sync_every=args.sync_every, cuda_graphs=not args.no_cuda_graphs, admit_min=args.admit_min)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "command": "python -m jobs.benchmark " + " ".join(argv or sys.argv[1:]),
@@ -298,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time budget: headline cut from {len(pages)} to {fit} pages", flush=True)
             headline = pages[:fit]
     record(run_engine(model, headline, "continuous", max_batch=max_batch, **common))
+    if args.compare_admit_min:
+        record(run_engine(model, headline, f"continuous, admit_min={args.compare_admit_min}", max_batch=max_batch,
+                          **{**common, "admit_min": args.compare_admit_min}))
     if args.baseline_pages:
         for key, ph in (("speedup_vs_one_at_a_time", "continuous"), ("subset_speedup_vs_one_at_a_time", "subset: continuous")):
             cont = next((p for p in report["phases"] if p["phase"] == ph), None)

@@ -64,6 +64,28 @@ def test_engine_matches_one_at_a_time(tiny_model, requests_, max_batch: int, syn
     assert [g.finish_reason for g in got] == [r.finish_reason for r in ref]
 
 
+def test_grouped_admission_waits_for_free_rows_and_keeps_tokens(tiny_model, requests_) -> None:
+    """admit_min: after the first fill, pages join only in groups (vision/prefill on bigger
+    batches); the tokens are those of admitting every page as soon as a row frees."""
+    # distinct lengths, sync_every apart: without grouping, rows free one at a time
+    reqs = [(ids, views, 3 + 2 * i) for i, (ids, views) in enumerate(requests_ * 4)]
+
+    def run(admit_min: int) -> tuple[list[list[int]], list[int]]:
+        cfg = EngineConfig(max_batch=16, max_model_len=2048, max_new_tokens=64, ngram_size=5, ngram_window=12,
+                           loop_detect=False, sync_every=2, len_bucket=64, admit_min=admit_min)
+        engine = Engine(tiny_model, cfg)
+        got = engine.run(Request(ids, views, force_len=n) for ids, views, n in reqs)
+        return [g.ids for g in got], engine.stats.admissions
+
+    eager_ids, eager_adm = run(1)
+    grouped_ids, grouped_adm = run(2)  # capped at max_batch // 8 = 2
+    assert grouped_ids == eager_ids
+    assert [len(i) for i in grouped_ids] == [n for _, _, n in reqs]
+    assert grouped_adm[0] == 16 and sum(grouped_adm) == len(reqs)
+    assert all(a >= 2 for a in grouped_adm[1:-1])  # the last group may be what is left
+    assert 1 in eager_adm[1:]  # without grouping, single pages are admitted
+
+
 def test_eos_stops_a_row_and_frees_it(tiny_model, requests_) -> None:
     """Use a token the reference emits at step 3 as 'EOS': rows stop there, others run on."""
     ids, views = requests_[0]
