@@ -75,17 +75,10 @@ def render_corpus(corpus: Path, dpi: float, workers: int) -> list[dict[str, Any]
 # ----------------------------------------------------------------------------- model (GPU)
 
 
-def kv_bytes_per_token(model) -> int:
-    c = model.config.decoder
-    return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 2  # bf16 K and V
-
-
 def auto_max_batch(model, headroom_gib: float) -> int:
-    import torch
+    from model.engine import fit_max_batch
 
-    free, _ = torch.cuda.mem_get_info()
-    per_row = kv_bytes_per_token(model) * MAX_MODEL_LEN
-    return max(1, int((free - headroom_gib * 2**30) // per_row))
+    return fit_max_batch(model, MAX_MODEL_LEN, headroom_gib)
 
 
 # ----------------------------------------------------------------------------- phases
@@ -151,7 +144,7 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
     table written to `out_dir`). This is the profile behind the account in BENCHMARKS.md."""
     import torch
 
-    from model.engine import Engine, EngineConfig
+    from model.engine import Engine, EngineConfig, kv_bytes_per_token
 
     engine = Engine(model, EngineConfig(max_batch=max_batch, max_model_len=MAX_MODEL_LEN))
     per_tok = kv_bytes_per_token(model)

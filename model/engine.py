@@ -114,6 +114,27 @@ class EngineStats:
     admissions: list[int] = field(default_factory=list)  # pages admitted together, per admission
 
 
+def kv_bytes_per_token(model: OcrModel) -> int:
+    """Bytes of K and V per token over all layers, in the decoder's dtype (full model, bf16: 60 KiB)."""
+    c, w = model.decoder.config, model.decoder.embed_tokens.weight
+    return c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * w.element_size()
+
+
+def fit_max_batch(model: OcrModel, max_model_len: int, headroom_gib: float = 14.0, cap: int = 1024) -> int:
+    """KV rows (of `max_model_len` slots) that fit the device's free memory minus `headroom_gib`
+    (vision and prefill activations, CUDA graphs). On an 80 GB H100 with the full model: ~121.
+    Off CUDA there is no budget to read; the caller decides (the pipeline uses its batch size)."""
+    dev = model.decoder.embed_tokens.weight.device
+    if dev.type != "cuda":
+        raise ValueError("fit_max_batch needs a CUDA model")
+    free, _ = torch.cuda.mem_get_info(dev)
+    rows = int((free - headroom_gib * 2**30) // (kv_bytes_per_token(model) * max_model_len))
+    if rows < 1:
+        raise RuntimeError(f"no room for one KV row of {max_model_len} tokens: {free / 2**30:.1f} GiB free, "
+                           f"{headroom_gib} GiB kept as headroom; lower generation.max_model_len")
+    return min(rows, cap)
+
+
 class Engine:
     def __init__(self, model: OcrModel, cfg: EngineConfig | None = None) -> None:
         self.model, self.cfg = model, cfg or EngineConfig()

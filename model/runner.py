@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.engine import Engine, EngineConfig, Request
+from model.engine import Engine, EngineConfig, Request, fit_max_batch
 from model.ocr import OcrModel
 from model.preprocess import to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer
@@ -101,6 +101,8 @@ class PageOcr:
     def load(cls, name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0, prompt: str = "document",
              device: str | None = None, **engine: Any) -> PageOcr:
         model, tok = load_model(name, source, dtype, seed, device)
+        if engine.get("max_batch") == 0:  # auto: as many KV rows as the device holds
+            engine["max_batch"] = fit_max_batch(model, engine.get("max_model_len", EngineConfig.max_model_len))
         return cls(model, tok, EngineConfig(**engine), prompt)
 
     def _request(self, x: OcrInput) -> Request:

@@ -123,7 +123,7 @@ class GenerationConfig:
     ngram_size: int = 20  # official PDF script; 0 disables the ban
     ngram_window: int = 50
     loop_min_span: int = 256  # stop a page whose tail repeats exactly for this many tokens
-    max_batch: int = 64  # pages decoded together per OCR actor (KV rows; ~60 KiB/token each)
+    max_batch: int = 0  # pages decoded together per OCR actor (KV rows; ~60 KiB/token each); 0: as many as fit
     # A page that ends without EOS (loop or length) is retried once: "ngram" = with a stronger
     # no-repeat ban (smaller n, wider window); "none" = keep the first result.
     fallback: str = "ngram"
@@ -147,7 +147,7 @@ class GenerationConfig:
         _check(self.ngram_size >= 0, "generation.ngram_size", self.ngram_size, ">= 0")
         _check(self.ngram_window >= self.ngram_size, "generation.ngram_window", self.ngram_window, ">= ngram_size")
         _check(self.loop_min_span >= 8, "generation.loop_min_span", self.loop_min_span, ">= 8")
-        _check(self.max_batch >= 1, "generation.max_batch", self.max_batch, ">= 1")
+        _check(self.max_batch >= 0, "generation.max_batch", self.max_batch, ">= 0 (0: as many as fit the GPU)")
         _check(self.fallback in ("none", "ngram"), "generation.fallback", self.fallback, "none | ngram")
         _check(2 <= self.fallback_ngram_size <= self.fallback_ngram_window, "generation.fallback_ngram_size",
                self.fallback_ngram_size, "2..fallback_ngram_window")

@@ -128,8 +128,18 @@ def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
     per actor at a time unless the actor's concurrency is raised; with the default, an async
     OcrStage would only ever hold one batch (16 pages) on the device. Each concurrent call
     submits its pages to the same engine (`PageOcr.submit`), so they share one running batch."""
-    rows = cfg.generation.max_batch if on_gpu else min(cfg.generation.max_batch, cfg.ray.ocr_batch_size)
+    rows = ocr_rows(cfg, on_gpu) or AUTO_ROWS_GUESS
     return max(1, -(-2 * rows // cfg.ray.ocr_batch_size))
+
+
+AUTO_ROWS_GUESS = 128  # `generation.max_batch=0` on a GPU: rows are fitted in the actor; ~121 on an 80 GB H100
+
+
+def ocr_rows(cfg: PipelineConfig, on_gpu: bool) -> int:
+    """KV rows of an OCR actor's engine: `generation.max_batch` (0 on a GPU: fitted to its free
+    memory once the model is loaded); on CPU at most one Ray batch (`ray.ocr_batch_size`)."""
+    mb, bs = cfg.generation.max_batch, cfg.ray.ocr_batch_size
+    return mb if on_gpu else min(mb or bs, bs)
 
 
 def ocr_resources(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
@@ -252,12 +262,14 @@ class OcrStage:
         self.g = g
         self.ocr = PageOcr.load(
             cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
-            max_batch=min(g.max_batch, cfg.ray.ocr_batch_size) if on_cpu else g.max_batch,
+            max_batch=ocr_rows(cfg, not on_cpu),
             max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
             ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
             ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
             ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
         )
+        ec = self.ocr.engine.cfg
+        log.info("OCR engine on %s: %d KV rows of %d tokens", self.ocr.engine.device, ec.max_batch, ec.max_model_len)
         self.fallback = g.fallback == "ngram"
         self._retry_lock: asyncio.Lock | None = None
         _test_fault("ocr")

@@ -76,6 +76,7 @@ def test_config_hash_tracks_output_affecting_settings_only() -> None:
         ("render.timeout_s=0", ["render.timeout_s"]),
         ("output.uri=", ["output.uri"]),
         ("render.dpyi=300", ["render.dpyi"]),  # typo'd key
+        ("generation.max_batch=-1", ["generation.max_batch", ">= 0"]),
     ],
 )
 def test_bad_values_name_the_key(override: str, names: list[str]) -> None:
@@ -116,3 +117,31 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path: Path) -> None:
     assert elapsed < 30, f"took {elapsed:.1f}s: the bad value should stop the job before Ray starts"
     assert not out.exists(), sorted(p.name for p in out.rglob("*"))
     assert list(work.iterdir()) == []  # no hydra outputs, logs or partial pages in the cwd either
+
+
+def test_ocr_rows_default_fits_the_gpu_and_one_batch_on_cpu() -> None:
+    """max_batch=0 (default): the GPU actor fits its KV rows to free memory after loading the
+    model (`model.engine.fit_max_batch`, measured on the H100 in BENCHMARKS.md); on CPU the engine
+    holds one Ray batch; and the actor takes enough concurrent Ray calls to keep 2x its rows fed."""
+    from pipeline.stages import AUTO_ROWS_GUESS, ocr_calls_per_actor, ocr_rows
+
+    cfg = compose(["model=tiny_random"])
+    assert cfg.generation.max_batch == 0
+    bs = cfg.ray.ocr_batch_size
+    assert ocr_rows(cfg, on_gpu=False) == bs and ocr_rows(cfg, on_gpu=True) == 0
+    assert ocr_calls_per_actor(cfg, True) == -(-2 * AUTO_ROWS_GUESS // bs)
+    fixed = compose(["model=tiny_random", "generation.max_batch=40", "ray.ocr_batch_size=16"])
+    assert ocr_rows(fixed, True) == 40 and ocr_rows(fixed, False) == 16
+    assert ocr_calls_per_actor(fixed, True) == 5 and ocr_calls_per_actor(fixed, False) == 2
+
+
+def test_fit_max_batch_needs_cuda() -> None:
+    from model.config import OcrConfig
+    from model.engine import fit_max_batch, kv_bytes_per_token
+    from model.ocr import OcrModel
+
+    model = OcrModel(OcrConfig.tiny())
+    c = model.decoder.config
+    assert kv_bytes_per_token(model) == c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4  # fp32
+    with pytest.raises(ValueError, match="CUDA"):
+        fit_max_batch(model, 2048)
