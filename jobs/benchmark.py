@@ -99,8 +99,8 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
 
     def requests():
         for i, p in enumerate(pages):
-            g = to_pixel_tensor(p["global_view"]).to(dev, torch.bfloat16)
-            t = to_pixel_tensor(p["tiles"]).to(dev, torch.bfloat16) if p["tiles"] is not None else None
+            g = to_pixel_tensor(p["global_view"], dev).to(torch.bfloat16)
+            t = to_pixel_tensor(p["tiles"], dev).to(torch.bfloat16) if p["tiles"] is not None else None
             yield Request(tok.build_prompt_ids(DEFAULT_PROMPT, p["num_image_tokens"]), PageViews(g, t, p["grid"]),
                           force_len=p["force_len"], tag=i)
 

@@ -244,11 +244,14 @@ def preprocess_image(
     )
 
 
-def to_pixel_tensor(views: np.ndarray | torch.Tensor | list[np.ndarray]) -> torch.Tensor:
+def to_pixel_tensor(views: np.ndarray | torch.Tensor | list[np.ndarray],
+                    device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 view(s) (S,S,3) / (N,S,S,3) / list of (S,S,3) -> float32 (N,3,S,S) in [-1, 1].
 
     Same arithmetic as the reference (ToTensor then Normalize): x/255 in float32, then
-    (x - 0.5) / 0.5.
+    (x - 0.5) / 0.5. With `device`, the uint8 pixels are copied there first and the float work
+    runs on it: a Gundam page is ~30 ms of single-core CPU work otherwise (BENCHMARKS.md: the
+    host share of the engine's wall time), and 4x the bytes to copy.
     """
     if isinstance(views, torch.Tensor):
         t = views
@@ -261,5 +264,7 @@ def to_pixel_tensor(views: np.ndarray | torch.Tensor | list[np.ndarray]) -> torc
         t = t.unsqueeze(0)
     if t.ndim != 4 or t.shape[-1] != 3:
         raise ValueError(f"expected (S,S,3) or (N,S,S,3) views, got shape {tuple(t.shape)}")
+    if device is not None:
+        t = t.to(device)
     x = t.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
     return x.sub(0.5).div(0.5)

@@ -107,8 +107,8 @@ class PageOcr:
 
     def _request(self, x: OcrInput) -> Request:
         dev = self.engine.device
-        g = to_pixel_tensor(x.global_view).to(dev, self._dtype)
-        tiles = to_pixel_tensor(x.tiles).to(dev, self._dtype) if x.tiles is not None and len(x.tiles) else None
+        g = to_pixel_tensor(x.global_view, dev).to(self._dtype)  # uint8 copied, normalised on the device
+        tiles = to_pixel_tensor(x.tiles, dev).to(self._dtype) if x.tiles is not None and len(x.tiles) else None
         ids = self.tokenizer.build_prompt_ids(self.prompt, x.num_image_tokens)
         return Request(ids, PageViews(g, tiles, tuple(x.grid)), force_len=x.force_len,
                        ngram_size=x.ngram_size, ngram_window=x.ngram_window,

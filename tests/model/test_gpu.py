@@ -61,3 +61,13 @@ def test_engine_graphs_equal_eager() -> None:
         cfg = EngineConfig(max_batch=3, max_model_len=2048, max_new_tokens=40, cuda_graphs=graphs, sync_every=4)
         res[graphs] = [r.ids for r in Engine(model, cfg).run(Request(i, v) for i, v in reqs)]
     assert res[True] == res[False]
+
+
+@cuda
+def test_pixels_normalised_on_the_device_equal_the_cpu_path() -> None:
+    import numpy as np
+
+    from model.preprocess import to_pixel_tensor
+
+    views = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    assert torch.equal(to_pixel_tensor(views, "cuda").cpu(), to_pixel_tensor(views))

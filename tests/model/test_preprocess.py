@@ -215,6 +215,10 @@ def test_to_pixel_tensor() -> None:
     assert torch.equal(to_pixel_tensor([views[0], views[1]]), x)
     with pytest.raises(TypeError):
         to_pixel_tensor(views.astype(np.float32))
+    # `device`: the uint8 copy moves first, the same arithmetic runs there (here: CPU, `meta` shape)
+    assert torch.equal(to_pixel_tensor(views, "cpu"), x)
+    on_meta = to_pixel_tensor(views, "meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == x.shape and on_meta.dtype == torch.float32
     prep = preprocess_image(Image.new("RGB", (700, 300), (10, 20, 30)), "gundam")
     g, t = prep.pixel_tensors()
     assert g.shape == (1, 3, 1024, 1024) and t is not None and t.shape == (2, 3, 640, 640)
