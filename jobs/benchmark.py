@@ -75,12 +75,6 @@ def render_corpus(corpus: Path, dpi: float, workers: int) -> list[dict[str, Any]
 # ----------------------------------------------------------------------------- model (GPU)
 
 
-def auto_max_batch(model, headroom_gib: float) -> int:
-    from model.engine import fit_max_batch
-
-    return fit_max_batch(model, MAX_MODEL_LEN, headroom_gib)
-
-
 # ----------------------------------------------------------------------------- phases
 
 
@@ -251,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     model = random_model("cuda")
     print(f"model ready in {time.perf_counter() - t0:.1f}s, "
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params", flush=True)
-    max_batch = args.max_batch or auto_max_batch(model, args.headroom_gib)
+    from model.engine import fit_max_batch
+
+    max_batch = args.max_batch or fit_max_batch(model, MAX_MODEL_LEN, args.headroom_gib)
     common = dict(sync_every=args.sync_every, cuda_graphs=not args.no_cuda_graphs, admit_min=args.admit_min)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),

@@ -162,6 +162,7 @@ class Engine:
         self.ng_n = torch.full((B,), c.ngram_size, dtype=torch.long, device=dev)  # per-row ban settings
         self.ng_w = torch.full((B,), c.ngram_window, dtype=torch.long, device=dev)
         self._ng_max = (max(c.ngram_max_size, c.ngram_size), max(c.ngram_max_window, c.ngram_window))
+        self._admit_min = min(c.admit_min, max(1, B // 8))  # free rows before a group is admitted
         self._flash = dev.type == "cuda" and self.cache.use_flash and dec.embed_tokens.weight.dtype in (
             torch.float16, torch.bfloat16)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -310,7 +311,7 @@ class Engine:
             self.done.fill_(True)  # rows left over by an earlier, aborted call are not live
         while True:
             free = [r for r in range(c.max_batch) if r not in live]
-            if live and (c.static_batches or len(free) < min(c.admit_min, max(1, c.max_batch // 8))):
+            if live and (c.static_batches or len(free) < self._admit_min):
                 free = []  # keep decoding; admit a group later (see EngineConfig.admit_min)
             new_rows, new_reqs = [], []
             while free and not exhausted:

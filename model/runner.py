@@ -153,7 +153,7 @@ class PageOcr:
         pending: dict[int, Future[OcrOutput]] = {}
         counter = iter(range(1 << 62))
 
-        def feed() -> Iterator[OcrInput | None]:
+        def requests() -> Iterator[Request | None]:
             while True:
                 try:
                     x, fut = self._queue.get_nowait()
@@ -164,11 +164,7 @@ class PageOcr:
                     continue
                 key = next(counter)
                 pending[key] = fut
-                yield replace(x, tag=(key, x.tag))
-
-        def requests() -> Iterator[Request | None]:
-            for x in feed():
-                yield None if x is None else self._request(x)
+                yield self._request(replace(x, tag=(key, x.tag)))
 
         while True:
             try:

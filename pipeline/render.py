@@ -304,7 +304,7 @@ def iter_render_pages(
     """Yield one PageImage or PageError per requested index, in order, as each is rendered.
 
     force_max_model_len: also compute each page's `forced_length` (bundled tokenizer, prompt length
-    0: the caller caps again with the real prompt, `cap_forced_length`) into PageImage.force_len."""
+    0: the engine caps it with the real prompt's length) into PageImage.force_len."""
     if output not in ("array", "png", "both"):
         raise ValueError(f"output must be 'array', 'png' or 'both', not {output!r}")
     fault = _test_fault if _test_fault is not None else os.environ.get(FAULT_ENV)

@@ -283,7 +283,8 @@ class OcrStage:
         todo = [r for r in rows if r["status"] == "pending"]
         inputs = [OcrInput(
             global_view=_views(r["_global"], 1), tiles=_views(r["_tiles"], None) if r["_tiles"] else None,
-            grid=(r["_grid_w"], r["_grid_h"]), num_image_tokens=r["num_vision_tokens"], force_len=self._force(r),
+            grid=(r["_grid_w"], r["_grid_h"]), num_image_tokens=r["num_vision_tokens"],
+            force_len=r.get("_force_len"),  # the engine caps it with this prompt's length
         ) for r in todo]
         _test_fault("ocr_call")
         _test_poison(todo)
@@ -309,15 +310,6 @@ class OcrStage:
         for row in todo:
             row["_global"] = row["_tiles"] = None
         return to_batch(rows)
-
-    def _force(self, row: dict[str, Any]) -> int | None:
-        """The page's forced length: the render stage's target capped with this prompt's length."""
-        if row.get("_force_len") is None:
-            return None
-        from pipeline.render import cap_forced_length
-
-        prompt = self.ocr.tokenizer.build_prompt_ids(self.ocr.prompt, row["num_vision_tokens"])
-        return cap_forced_length(row["_force_len"], len(prompt), self.g.max_model_len)
 
     async def _run(self, inputs: list[Any]) -> list[Any]:
         """Results of `inputs`, in order. If the engine raised while a page was in flight, that

@@ -36,3 +36,19 @@ def _single_thread_torch() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def corpus_copy(corpus_dir: Path, tmp_path: Path):
+    """`corpus_copy(*names)`: a fresh input folder (tmp_path/in) holding copies of these dev-corpus
+    PDFs, for runs that must own their input (incremental reruns add, change and delete files)."""
+    import shutil
+
+    def make(*names: str) -> Path:
+        src = tmp_path / "in"
+        src.mkdir(exist_ok=True)
+        for name in names:
+            shutil.copy(corpus_dir / name, src / name)
+        return src
+
+    return make

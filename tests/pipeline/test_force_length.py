@@ -10,7 +10,6 @@ and `generation.max_model_len=1024`, since the tiny model decodes ~25 ms/token o
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,15 +88,13 @@ def test_force_length_is_in_the_config_hash_only_when_set() -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_forced_lengths_and_bench_smoke(corpus_dir: Path, tmp_path: Path, tok: OcrTokenizer) -> None:
+def test_pipeline_forced_lengths_and_bench_smoke(tmp_path: Path, tok: OcrTokenizer,
+                                                 corpus_copy) -> None:
     """One pipeline run serves both checks (it costs ~30 s of a tight CI budget): `jobs/bench_pipeline.py
     --allow-cpu` runs the job in-process (`pipeline.run.run`, embedded Ray) with model=tiny_random and
     generation.force_length=text_layer; every page row then has exactly its forced length and one
     attempt, and the report JSON adds up. Without --allow-cpu it refuses at once."""
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in SMALL:
-        shutil.copy(corpus_dir / name, src / name)
+    src = corpus_copy(*SMALL)
     out, report = tmp_path / "out", tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "jobs.bench_pipeline", "--corpus", str(src), "--out", str(out),
            "--json-out", str(report), "mode=tiny", f"generation.max_model_len={MAX_MODEL_LEN}"]

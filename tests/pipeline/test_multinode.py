@@ -14,18 +14,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_node_removed_mid_run_every_page_accounted(corpus_dir: Path, tmp_path: Path) -> None:
-    import shutil
-
+def test_node_removed_mid_run_every_page_accounted(tmp_path: Path, corpus_copy) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
     from pipeline.run import compose, run
 
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("slides-deck-26p-01.pdf", "report-ibm-redbook-18p-01.pdf", "not-a-pdf-01.pdf"):
-        shutil.copy(corpus_dir / name, src / name)
+    src = corpus_copy("slides-deck-26p-01.pdf", "report-ibm-redbook-18p-01.pdf", "not-a-pdf-01.pdf")
     out = tmp_path / "out"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     workers = [cluster.add_node(num_cpus=2, resources={"ocr_slot": 1}) for _ in range(3)]
@@ -58,11 +53,10 @@ def test_node_removed_mid_run_every_page_accounted(corpus_dir: Path, tmp_path: P
         cluster.shutdown()
 
 
-def test_ocr_actor_sigkilled_through_ray_state_is_replaced(corpus_dir: Path, tmp_path: Path) -> None:
+def test_ocr_actor_sigkilled_through_ray_state_is_replaced(tmp_path: Path, corpus_copy) -> None:
     """Find the live OCR actor in Ray's actor table while the job runs and SIGKILL its process:
     Ray Data starts a replacement, the killed actor's batches are rerun, every page is accounted."""
     import os
-    import shutil
     import signal
 
     import ray
@@ -70,10 +64,7 @@ def test_ocr_actor_sigkilled_through_ray_state_is_replaced(corpus_dir: Path, tmp
 
     from pipeline.run import compose, run
 
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("slides-deck-26p-01.pdf", "report-ibm-redbook-18p-01.pdf"):
-        shutil.copy(corpus_dir / name, src / name)
+    src = corpus_copy("slides-deck-26p-01.pdf", "report-ibm-redbook-18p-01.pdf")
     out = tmp_path / "out"
     cfg = compose(["model=tiny_random", "progress=false", f"input.uri={src}", f"output.uri={out}", "mode=tiny",
                    "generation.max_new_tokens=4", "generation.fallback=none", "render.pages_per_task=4",

@@ -56,11 +56,8 @@ def summary(out: Path) -> dict:
     return json.loads((out / "_summary.json").read_text())
 
 
-def test_incremental_rerun_add_change_duplicate_force(corpus_dir: Path, tmp_path: Path) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("paper-arxiv-math-01.pdf", "form-libreoffice-01.pdf", "not-a-pdf-01.pdf"):
-        shutil.copy(corpus_dir / name, src / name)
+def test_incremental_rerun_add_change_duplicate_force(corpus_dir: Path, tmp_path: Path, corpus_copy) -> None:
+    src = corpus_copy("paper-arxiv-math-01.pdf", "form-libreoffice-01.pdf", "not-a-pdf-01.pdf")
     out = tmp_path / "out"
     first = run_job(f"input.uri={src}", f"output.uri={out}", *FAST)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -103,12 +100,9 @@ def test_incremental_rerun_add_change_duplicate_force(corpus_dir: Path, tmp_path
     assert len(keyset(out)) == 5  # the 4 current rows redone once + the old form row kept
 
 
-def test_sigkill_driver_then_resume_equals_uninterrupted(corpus_dir: Path, tmp_path: Path) -> None:
-    src = tmp_path / "in"
-    src.mkdir()
-    for name in ("book-math-chapter-48p-01.pdf", "slides-deck-26p-01.pdf", "encrypted-needs-password-02.pdf",
-                 "report-ibm-redbook-18p-01.pdf"):
-        shutil.copy(corpus_dir / name, src / name)
+def test_sigkill_driver_then_resume_equals_uninterrupted(tmp_path: Path, corpus_copy) -> None:
+    src = corpus_copy("book-math-chapter-48p-01.pdf", "slides-deck-26p-01.pdf", "encrypted-needs-password-02.pdf",
+                      "report-ibm-redbook-18p-01.pdf")
     ref = tmp_path / "ref"
     full = run_job(f"input.uri={src}", f"output.uri={ref}", *FAST)
     assert full.returncode == 0, full.stderr[-3000:]
