@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import DecoderConfig
-from model.kv_cache import KVCache, RowPrefill
+from model.kv_cache import AnyCache, KVCache
 
 
 class RMSNorm(nn.Module):
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
-        cache: KVCache | RowPrefill | None,
+        cache: AnyCache | None,
         layer_idx: int,
     ) -> Tensor:
         """x (B, T, D); mask (B, 1, T, T) bool, used without a cache (the cache attends itself)."""
@@ -172,7 +172,7 @@ class DecoderLayer(nn.Module):
         self.idx = idx
 
     def forward(
-        self, h: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | RowPrefill | None
+        self, h: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: AnyCache | None
     ) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), positions, cos, sin, mask, cache, self.idx)
         return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, D)
@@ -193,7 +193,7 @@ class Decoder(nn.Module):
         p = self.embed_tokens.weight
         return KVCache.for_model(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
-    def hidden(self, inputs_embeds: Tensor, positions: Tensor, cache: KVCache | RowPrefill | None = None) -> Tensor:
+    def hidden(self, inputs_embeds: Tensor, positions: Tensor, cache: AnyCache | None = None) -> Tensor:
         """Residual stream after the last layer, before the final norm: (B, T, D)."""
         cfg = self.config
         h = inputs_embeds  # (B, T, D)
@@ -209,7 +209,7 @@ class Decoder(nn.Module):
         self,
         inputs_embeds: Tensor,
         positions: Tensor,
-        cache: KVCache | RowPrefill | None = None,
+        cache: AnyCache | None = None,
         logits_index: Tensor | None = None,
     ) -> Tensor:
         """fp32 logits: (B, T, V), or (B, V) at token index `logits_index` (B,) of each row.

@@ -27,14 +27,18 @@ token for token (tests/model/test_engine.py).
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from model.kv_cache import PagedKVCache
 from model.ocr import OcrModel
 from model.sampling import NGRAM_WHITELIST, no_repeat_ngram_mask, repetition_flags
 from model.vision import PageViews
@@ -67,12 +71,25 @@ class EngineConfig:
     # ~20 ms/page in batches of 64); waiting for a group costs a few idle rows for a few steps
     admit_min: int = 16
     cuda_graphs: bool = True  # on CUDA, replay the decode step from a graph per attend length
+    # KV layout (issue 13). "paged": a pool of kv_block_size-token blocks shared by max_batch rows,
+    # admission limited by free blocks, newest rows preempted (requeued, recomputed) when the pool
+    # runs dry. "slotted": one max_model_len row per sequence (the previous engine, kept to compare).
+    engine: str = "paged"
+    kv_block_size: int = 64
+    kv_blocks: int = 0  # pool size; 0: fit to free CUDA memory (kv_headroom_gib kept), else max_batch rows' worth
+    kv_headroom_gib: float = 14.0  # kept free for vision/prefill activations and CUDA graphs
+    kv_watermark: float = 0.01  # fraction of the pool admission leaves free
+    # admission reserves each live row's expected growth: its exact cap when forced, else the mean
+    # output length of finished pages (this value until one finishes)
+    expect_new_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.sync_every < 1 or self.len_bucket < 1 or self.admit_min < 1:
             raise ValueError("max_batch, sync_every, len_bucket and admit_min must be >= 1")
         if self.ngram_size and self.ngram_window < self.ngram_size:
             raise ValueError("ngram_window must be >= ngram_size")
+        if self.engine not in ("paged", "slotted"):
+            raise ValueError(f"engine must be 'paged' or 'slotted', not {self.engine!r}")
 
 
 @dataclass
@@ -112,6 +129,9 @@ class EngineStats:
     decode_s: float = 0.0
     occupancy: list[tuple[float, int]] = field(default_factory=list)  # (time, live rows) per sync
     admissions: list[int] = field(default_factory=list)  # pages admitted together, per admission
+    preemptions: int = 0  # rows evicted from a dry KV pool (requeued, recomputed from scratch)
+    kv_blocks: int = 0  # paged: pool size in blocks
+    blocks_used: list[tuple[float, int]] = field(default_factory=list)  # paged: (time, blocks held) per sync
 
 
 def kv_bytes_per_token(model: OcrModel) -> int:
@@ -135,6 +155,15 @@ def fit_max_batch(model: OcrModel, max_model_len: int, headroom_gib: float = 14.
     return min(rows, cap)
 
 
+def fit_kv_blocks(model: OcrModel, block_size: int, headroom_gib: float = 14.0) -> int:
+    """Blocks of `block_size` tokens that fit the device's free memory minus `headroom_gib`."""
+    dev = model.decoder.embed_tokens.weight.device
+    if dev.type != "cuda":
+        raise ValueError("fit_kv_blocks needs a CUDA model")
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int((free - headroom_gib * 2**30) // (kv_bytes_per_token(model) * block_size))
+
+
 class Engine:
     def __init__(self, model: OcrModel, cfg: EngineConfig | None = None) -> None:
         self.model, self.cfg = model, cfg or EngineConfig()
@@ -144,12 +173,30 @@ class Engine:
         B, T, dev = c.max_batch, c.max_model_len, self.device
         with torch.inference_mode():  # state is only ever touched inside inference mode
             self._alloc(B, T, dev)
-        self.stats = EngineStats()
+        self.stats = EngineStats(kv_blocks=getattr(self, "stats_kv_blocks", 0))
         self._t0 = time.perf_counter()
 
     def _alloc(self, B: int, T: int, dev: torch.device) -> None:
         c, dec = self.cfg, self.model.decoder
-        self.cache = dec.make_cache(B, T)
+        self.paged = c.engine == "paged"
+        if self.paged:
+            bs = c.kv_block_size
+            per_row = -(-T // bs)
+            nb = c.kv_blocks or (fit_kv_blocks(self.model, bs, c.kv_headroom_gib) if dev.type == "cuda"
+                                 else B * per_row + 1)
+            if nb - 1 < per_row:
+                raise ValueError(f"a KV pool of {nb} blocks cannot hold one row of max_model_len={T} "
+                                 f"({per_row} blocks of {bs} + the trash block)")
+            w = dec.embed_tokens.weight
+            cfgd = dec.config
+            self.cache = PagedKVCache(cfgd.num_hidden_layers, B, nb, bs, cfgd.num_key_value_heads, cfgd.head_dim,
+                                      T, device=dev, dtype=w.dtype)
+            self._table = np.zeros((B, per_row), dtype=np.int32)  # host mirror of the block table
+            self._free_blocks = list(range(nb - 1, 0, -1))  # block 0 is the trash block
+            self._row_blocks: dict[int, list[int]] = {}
+            self.stats_kv_blocks = nb
+        else:
+            self.cache = dec.make_cache(B, T)
         self.out = torch.zeros(B, T, dtype=torch.long, device=dev)  # generated tokens per row
         self.n = torch.zeros(B, dtype=torch.long, device=dev)  # generated count
         self.prompt_len = torch.zeros(B, dtype=torch.long, device=dev)
@@ -163,8 +210,9 @@ class Engine:
         self.ng_w = torch.full((B,), c.ngram_window, dtype=torch.long, device=dev)
         self._ng_max = (max(c.ngram_max_size, c.ngram_size), max(c.ngram_max_window, c.ngram_window))
         self._admit_min = min(c.admit_min, max(1, B // 8))  # free rows before a group is admitted
-        self._flash = dev.type == "cuda" and self.cache.use_flash and dec.embed_tokens.weight.dtype in (
+        self._flash = (not self.paged) and dev.type == "cuda" and self.cache.use_flash and dec.embed_tokens.weight.dtype in (
             torch.float16, torch.bfloat16)
+        self._n_out, self._sum_out = 0, 0  # finished unforced pages: count, output tokens (admission estimate)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool: Any = None
 
@@ -301,66 +349,169 @@ class Engine:
         """Run every request; yields each Result as soon as its sequence is retired.
 
         `requests` may be a lazy iterator (e.g. fed by another thread): it is pulled only when a
-        row is free, so admission streams; it may yield None for "nothing queued now" (the
-        engine keeps decoding and asks again at the next sync)."""
+        row (and, paged, enough KV blocks) is free, so admission streams; it may yield None for
+        "nothing queued now" (the engine keeps decoding and asks again at the next sync).
+        Paged: a request preempted from a dry pool goes back to the front of the queue and is
+        recomputed from its prompt (greedy decoding gives the same tokens again)."""
         c = self.cfg
         source = iter(requests)
         exhausted = False
-        live: dict[int, tuple[Request, float, int]] = {}  # row -> (request, t_admit, steps bound)
+        waiting: deque[Request] = deque()  # preempted, or pulled but held back for KV blocks
+        live: dict[int, list[Any]] = {}  # row -> [request, t_admit, steps bound, admission seq]
+        seq = itertools.count()
         with torch.inference_mode():
             self.done.fill_(True)  # rows left over by an earlier, aborted call are not live
+        if self.paged:
+            self._reset_blocks()
         while True:
             free = [r for r in range(c.max_batch) if r not in live]
             if live and (c.static_batches or len(free) < self._admit_min):
                 free = []  # keep decoding; admit a group later (see EngineConfig.admit_min)
-            new_rows, new_reqs = [], []
-            while free and not exhausted:
-                try:
-                    req = next(source)
-                except StopIteration:
-                    exhausted = True
+            new_rows: list[int] = []
+            new_reqs: list[Request] = []
+            reserve = sum(self._expected_blocks(q) - len(self._row_blocks[r]) for r, (q, *_) in live.items()) \
+                if self.paged else 0
+            while free:
+                if waiting:
+                    req = waiting.popleft()
+                elif exhausted:
                     break
-                if req is None:  # a live feed with nothing queued right now
-                    break
-                bad = self._check(req)
-                if bad is not None:
-                    yield Result(req.tag, [], "error", len(req.input_ids), error=bad)
-                    continue
-                new_rows.append(free.pop(0))
+                else:
+                    try:
+                        req = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if req is None:  # a live feed with nothing queued right now
+                        break
+                    bad = self._check(req)
+                    if bad is not None:
+                        yield Result(req.tag, [], "error", len(req.input_ids), error=bad)
+                        continue
+                if self.paged:
+                    need = self._blocks_for(len(req.input_ids))
+                    grow = self._expected_blocks(req) - need
+                    watermark = int(c.kv_watermark * self.cache.num_blocks)
+                    if (live or new_reqs) and len(self._free_blocks) - need < reserve + grow + watermark:
+                        waiting.appendleft(req)  # admission is limited by free blocks
+                        break
+                    reserve += grow
+                    row = free.pop(0)
+                    self._take_blocks(row, need)
+                else:
+                    row = free.pop(0)
+                new_rows.append(row)
                 new_reqs.append(req)
             if new_reqs:
+                if self.paged:
+                    self._upload_table()
                 self._admit(new_rows, new_reqs)
                 self.stats.admissions.append(len(new_reqs))
                 now = time.perf_counter()
                 for row, req in zip(new_rows, new_reqs):
-                    live[row] = (req, now, 1)
+                    live[row] = [req, now, 1, next(seq)]
             if not live:
-                if exhausted:
+                if exhausted and not waiting:
                     return
                 time.sleep(0.002)  # idle live feed: wait for work without spinning the GPU
                 continue
+            if self.paged:
+                self._grow(live, waiting)
             t0 = time.perf_counter()
+            # attend is computed once per sync round (no host work per token)
+            longest = max(len(q.input_ids) + s for q, _, s, _ in live.values()) + c.sync_every
+            attend = min(c.max_model_len, -(-longest // c.len_bucket) * c.len_bucket)
+            if self._flash or (self.paged and self.cache.use_kernel):
+                attend = c.max_model_len  # the kernel reads each row's own length: one shape, one graph
             for _ in range(c.sync_every):
-                longest = max(len(req.input_ids) + steps for req, _, steps in live.values())
-                attend = min(c.max_model_len, -(-(longest + 1) // c.len_bucket) * c.len_bucket)
-                if self._flash:
-                    attend = c.max_model_len  # flash reads each row's own length: one shape, one graph
                 self._decode_step(attend)
-                live = {r: (q, t, s + 1) for r, (q, t, s) in live.items()}
+            for v in live.values():
+                v[2] += c.sync_every
             done, n, reason = (x.cpu() for x in (self.done, self.n, self.reason))  # the one host sync
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.decode_steps += c.sync_every
             self.stats.occupancy.append((time.perf_counter() - self._t0, len(live)))
+            if self.paged:
+                self.stats.blocks_used.append((time.perf_counter() - self._t0,
+                                               self.cache.num_blocks - 1 - len(self._free_blocks)))
             out_rows = [r for r in live if bool(done[r])]
             if out_rows:
                 toks = self.out[out_rows].cpu()
             for k, row in enumerate(out_rows):
-                req, t_admit, _ = live.pop(row)
+                req, t_admit, _, _ = live.pop(row)
+                if self.paged:
+                    self._release(row)
                 ids = toks[k, : int(n[row])].tolist()
                 self.stats.pages += 1
                 self.stats.output_tokens += len(ids)
+                if not req.force_len:
+                    self._n_out += 1
+                    self._sum_out += len(ids)
                 yield Result(req.tag, ids, FINISH_REASONS[int(reason[row])], len(req.input_ids),
                              ms=(time.perf_counter() - t_admit) * 1000.0)
+
+    # ------------------------------------------------------------------ paged KV bookkeeping (host)
+
+    def _blocks_for(self, tokens: int) -> int:
+        return min(self.cache.max_blocks, -(-tokens // self.cfg.kv_block_size))
+
+    def _expected_blocks(self, req: Request) -> int:
+        """Blocks this request is expected to hold when it ends (see EngineConfig.expect_new_tokens)."""
+        c, L = self.cfg, len(req.input_ids)
+        cap = min(req.max_new_tokens or c.max_new_tokens, c.max_new_tokens, c.max_model_len - L)
+        if req.force_len:
+            new = min(req.force_len, cap)
+        else:
+            mean = self._sum_out / self._n_out if self._n_out else c.expect_new_tokens
+            new = min(cap, int(mean))
+        return self._blocks_for(L + new)
+
+    def _reset_blocks(self) -> None:
+        nb = self.cache.num_blocks
+        self._free_blocks = list(range(nb - 1, 0, -1))
+        self._row_blocks = {}
+        self._table.fill(0)
+        self._n_out, self._sum_out = 0, 0
+        self._upload_table()
+
+    def _take_blocks(self, row: int, count: int) -> None:
+        held = self._row_blocks.setdefault(row, [])
+        for _ in range(count):
+            b = self._free_blocks.pop()
+            self._table[row, len(held)] = b
+            held.append(b)
+
+    def _release(self, row: int) -> None:
+        self._free_blocks.extend(reversed(self._row_blocks.pop(row, [])))
+        self._table[row] = 0  # its writes go to the trash block from the next upload on
+
+    @torch.inference_mode()
+    def _upload_table(self) -> None:
+        self.cache.block_table.copy_(torch.from_numpy(self._table))
+
+    def _grow(self, live: dict[int, list[Any]], waiting: deque[Request]) -> None:
+        """Give every live row the blocks its next sync round writes; oldest rows first. When the
+        pool runs dry the newest rows are preempted: blocks freed, request back to the front of
+        `waiting` (it is recomputed from its prompt). The oldest row always fits (a pool holds at
+        least one max_model_len row), so the engine always makes progress."""
+        c = self.cfg
+        for row in sorted(live, key=lambda r: live[r][3]):
+            if row not in live:
+                continue
+            req, _, steps, _ = live[row]
+            need = self._blocks_for(len(req.input_ids) + steps + c.sync_every - 1) - len(self._row_blocks[row])
+            while need > len(self._free_blocks):
+                victim = max(live, key=lambda r: live[r][3])
+                waiting.appendleft(live.pop(victim)[0])
+                self._release(victim)
+                with torch.inference_mode():
+                    self.done[victim] = True
+                self.stats.preemptions += 1
+                if victim == row:
+                    break
+            if row in live and need > 0:
+                self._take_blocks(row, need)
+        self._upload_table()
 
     def _check(self, req: Request) -> str | None:
         n = len(req.input_ids)

@@ -161,3 +161,92 @@ class RowPrefill:
         kb[r, positions] = k.transpose(1, 2).to(kb.dtype)  # indexed view is (b, T, H, hd)
         vb[r, positions] = v.transpose(1, 2).to(vb.dtype)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class PagedKVCache:
+    """K/V in a pool of fixed-size blocks shared by all rows (vLLM's paged attention idea).
+
+    Layout: per layer a pool (num_blocks, block_size, H, hd); `block_table` (rows, max_blocks)
+    int32 says which pool block holds a row's slots [j*bs, (j+1)*bs). Block 0 is a reserved
+    "trash" block: unallocated table entries point at it, so the writes of empty/padded rows and
+    of padded prefill positions land there and are never read. The engine owns the allocation
+    (host side, once per sync round) and uploads the table in place (graph-replay safe).
+
+    Decode attention (`attend`, one query per row) reads only a row's own length:
+    - CUDA bf16/fp16 with Triton: the split-KV kernel of `model/paged_attention.py`;
+    - elsewhere (CPU runs, tests): the plain-torch reference, which gathers each row's first
+      `attend_len // block_size` blocks and runs masked SDPA (slots > position hidden).
+    """
+
+    def __init__(self, num_layers: int, rows: int, num_blocks: int, block_size: int, num_heads: int,
+                 head_dim: int, max_len: int, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if num_blocks < 2 or block_size & (block_size - 1):
+            raise ValueError("a paged KV pool needs >= 2 blocks (block 0 is the trash block) of a power-of-2 size")
+        shape = (num_blocks, block_size, num_heads, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.block_size, self.num_blocks, self.max_len = block_size, num_blocks, max_len
+        self.max_blocks = -(-max_len // block_size)
+        self.block_table = torch.zeros(rows, self.max_blocks, dtype=torch.int32, device=device)
+        self.attend_len = self.max_blocks * block_size  # reference path: slots read per row
+        from model.paged_attention import kernel_available  # noqa: PLC0415 - optional triton
+
+        self.use_kernel = kernel_available(device, dtype)
+        self._slots = torch.arange(self.max_blocks * block_size, device=device)
+
+    def _flat(self, rows: Tensor, positions: Tensor) -> Tensor:
+        """Pool slot index (b, T) of `positions` (b, T) of table rows `rows` (b,)."""
+        blk = self.block_table[rows[:, None], positions // self.block_size].long()
+        return blk * self.block_size + positions % self.block_size
+
+    def write_rows(self, layer_idx: int, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k/v (b, H, T, hd) at `positions` (b, T) of table rows `rows` (b,)."""
+        b, H, T, hd = k.shape
+        flat = self._flat(rows, positions).reshape(-1)
+        kp, vp = self.k[layer_idx], self.v[layer_idx]
+        kp.view(-1, H, hd).index_copy_(0, flat, k.transpose(1, 2).reshape(-1, H, hd).to(kp.dtype))
+        vp.view(-1, H, hd).index_copy_(0, flat, v.transpose(1, 2).reshape(-1, H, hd).to(vp.dtype))
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        """Decode: store k/v (B, H, 1, hd) at `positions` (B, 1) and attend each row's slots <= its
+        position; returns (B, H, 1, hd). Rows are table rows 0..B-1."""
+        B, H, T, hd = q.shape
+        rows = torch.arange(B, device=q.device)
+        self.write_rows(layer_idx, rows, positions, k, v)
+        if T == 1 and self.use_kernel and q.dtype == self.k[layer_idx].dtype and hd & (hd - 1) == 0:
+            from model.paged_attention import paged_decode  # noqa: PLC0415
+
+            return paged_decode(q[:, :, 0], self.k[layer_idx], self.v[layer_idx], self.block_table[:B],
+                                positions[:, 0] + 1)[:, :, None]
+        return self.reference(layer_idx, q, positions)
+
+    def reference(self, layer_idx: int, q: Tensor, positions: Tensor) -> Tensor:
+        """Plain-torch attention over the paged cache: q (B, H, T, hd) at `positions` (B, T)."""
+        B = q.shape[0]
+        nb = -(-self.attend_len // self.block_size)
+        table = self.block_table[:B, :nb].long()  # (B, nb)
+        H, hd = q.shape[1], q.shape[3]
+        ks = self.k[layer_idx][table].reshape(B, nb * self.block_size, H, hd).transpose(1, 2)  # (B, H, S, hd)
+        vs = self.v[layer_idx][table].reshape(B, nb * self.block_size, H, hd).transpose(1, 2)
+        S = nb * self.block_size
+        mask = (self._slots[:S][None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, S)
+        return F.scaled_dot_product_attention(q, ks.to(q.dtype), vs.to(q.dtype), attn_mask=mask)
+
+    def rows(self, rows: Tensor) -> PagedPrefill:
+        return PagedPrefill(self, rows)
+
+
+class PagedPrefill:
+    """Prefill of fresh prompts into table rows `rows` of a PagedKVCache (positions arange(T)):
+    k/v are scattered into the rows' blocks, attention is causal over the prompt itself."""
+
+    def __init__(self, cache: PagedKVCache, rows: Tensor) -> None:
+        self.cache, self.rows_idx = cache, rows
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
+        self.cache.write_rows(layer_idx, self.rows_idx, positions, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+AnyCache = KVCache | RowPrefill | PagedKVCache | PagedPrefill  # what the decoder's attention accepts
