@@ -369,7 +369,7 @@ class Engine:
                 free = []  # keep decoding; admit a group later (see EngineConfig.admit_min)
             new_rows: list[int] = []
             new_reqs: list[Request] = []
-            reserve = sum(self._expected_blocks(q) - len(self._row_blocks[r]) for r, (q, *_) in live.items()) \
+            reserve = sum(max(0, self._expected_blocks(q) - len(self._row_blocks[r])) for r, (q, *_) in live.items()) \
                 if self.paged else 0
             while free:
                 if waiting:
@@ -390,9 +390,10 @@ class Engine:
                         continue
                 if self.paged:
                     need = self._blocks_for(len(req.input_ids))
-                    grow = self._expected_blocks(req) - need
+                    grow = max(0, self._expected_blocks(req) - need)
                     watermark = int(c.kv_watermark * self.cache.num_blocks)
-                    if (live or new_reqs) and len(self._free_blocks) - need < reserve + grow + watermark:
+                    short = len(self._free_blocks) - need < (reserve + grow + watermark if live or new_reqs else 0)
+                    if short:
                         waiting.appendleft(req)  # admission is limited by free blocks
                         break
                     reserve += grow

@@ -202,3 +202,61 @@ def test_page_ocr_submit_from_concurrent_callers_equals_run(tiny_model, requests
         t.join()
     assert [got[i].ids for i in range(len(inputs))] == [r.ids for r in ref]
     assert [got[i].raw_output for i in range(len(inputs))] == [r.raw_output for r in ref]
+
+
+def test_paged_engine_with_preemption_matches_one_at_a_time(tiny_model, requests_) -> None:
+    """Paged KV: mixed prompt/output lengths, a pool so small that rows are preempted (requeued and
+    recomputed), fallback-pass pages (their own n-gram ban) in the same batch: every page gets the
+    tokens of the one-page-at-a-time reference, and none is lost."""
+    lens = [30, 300, 200, 250, 12, 280]
+    fallback = {1, 4}  # these pages run with the fallback ban (stronger, wider window)
+    ref = []
+    for k, (ids, views) in enumerate(requests_):
+        ng = (3, 30) if k in fallback else (5, 12)
+        emb = tiny_model.image_embeddings(*views)
+        ref.append(greedy_generate(tiny_model, ids, emb, max_new_tokens=lens[k], eos_id=-1, ngram_size=ng[0],
+                                   ngram_window=ng[1]).ids)
+    longest = max(len(ids) for ids, _ in requests_) + max(lens)
+    bs = 16
+    per_row = -(-longest // bs)
+    cfg = EngineConfig(max_batch=6, max_model_len=longest, max_new_tokens=max(lens), ngram_size=5, ngram_window=12,
+                       ngram_max_size=5, ngram_max_window=30, loop_detect=False, sync_every=3, len_bucket=16,
+                       eos_id=-1, kv_block_size=bs, kv_blocks=per_row + 20, kv_watermark=0.0, expect_new_tokens=1,
+                       admit_min=1)
+    engine = Engine(tiny_model, cfg)
+    assert engine.paged
+    got = engine.run(Request(ids, views, max_new_tokens=lens[k], ngram_size=3 if k in fallback else None,
+                             ngram_window=30 if k in fallback else None) for k, (ids, views) in enumerate(requests_))
+    assert [g.ids for g in got] == ref
+    assert engine.stats.preemptions > 0  # the pool really ran dry
+    assert max(n for _, n in engine.stats.blocks_used) <= cfg.kv_blocks - 1
+    assert engine.stats.pages == len(requests_)
+
+
+def test_paged_admission_is_limited_by_free_blocks(tiny_model, requests_) -> None:
+    """With more row slots than the pool can feed, admission stops at the blocks, not at max_batch."""
+    ids, views = requests_[3]
+    bs = 16
+    per_row = -(-(len(ids) + 20) // bs)
+    cfg = EngineConfig(max_batch=8, max_model_len=len(ids) + 20, max_new_tokens=20, ngram_size=5, ngram_window=12,
+                       loop_detect=False, sync_every=2, len_bucket=16, kv_block_size=bs, kv_blocks=2 * per_row + 1,
+                       kv_watermark=0.0, admit_min=1)
+    engine = Engine(tiny_model, cfg)
+    got = engine.run([Request(ids, views, force_len=20) for _ in range(5)])
+    assert [len(g.ids) for g in got] == [20] * 5 and len({tuple(g.ids) for g in got}) == 1
+    assert max(n for _, n in engine.stats.occupancy) == 2  # two rows' worth of blocks, 8 row slots
+    assert engine.stats.preemptions == 0  # forced lengths are reserved exactly: nothing to evict
+
+
+def test_paged_pool_smaller_than_one_row_is_refused(tiny_model) -> None:
+    with pytest.raises(ValueError, match="cannot hold one row"):
+        Engine(tiny_model, EngineConfig(max_batch=2, max_model_len=256, kv_block_size=16, kv_blocks=16))
+
+
+@pytest.mark.parametrize("engine", ["paged", "slotted"])
+def test_both_engines_give_the_same_tokens(tiny_model, requests_, engine: str) -> None:
+    ref = _reference(tiny_model, requests_[:4], 16)
+    cfg = EngineConfig(max_batch=3, max_model_len=2048, max_new_tokens=16, ngram_size=5, ngram_window=12,
+                       loop_detect=False, sync_every=4, len_bucket=64, engine=engine)
+    got = Engine(tiny_model, cfg).run(Request(ids, views) for ids, views in requests_[:4])
+    assert [g.ids for g in got] == [r.ids for r in ref]
