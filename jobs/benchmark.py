@@ -27,6 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from model.checkpoint import random_model
 
 PROMPT_TOKENS = 10  # BOS + "\n<|grounding|>Convert the document to markdown." after the image run
@@ -86,13 +88,19 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
     from model.tokenizer import DEFAULT_PROMPT, OcrTokenizer
     from model.vision import PageViews
 
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()  # the previous phase's KV pool is gone before this one is fitted
     tok = OcrTokenizer.default()
     cfg = EngineConfig(max_model_len=MAX_MODEL_LEN, **engine_kw)
     engine = Engine(model, cfg)
     dev = engine.device
+    t_pulled = [0.0]
 
     def requests():
         for i, p in enumerate(pages):
+            t_pulled[0] = time.perf_counter()
             g = to_pixel_tensor(p["global_view"], dev).to(torch.bfloat16)
             t = to_pixel_tensor(p["tiles"], dev).to(torch.bfloat16) if p["tiles"] is not None else None
             yield Request(tok.build_prompt_ids(DEFAULT_PROMPT, p["num_image_tokens"]), PageViews(g, t, p["grid"]),
@@ -101,9 +109,10 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    results, t_log = [], t0
+    results, t_log, t_done = [], t0, []
     for res in engine.generate(requests()):
         results.append(res)
+        t_done.append(time.perf_counter())
         if time.perf_counter() - t_log > 30:  # progress on long phases (a killed run still tells its rate)
             t_log = time.perf_counter()
             print(f"  [{label}] {len(results)}/{len(pages)} pages in {t_log - t0:.0f}s", flush=True)
@@ -116,6 +125,15 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
     tokens = sum(len(r.ids) for r in results)
     occ = [n for _, n in st.occupancy]
     deciles = [occ[int(i * (len(occ) - 1) / 9)] for i in range(10)] if occ else []
+    # steady state: from the first finished page to the moment the last page was pulled into the
+    # engine (after that only the final drain is left); pages finished in that window / its length
+    t_first, t_last = t_done[0], t_pulled[0]
+    in_win = sum(1 for t in t_done if t_first < t <= t_last)
+    steady = round(in_win / (t_last - t_first), 3) if t_last > t_first and in_win else None
+    t_eng0 = st.occupancy[0][0] if st.occupancy else 0.0
+    timeline = [(round(t - t_eng0, 1), n) for t, n in st.occupancy[:: max(1, len(st.occupancy) // 40)]]
+    blocks = [b for _, b in st.blocks_used]
+    del engine
     return {
         "phase": label, "pages": len(pages), "wall_s": round(wall, 2),
         "pages_per_s": round(len(pages) / wall, 3), "pages_per_day": round(len(pages) / wall * 86400),
@@ -127,8 +145,13 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
         "mean_occupancy": round(statistics.fmean(occ), 1) if occ else 0, "occupancy_deciles": deciles,
         "admissions": len(st.admissions), "mean_admission_group": round(statistics.fmean(st.admissions), 1),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "engine": {k: getattr(cfg, k) for k in ("max_batch", "sync_every", "len_bucket", "cuda_graphs",
-                                                "static_batches", "admit_min", "ngram_size", "ngram_window", "loop_detect")},
+        "steady_pages_per_s": steady, "steady_window_s": round(t_last - t_first, 2), "steady_pages": in_win,
+        "max_rows_in_flight": max(occ) if occ else 0, "rows_in_flight_over_time": timeline,
+        "preemptions": st.preemptions, "kv_blocks": st.kv_blocks,
+        "peak_kv_blocks_used": max(blocks) if blocks else None,
+        "engine": {k: getattr(cfg, k) for k in ("engine", "max_batch", "sync_every", "len_bucket", "cuda_graphs",
+                                                "static_batches", "admit_min", "kv_block_size", "ngram_size",
+                                                "ngram_window", "loop_detect")},
     }
 
 
@@ -197,9 +220,136 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
     return {"phase": "decode step profile", "steps": rows, "eager_kernel_table": table}
 
 
+def device_rates() -> dict[str, float]:
+    """What this chip does in this run: device copy bandwidth (bytes read + written per second, a
+    4 GiB clone) and the bf16 matmul rate (8192^3), both timed with CUDA events."""
+    import torch
+
+    def timed(fn, reps: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 1000 / reps
+
+    src = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")  # 4 GiB
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), 10)
+    del src, dst
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    y = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    mm_s = timed(lambda: x @ y, 20)
+    del x, y
+    torch.cuda.empty_cache()
+    return {"copy_gb_per_s": round(2 * 2**32 / copy_s / 1e9, 1), "matmul_tflop_per_s": round(2 * 8192**3 / mm_s / 1e12, 1)}
+
+
+def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: int) -> list[dict[str, Any]]:
+    """Decode attention alone (one layer) over a paged pool: Triton split-KV kernel vs the torch
+    reference, ms per call and achieved KV read bandwidth (K+V bytes of every row's context)."""
+    import torch
+
+    from model.paged_attention import paged_decode
+
+    c = model.decoder.config
+    H, hd = c.num_key_value_heads, c.head_dim
+    out = []
+    for rows in rows_list:
+        for ctx in ctx_list:
+            per_row = MAX_MODEL_LEN // block_size
+            used = -(-ctx // block_size)
+            nb = rows * used + 1
+            k = torch.randn(nb, block_size, H, hd, dtype=torch.bfloat16, device="cuda")
+            v = torch.randn_like(k)
+            table = torch.zeros(rows, per_row, dtype=torch.int32, device="cuda")
+            table[:, :used] = (torch.randperm(rows * used, device="cuda") + 1).view(rows, used).to(torch.int32)
+            lens = torch.full((rows,), ctx, device="cuda")
+            q = torch.randn(rows, H, hd, dtype=torch.bfloat16, device="cuda")
+            for _ in range(3):
+                paged_decode(q, k, v, table, lens)
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(20):
+                paged_decode(q, k, v, table, lens)
+            b.record()
+            torch.cuda.synchronize()
+            ms = a.elapsed_time(b) / 20
+            gb = rows * ctx * H * hd * 2 * 2 / 1e9
+            out.append({"rows": rows, "ctx": ctx, "kernel_ms": round(ms, 3), "kv_gb": round(gb, 3),
+                        "kv_gb_per_s": round(gb / ms * 1000, 1)})
+            print(f"  paged decode kernel {out[-1]}", flush=True)
+            del k, v
+            torch.cuda.empty_cache()
+    return out
+
+
+def step_profile(model, rows_list: list[int], ctx_list: list[int]) -> list[dict[str, Any]]:
+    """Whole decode step of the paged engine (graph replay, all layers) with `rows` rows live at
+    context `ctx` (the other row slots idle at length 1)."""
+    import torch
+
+    from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig
+
+    engine = Engine(model, EngineConfig(max_batch=PAGED_AUTO_ROWS, max_model_len=MAX_MODEL_LEN))
+    bs = engine.cfg.kv_block_size
+    out = []
+    for rows in rows_list:
+        for ctx in ctx_list:
+            used = -(-(ctx + 64) // bs)
+            if rows * used + 1 > engine.cache.num_blocks or rows > engine.cfg.max_batch:
+                continue
+            engine._table.fill(0)
+            engine._table[:rows, :used] = np.arange(1, rows * used + 1, dtype=np.int32).reshape(rows, used)
+            engine._upload_table()
+            with torch.inference_mode():
+                live = torch.arange(engine.cfg.max_batch, device="cuda") < rows
+                engine.prompt_len.copy_(torch.where(live, ctx, 1))
+                engine.n.fill_(1)
+                engine.max_new.fill_(60)
+                engine.force.fill_(True)
+                engine.done.copy_(~live)
+                engine.reason.zero_()
+            for _ in range(3):
+                engine._decode_step(MAX_MODEL_LEN)
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(20):
+                engine._decode_step(MAX_MODEL_LEN)
+            b.record()
+            torch.cuda.synchronize()
+            ms = a.elapsed_time(b) / 20
+            out.append({"rows": rows, "ctx": ctx, "ms_per_step": round(ms, 3), "tokens_per_s": round(rows / ms * 1000)})
+            print(f"  paged decode step {out[-1]}", flush=True)
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+def vision_flops(model, page: dict[str, Any]) -> float:
+    """FLOPs of one page's SAM+CLIP+projector forward (torch's flop counter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.preprocess import to_pixel_tensor
+    from model.vision import PageViews
+
+    g = to_pixel_tensor(page["global_view"], "cuda").to(torch.bfloat16)
+    t = to_pixel_tensor(page["tiles"], "cuda").to(torch.bfloat16) if page["tiles"] is not None else None
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        model.vision.image_embeddings_batch([PageViews(g, t, page["grid"])], max_batch=32)
+    return float(fc.get_total_flops())
+
+
 def print_row(r: dict[str, Any]) -> None:
-    keys = ["pages", "wall_s", "pages_per_s", "pages_per_day", "output_tokens_per_s", "mean_output_tokens",
-            "vision_ms_per_page", "vision_s", "prefill_s", "decode_s", "mean_occupancy", "peak_gpu_mem_gib"]
+    keys = ["pages", "wall_s", "pages_per_s", "steady_pages_per_s", "pages_per_day", "output_tokens_per_s",
+            "mean_output_tokens", "vision_ms_per_page", "vision_s", "prefill_s", "decode_s", "mean_occupancy",
+            "max_rows_in_flight", "preemptions", "peak_gpu_mem_gib"]
     print(f"\n== {r['phase']} (max_batch {r['max_batch']})")
     for k in keys:
         print(f"  {k:<22} {r[k]}")
@@ -224,7 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-budget-s", type=float, default=0.0,
                     help="fit the run in this many seconds: the headline page count is cut to what the "
                          "measured subset rate allows (0: no limit)")
-    ap.add_argument("--profile", action="store_true", help="also time/profile single decode steps")
+    ap.add_argument("--profile", action="store_true", help="also time/profile single decode steps (slotted)")
+    ap.add_argument("--engine", choices=["paged", "slotted"], default="paged", help="engine of the headline run")
+    ap.add_argument("--compare-slotted", action="store_true",
+                    help="subset phase: the paged and the slotted engine on the same pages (ratio)")
+    ap.add_argument("--kernel-bench", action="store_true",
+                    help="device copy/matmul rates, paged decode kernel bandwidth, paged step time vs rows/ctx, "
+                         "vision FLOPs/page")
     args = ap.parse_args(argv)
 
     import torch
@@ -247,8 +403,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params", flush=True)
     from model.engine import fit_max_batch
 
-    max_batch = args.max_batch or fit_max_batch(model, MAX_MODEL_LEN, args.headroom_gib)
-    common = dict(sync_every=args.sync_every, cuda_graphs=not args.no_cuda_graphs, admit_min=args.admit_min)
+    from model.engine import PAGED_AUTO_ROWS
+
+    slotted_rows = args.max_batch or fit_max_batch(model, MAX_MODEL_LEN, args.headroom_gib)
+    paged_rows = args.max_batch or PAGED_AUTO_ROWS
+    max_batch = paged_rows if args.engine == "paged" else slotted_rows
+    common = dict(sync_every=args.sync_every, cuda_graphs=not args.no_cuda_graphs, admit_min=args.admit_min,
+                  engine=args.engine, kv_headroom_gib=args.headroom_gib)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "command": "python -m jobs.benchmark " + " ".join(argv or sys.argv[1:]),
@@ -262,17 +423,30 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps(report, indent=1))
 
+    if args.kernel_bench:
+        report["device_rates"] = device_rates()
+        print(f"device rates {report['device_rates']}", flush=True)
+        report["vision_flops_per_page_unique_mean"] = round(statistics.fmean(
+            vision_flops(model, p) for p in unique[:: max(1, len(unique) // 8)]) / 1e12, 3)  # TFLOP
+        print(f"vision TFLOP/page {report['vision_flops_per_page_unique_mean']}", flush=True)
+        report["paged_kernel"] = kernel_bench(model, [256, 1024], [1024, 2048, 4096], 64)
+        report["paged_step"] = step_profile(model, [128, 256, 512, 1024], [1024, 2048])
     # warm-up: a few pages, so graph capture and kernel selection are not timed
     run_engine(model, pages[:8], "warm-up", max_batch=max_batch, **common)
     # the subset phases run first: their rate sizes the headline run under --time-budget-s
     if args.subset:
         sub = pages[: args.subset]
         record(run_engine(model, sub, "subset: continuous", max_batch=max_batch, **common))
-        record(run_engine(model, sub, "subset: static batches of 64", max_batch=64, static_batches=True, **common))
+        if args.compare_slotted:
+            record(run_engine(model, sub, "subset: slotted", max_batch=slotted_rows,
+                              **{**common, "engine": "slotted"}))
+        else:
+            record(run_engine(model, sub, "subset: static batches of 64", max_batch=64, static_batches=True,
+                              **{**common, "engine": "slotted"}))
     if args.baseline_pages:
         base = pages[: args.baseline_pages]
         one = run_engine(model, base, "one page at a time (eager, sync per token)", max_batch=1, sync_every=1,
-                         cuda_graphs=False)
+                         cuda_graphs=False, engine="slotted")
         record(one)
         report["baseline_pages_per_s"] = one["pages_per_s"]
     if args.profile:
@@ -299,6 +473,22 @@ def main(argv: list[str] | None = None) -> int:
             cont = next((p for p in report["phases"] if p["phase"] == ph), None)
             if cont:
                 report[key] = round(cont["pages_per_s"] / report["baseline_pages_per_s"], 2)
+    slotted = next((p for p in report["phases"] if p["phase"] == "subset: slotted"), None)
+    if slotted:
+        cont = next(p for p in report["phases"] if p["phase"] == "subset: continuous")
+        report["subset_speedup_paged_vs_slotted"] = round(cont["pages_per_s"] / slotted["pages_per_s"], 2)
+        if cont.get("steady_pages_per_s") and slotted.get("steady_pages_per_s"):
+            report["subset_steady_speedup_paged_vs_slotted"] = round(
+                cont["steady_pages_per_s"] / slotted["steady_pages_per_s"], 2)
+    rates = report.get("device_rates")
+    if rates:
+        for k in report.get("paged_kernel", []):
+            k["fraction_of_copy_bw"] = round(k["kv_gb_per_s"] / rates["copy_gb_per_s"], 3)
+        head = next(p for p in report["phases"] if p["phase"] == "continuous")
+        tf = report["vision_flops_per_page_unique_mean"]
+        if head["vision_ms_per_page"]:
+            report["vision_tflop_per_s"] = round(tf / (head["vision_ms_per_page"] / 1000), 1)
+            report["vision_mfu_vs_measured_matmul"] = round(report["vision_tflop_per_s"] / rates["matmul_tflop_per_s"], 3)
     static = next((p for p in report["phases"] if p["phase"].startswith("subset: static")), None)
     if static:
         cont = next(p for p in report["phases"] if p["phase"] == "subset: continuous")

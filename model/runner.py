@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.engine import Engine, EngineConfig, Request, fit_max_batch
+from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig, Request, fit_max_batch
 from model.ocr import OcrModel
 from model.preprocess import to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer
@@ -102,7 +102,12 @@ class PageOcr:
              device: str | None = None, **engine: Any) -> PageOcr:
         model, tok = load_model(name, source, dtype, seed, device)
         if engine.get("max_batch") == 0:  # auto: as many KV rows as the device holds
-            engine["max_batch"] = fit_max_batch(model, engine.get("max_model_len", EngineConfig.max_model_len))
+            if engine.get("engine", EngineConfig.engine) == "paged":  # rows are cheap; the block pool limits
+                if model.decoder.embed_tokens.weight.device.type != "cuda":
+                    raise ValueError("max_batch=0 (fit to the device) needs a CUDA model")
+                engine["max_batch"] = PAGED_AUTO_ROWS
+            else:
+                engine["max_batch"] = fit_max_batch(model, engine.get("max_model_len", EngineConfig.max_model_len))
         return cls(model, tok, EngineConfig(**engine), prompt)
 
     def _request(self, x: OcrInput) -> Request:
