@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset", type=int, default=256, help="pages for continuous-vs-static (0: skip)")
     ap.add_argument("--baseline-pages", type=int, default=4, help="pages for one-at-a-time (0: skip)")
     ap.add_argument("--max-batch", type=int, default=0, help="0: as many KV rows as memory allows")
-    ap.add_argument("--headroom-gib", type=float, default=14.0)
+    ap.add_argument("--headroom-gib", type=float, default=14.0, help="slotted: memory kept free when fitting rows")
+    ap.add_argument("--kv-headroom-gib", type=float, default=30.0, help="paged: memory kept free when fitting the pool")
     ap.add_argument("--sync-every", type=int, default=8)
     ap.add_argument("--admit-min", type=int, default=16, help="admit new pages in groups of this many free rows")
     ap.add_argument("--compare-admit-min", type=int, default=0,
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     paged_rows = args.max_batch or PAGED_AUTO_ROWS
     max_batch = paged_rows if args.engine == "paged" else slotted_rows
     common = dict(sync_every=args.sync_every, cuda_graphs=not args.no_cuda_graphs, admit_min=args.admit_min,
-                  engine=args.engine, kv_headroom_gib=args.headroom_gib)
+                  engine=args.engine, kv_headroom_gib=args.kv_headroom_gib)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "command": "python -m jobs.benchmark " + " ".join(argv or sys.argv[1:]),

@@ -79,7 +79,10 @@ class EngineConfig:
     engine: str = "paged"
     kv_block_size: int = 64
     kv_blocks: int = 0  # pool size; 0: fit to free CUDA memory (kv_headroom_gib kept), else max_batch rows' worth
-    kv_headroom_gib: float = 14.0  # kept free for vision/prefill activations and CUDA graphs
+    # kept free for vision/prefill activations, CUDA graphs and the views of the pages in flight
+    # (a live row keeps its ~20 MB of Gundam views on the device: a preempted page is re-encoded)
+    kv_headroom_gib: float = 30.0
+    admit_max: int = 128  # pages per admission group (bounds vision/prefill activations and views in flight)
     kv_watermark: float = 0.01  # fraction of the pool admission leaves free
     # admission reserves each live row's expected growth: its exact cap when forced, else the mean
     # output length of finished pages (this value until one finishes)
@@ -373,7 +376,7 @@ class Engine:
             new_reqs: list[Request] = []
             reserve = sum(max(0, self._expected_blocks(q) - len(self._row_blocks[r])) for r, (q, *_) in live.items()) \
                 if self.paged else 0
-            while free:
+            while free and len(new_reqs) < c.admit_max:
                 if waiting:
                     req = waiting.popleft()
                 elif exhausted:
