@@ -88,17 +88,17 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     (`ray_data_stats`, `Dataset.stats()` of the processing run; benchmarks)."""
     import ray
 
-    from pipeline import stages
-    from pipeline.outputs import OutputStore
+    from pipeline import preflight, stages
     from pipeline.discover import discover
     from pipeline.ledger import Ledger
+    from pipeline.outputs import OutputStore
     from pipeline.plan import plan_pages
     from pipeline.sources import read_passwords
 
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0))
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
-    stages.check_model_available(cfg)
+    preflight.check_model_available(cfg)
     read_passwords(cfg.input.passwords_file, cfg.input.storage_options)  # a bad file fails before any work
     ledger = Ledger.load(store, cfg.config_hash())
     init_ray(cfg)
@@ -220,8 +220,8 @@ def main() -> None:
         except ConfigValueError as e:
             print(f"pagemill: configuration error: {e}", file=sys.stderr)
             sys.exit(2)
+        from pipeline.preflight import ModelUnavailable
         from pipeline.sources import InputError
-        from pipeline.stages import ModelUnavailable
 
         try:
             summary = run(cfg)
