@@ -85,7 +85,8 @@ def init_ray(cfg: PipelineConfig) -> None:
 def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the summary (also written to `<output>/_summary.json`). With
     `dataset_stats`, the returned summary also holds Ray Data's per-operator stats text
-    (`ray_data_stats`, `Dataset.stats()` of the processing run; benchmarks)."""
+    (`ray_data_stats`, `Dataset.stats()` of the processing run; benchmarks) and its per-operator
+    figures (`ray_data_operators`, `pipeline.opstats.operator_stats`)."""
     import ray
 
     from pipeline import preflight, stages
@@ -173,7 +174,10 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     store.write_json("_summary.json", summary)
     print_summary(summary)
     if dataset_stats:
+        from pipeline.opstats import operator_stats
+
         summary["ray_data_stats"] = ds.stats() if ds is not None else ""
+        summary["ray_data_operators"] = operator_stats(ds) if ds is not None else []
     return summary
 
 
