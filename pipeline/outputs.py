@@ -185,14 +185,19 @@ def encode_png(pixels: Any) -> bytes:
 
 
 def figure_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Crops of a post-processed page row's `_figures` from its `_pixels` (raw uint8 H x W x 3)."""
+    """Crops of a post-processed page row's `_figures` from its `_page_png` (the rendered page, PNG)."""
+    import io
+
     import numpy as np
+    from PIL import Image
 
     figures = row.get("_figures") or []
-    if not figures or not row.get("_pixels"):
+    if not figures or not row.get("_page_png"):
         return []
     w, h = row["width_px"], row["height_px"]
-    page = np.frombuffer(row["_pixels"], np.uint8).reshape(h, w, 3)
+    page = np.asarray(Image.open(io.BytesIO(row["_page_png"])).convert("RGB"))
+    if page.shape != (h, w, 3):
+        raise ValueError(f"page image is {page.shape}, the row says {h}x{w}")
     out = []
     for block_index, box_norm, name in figures:
         x1, y1, x2, y2 = figure_box_px(box_norm, (w, h))

@@ -72,7 +72,7 @@ def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[
             continue
         for r in _missing_ranges(missing, cfg.render.pages_per_task):
             plan.tasks.append({**common, "page_index": r.start, "status": "pending",
-                               "_password": d["password"], "_range_start": r.start, "_range_stop": r.stop})
+                               "_range_start": r.start, "_range_stop": r.stop})
     plan.expected_rows = len(plan.expected_keys)
     plan.done_keys = plan.expected_keys & done
     return plan

@@ -85,20 +85,21 @@ def init_ray(cfg: PipelineConfig) -> None:
 def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     """Run the whole job; returns the summary (also written to `<output>/_summary.json`). With
     `dataset_stats`, the returned summary also holds Ray Data's per-operator stats text
-    (`ray_data_stats`, `Dataset.stats()` of the processing run; benchmarks)."""
+    (`ray_data_stats`, `Dataset.stats()` of the processing run; benchmarks) and its per-operator
+    figures (`ray_data_operators`, `pipeline.opstats.operator_stats`)."""
     import ray
 
-    from pipeline import stages
-    from pipeline.outputs import OutputStore
+    from pipeline import preflight, stages
     from pipeline.discover import discover
     from pipeline.ledger import Ledger
+    from pipeline.outputs import OutputStore
     from pipeline.plan import plan_pages
     from pipeline.sources import read_passwords
 
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0))
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
-    stages.check_model_available(cfg)
+    preflight.check_model_available(cfg)
     read_passwords(cfg.input.passwords_file, cfg.input.storage_options)  # a bad file fails before any work
     ledger = Ledger.load(store, cfg.config_hash())
     init_ray(cfg)
@@ -173,7 +174,10 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     store.write_json("_summary.json", summary)
     print_summary(summary)
     if dataset_stats:
+        from pipeline.opstats import operator_stats
+
         summary["ray_data_stats"] = ds.stats() if ds is not None else ""
+        summary["ray_data_operators"] = operator_stats(ds) if ds is not None else []
     return summary
 
 
@@ -220,8 +224,8 @@ def main() -> None:
         except ConfigValueError as e:
             print(f"pagemill: configuration error: {e}", file=sys.stderr)
             sys.exit(2)
+        from pipeline.preflight import ModelUnavailable
         from pipeline.sources import InputError
-        from pipeline.stages import ModelUnavailable
 
         try:
             summary = run(cfg)

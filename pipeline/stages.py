@@ -1,20 +1,28 @@
-"""Ray Data stages of the job: render -> preprocess -> OCR -> post-process -> write (discovery:
-`pipeline/discover.py`, planning: `pipeline/plan.py`).
+"""Ray Data stages of the job: render -> OCR -> post-process + write (discovery:
+`pipeline/discover.py`, planning: `pipeline/plan.py`, driver checks and actor sizing:
+`pipeline/preflight.py`, test faults: `pipeline/faults.py`).
 
-Every stage takes and returns Arrow batches in one internal schema (the page schema plus a few
-`_`-prefixed working columns), so blocks from different stages always unify. A row's `status`
-is `pending` while it travels; a stage only works on pending rows and passes every other row
-through untouched, so error rows (doc_error, render_error, ocr_error) reach the writer like any
-other row: one row in, one row out, nothing dropped. Heavy work (PyMuPDF, the model) lives in
-`pipeline/render.py` and `model/`; these callables are thin glue.
+The stage contract. Every stage takes and returns Arrow batches in one internal schema
+(`WORK_SCHEMA`: the page schema plus a few `_`-prefixed working columns), so blocks from different
+stages always unify. Each stage declares the columns it reads (`READS`) and writes (`WRITES`) and
+works column by column: it reads only its `READS` columns out of the batch and replaces only its
+`WRITES` columns, every other column passes through as the same Arrow buffers. One row in gives
+one row out. A row's `status` is `pending` while it travels; a stage only works on pending rows,
+so error rows (doc_error, render_error, ocr_error) reach the writer like any other row.
+
+What travels between stages is small: a page is a compressed image (`_page_png`, PNG encoded by
+MuPDF in the render child; lossless, so the views built from it are the views of the raw pixels),
+never raw pixels. The OCR actor decodes it and builds the mode's views (global view + tiles) in
+CPU threads right where they are consumed; the writer crops figures from the same PNG. Passwords
+never ride in rows: the render stage looks them up from the config by doc_id (or file name).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline.config import PipelineConfig
@@ -24,14 +32,9 @@ from pipeline.schema import COLUMNS, PAGE_SCHEMA
 log = logging.getLogger("pagemill")
 
 WORK_FIELDS = [
-    pa.field("_password", pa.string()),
     pa.field("_range_start", pa.int32()),
     pa.field("_range_stop", pa.int32()),
-    pa.field("_pixels", pa.binary()),  # rendered page, raw uint8 HxWx3
-    pa.field("_global", pa.binary()),  # preprocessed global view, raw uint8 SxSx3
-    pa.field("_tiles", pa.binary()),  # preprocessed tiles, raw uint8 Tx s x s x3
-    pa.field("_grid_w", pa.int32()),
-    pa.field("_grid_h", pa.int32()),
+    pa.field("_page_png", pa.binary()),  # the rendered page, PNG (lossless); width_px x height_px RGB
     pa.field("_text_layer", pa.string()),
     pa.field("_force_len", pa.int32()),  # generation.force_length: target before the prompt cap
 ]
@@ -42,10 +45,6 @@ RECEIPT_SCHEMA = pa.schema(
 )
 
 
-class ModelUnavailable(RuntimeError):
-    """The configured model weights cannot be found or fetched."""
-
-
 def to_rows(batch: pa.Table) -> list[dict[str, Any]]:
     return batch.to_pylist()
 
@@ -54,111 +53,97 @@ def to_batch(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
 
 
-# ----------------------------------------------------------------------------- model check
+def with_columns(batch: pa.Table, rows: Sequence[int], values: dict[str, list[Any]]) -> pa.Table:
+    """`batch` with `values[col][k]` written into row `rows[k]` of each named column (the other
+    rows keep their values; columns not named are the same Arrow buffers)."""
+    for name, vals in values.items():
+        col = batch.column(name).to_pylist()
+        for i, v in zip(rows, vals, strict=True):
+            col[i] = v
+        batch = batch.set_column(batch.schema.get_field_index(name), WORK_SCHEMA.field(name),
+                                 pa.array(col, WORK_SCHEMA.field(name).type))
+    return batch
 
 
-def check_model_available(cfg: PipelineConfig) -> None:
-    """Fail fast, on the driver, when the real weights cannot be reached (cheap: config.json only)."""
-    if cfg.model.name != "deepseek_ocr":
-        return
-    from model.checkpoint import CheckpointUnavailable, resolve_config_json
+def pending_rows(batch: pa.Table) -> list[int]:
+    return [i for i, s in enumerate(batch.column("status").to_pylist()) if s == "pending"]
 
-    try:
-        resolve_config_json(cfg.model.source)
-    except CheckpointUnavailable as e:  # its message already names the offline option
-        raise ModelUnavailable(f"cannot load the DeepSeek-OCR weights: {e}") from None
-    except Exception as e:  # anything else (auth, disk): same advice
-        raise ModelUnavailable(
-            f"cannot load the DeepSeek-OCR weights from {cfg.model.source!r} ({type(e).__name__}: {e}). "
-            "Point model.source at a local copy of deepseek-ai/DeepSeek-OCR, or run offline with the "
-            "tiny random-weight model: model=tiny_random"
-        ) from None
+
+def lookup_password(passwords: dict[str, str], source_uri: str, doc_id: str) -> str | None:
+    """The password of a document: by doc_id (sha256), else by file name (as discovery does)."""
+    name = source_uri.rstrip("/").rsplit("/", 1)[-1]
+    return passwords.get(doc_id) or passwords.get(name)
+
+
+def config_passwords(cfg: PipelineConfig) -> dict[str, str]:
+    from pipeline.sources import read_passwords
+
+    return {**read_passwords(cfg.input.passwords_file, cfg.input.storage_options), **cfg.input.passwords}
 
 
 # ----------------------------------------------------------------------------- processing
+
+
+def configure_data_context(cfg: PipelineConfig) -> None:
+    """Ray Data streaming settings of the job: reserve resources per operator so the OCR operator's
+    input queue is never starved by upstream operators (and the renderers cannot flood the object
+    store ahead of it)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.op_resource_reservation_enabled = True
+    ctx.op_resource_reservation_ratio = 0.5
+    ctx.execution_options.preserve_order = False
 
 
 def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
     """The streaming dataset of write receipts (one row per page row written)."""
     import ray
 
+    from pipeline.preflight import (
+        cpu_count,
+        ocr_actor_count,
+        ocr_calls_per_actor,
+        ocr_resources,
+    )
+
+    configure_data_context(cfg)
     n_ocr, gpus = ocr_actor_count(cfg)
-    ds = ray.data.from_arrow(to_batch(plan.tasks)) if plan.tasks else ray.data.from_arrow(to_batch([]))
+    ds = ray.data.from_arrow(to_batch(plan.tasks))
     ds = ds.repartition(max(1, min(len(plan.tasks), 1024)))
     ds = ds.map_batches(
         RenderStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, _cpu_count() - n_ocr)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpu_count() - n_ocr)),
         num_cpus=cfg.ray.render_cpus,
     )
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"cfg": cfg}, batch_size=8, batch_format="pyarrow",
-                        num_cpus=0.5)
     ds = ds.map_batches(
         OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.ocr_batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)),
+            min_size=n_ocr, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)),
         num_cpus=1, max_restarts=-1, max_task_retries=cfg.ray.ocr_max_retries, **ocr_resources(cfg, gpus),
     )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
-                        batch_size=cfg.ray.write_batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
-                        num_cpus=0.25)
+                        batch_size=cfg.ray.write_batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4), num_cpus=0.25)
     return ds
 
 
-def _cpu_count() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("CPU", 1))
-
-
-def ocr_actor_count(cfg: PipelineConfig) -> tuple[int, bool]:
-    """(actors, on_gpu): one actor per GPU of the cluster, or `ray.ocr_actors` if set."""
-    import ray
-
-    res = cfg.ray.ocr_resource or "GPU"  # a custom resource can stand in for GPUs (tests, pinning)
-    gpus = int(ray.cluster_resources().get(res, 0))
-    if cfg.ray.ocr_actors:
-        return cfg.ray.ocr_actors, gpus > 0
-    return (gpus, True) if gpus else (1, False)
-
-
-def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
-    """Batches an OCR actor works on at once: enough to keep twice its KV rows fed.
-
-    NOTE: Ray Data gives each actor task one bundle (~`ocr_batch_size` rows) and runs one task
-    per actor at a time unless the actor's concurrency is raised; with the default, an async
-    OcrStage would only ever hold one batch (16 pages) on the device. Each concurrent call
-    submits its pages to the same engine (`PageOcr.submit`), so they share one running batch."""
-    rows = ocr_rows(cfg, on_gpu) or AUTO_ROWS_GUESS
-    return max(1, -(-2 * rows // cfg.ray.ocr_batch_size))
-
-
-AUTO_ROWS_GUESS = 128  # `generation.max_batch=0` on a GPU: rows are fitted in the actor; ~121 on an 80 GB H100
-
-
-def ocr_rows(cfg: PipelineConfig, on_gpu: bool) -> int:
-    """KV rows of an OCR actor's engine: `generation.max_batch` (0 on a GPU: fitted to its free
-    memory once the model is loaded); on CPU at most one Ray batch (`ray.ocr_batch_size`)."""
-    mb, bs = cfg.generation.max_batch, cfg.ray.ocr_batch_size
-    return mb if on_gpu else min(mb or bs, bs)
-
-
-def ocr_resources(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
-    """Ray resources of one OCR actor: one GPU (or one unit of `ray.ocr_resource`) each."""
-    if not on_gpu:
-        return {"num_gpus": 0}
-    if cfg.ray.ocr_resource:
-        return {"num_gpus": 0, "resources": {cfg.ray.ocr_resource: 1}}
-    return {"num_gpus": 1}
-
-
 class RenderStage:
-    """Render one page range in a killable, recycled PyMuPDF subprocess; one row per page out."""
+    """Render one page range in a killable, recycled PyMuPDF subprocess; one row per page out.
+
+    The one stage that changes the row count: a task row (a page range) becomes its pages."""
+
+    READS = ("doc_id", "source_uri", "page_count", "mode", "config_hash", "model_id", "status",
+             "_range_start", "_range_stop")
+    WRITES = ("page_index", "status", "error_code", "error", "width_pt", "height_pt", "width_px",
+              "height_px", "dpi", "render_ms", "text_layer_chars", "_page_png", "_text_layer", "_force_len")
 
     def __init__(self, cfg: PipelineConfig):
         from pipeline.render import RenderWorker
 
         self.cfg = cfg
         self.worker = RenderWorker(recycle_after=cfg.render.recycle_after)
+        self.passwords = config_passwords(cfg)
         g = cfg.generation
         self.force_max_model_len = g.max_model_len if g.force_length == "text_layer" else None
 
@@ -167,7 +152,7 @@ class RenderStage:
         from pipeline.sources import read_document
 
         out: list[dict[str, Any]] = []
-        for task in to_rows(batch):
+        for task in batch.to_pylist():  # task rows: a few small scalars each
             if task["status"] != "pending":
                 out.append(task)
                 continue
@@ -178,8 +163,9 @@ class RenderStage:
             todo = [i for i in pages if i < r.max_pages]
             try:
                 data = read_document(task["source_uri"], self.cfg.input.storage_options)
+                password = lookup_password(self.passwords, task["source_uri"], task["doc_id"])
                 results = self.worker.render(
-                    data, task["_password"] or None, todo, dpi=r.dpi, max_pixels=r.max_pixels,
+                    data, password, todo, dpi=r.dpi, max_pixels=r.max_pixels, output="png",
                     max_side_px=r.max_side_px, timeout_s=r.timeout_s, max_failures=r.max_failures,
                     force_max_model_len=self.force_max_model_len,
                 ) if todo else []
@@ -194,7 +180,7 @@ class RenderStage:
                     row.update(
                         width_pt=res.width_pt, height_pt=res.height_pt, width_px=res.width_px,
                         height_px=res.height_px, dpi=res.dpi, render_ms=res.render_ms,
-                        _pixels=res.pixels.tobytes(), text_layer_chars=res.text_chars,
+                        _page_png=res.png, text_layer_chars=res.text_chars,
                         _text_layer=res.text, _force_len=res.force_len,
                     )
                 out.append(row)
@@ -204,47 +190,22 @@ class RenderStage:
         return to_batch(out)
 
 
-def preprocess_batch(batch: pa.Table, cfg: PipelineConfig) -> pa.Table:
-    """Mode-specific resize/pad/tiling on CPU; views travel as compact uint8 bytes."""
-    from PIL import Image
+def page_views(png: bytes, mode: str, max_crops: int | None) -> Any:
+    """The mode's uint8 views of one page PNG (`model.preprocess.PreparedImage`); the PIL path of
+    `preprocess_image`, on the decoded (lossless) page."""
+    from model.preprocess import load_image, preprocess_image
 
-    from model.preprocess import ImageError, preprocess_image
-    from pipeline.schema import page_image_name
-
-    out = []
-    for row in to_rows(batch):
-        if row["status"] == "pending":
-            try:
-                img = np.frombuffer(row["_pixels"], np.uint8).reshape(row["height_px"], row["width_px"], 3)
-                prep = preprocess_image(Image.fromarray(img), cfg.mode.name, max_crops=cfg.mode.max_crops)
-                row.update(
-                    _global=prep.global_view.tobytes(),
-                    _tiles=prep.tiles.tobytes() if prep.tiles is not None else b"",
-                    _grid_w=prep.grid[0], _grid_h=prep.grid[1], num_vision_tokens=prep.num_image_tokens,
-                )
-                if cfg.output.include_images:
-                    row["page_image"] = {"bytes": _png(img), "path": page_image_name(row["doc_id"], row["page_index"])}
-            except ImageError as e:
-                row.update(status="render_error", error_code="bad_image", error=str(e))
-            if row["status"] != "pending" or not cfg.output.write_figures:
-                row["_pixels"] = None  # kept only for the writer's figure crops; never in a pages row
-        out.append(row)
-    return to_batch(out)
-
-
-def _png(img: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    return preprocess_image(load_image(png, max_pixels=None), mode, max_crops=max_crops, max_pixels=None)
 
 
 class OcrStage:
     """One actor per GPU (or one on CPU): the model is loaded once; pages stream through the
     continuous-batching engine (model/engine.py) in a background thread.
+
+    The page views are built here, in a pool of CPU threads (Pillow releases the GIL), from the
+    page PNG: what crosses the object store is the compressed page, not ~10 MB of Gundam views.
+    The OCR output columns are written; the page PNG passes through (the writer crops figures from
+    it) only when the outputs need it (`output.write_figures` / `output.include_images`).
 
     `__call__` is a coroutine, so Ray Data runs several batches of this actor at once: their pages
     join one running batch on the device (`PageOcr.submit`) instead of the device draining at every
@@ -252,14 +213,26 @@ class OcrStage:
     stronger n-gram ban (per-request settings), as `attempts=2` - except forced-length pages
     (`generation.force_length`, benchmarks), which end `length` by design."""
 
+    READS = ("status", "source_uri", "_page_png", "_force_len")
+    WRITES = ("status", "error_code", "error", "raw_output", "num_output_tokens", "finish_reason", "ocr_ms",
+              "num_vision_tokens", "attempts", "fallback", "_page_png")
+
     def __init__(self, cfg: PipelineConfig):
         import asyncio
+        import os
+        from concurrent.futures import ThreadPoolExecutor
 
         from model.runner import PageOcr, default_device
+        from pipeline.faults import ocr_faults
+        from pipeline.preflight import ocr_rows
 
         g = cfg.generation
         on_cpu = default_device().type == "cpu"
-        self.g = g
+        self.cfg, self.g = cfg, g
+        self.faults = ocr_faults()
+        self.keep_png = cfg.output.write_figures or cfg.output.include_images
+        self.views_pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                                             thread_name_prefix="views")
         self.ocr = PageOcr.load(
             cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
             max_batch=ocr_rows(cfg, not on_cpu),
@@ -272,22 +245,37 @@ class OcrStage:
         log.info("OCR engine on %s: %d KV rows of %d tokens", self.ocr.engine.device, ec.max_batch, ec.max_model_len)
         self.fallback = g.fallback == "ngram"
         self._retry_lock: asyncio.Lock | None = None
-        _test_fault("ocr")
+        self.faults.die_once("ocr")
 
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        from dataclasses import replace
+    async def _input(self, png: bytes, force_len: int | None) -> Any:
+        import asyncio
 
         from model.runner import OcrInput
 
-        rows = to_rows(batch)
-        todo = [r for r in rows if r["status"] == "pending"]
-        inputs = [OcrInput(
-            global_view=_views(r["_global"], 1), tiles=_views(r["_tiles"], None) if r["_tiles"] else None,
-            grid=(r["_grid_w"], r["_grid_h"]), num_image_tokens=r["num_vision_tokens"],
-            force_len=r.get("_force_len"),  # the engine caps it with this prompt's length
-        ) for r in todo]
-        _test_fault("ocr_call")
-        _test_poison(todo)
+        m = self.cfg.mode
+        prep = await asyncio.get_running_loop().run_in_executor(self.views_pool, page_views, png, m.name, m.max_crops)
+        return OcrInput(global_view=prep.global_view, tiles=prep.tiles, grid=prep.grid,
+                        num_image_tokens=prep.num_image_tokens,
+                        force_len=force_len)  # the engine caps it with this prompt's length
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import asyncio
+        from dataclasses import replace
+
+        from model.preprocess import ImageError
+
+        todo = pending_rows(batch)
+        pngs = batch.column("_page_png").take(todo).to_pylist()
+        forced = batch.column("_force_len").take(todo).to_pylist()
+        self.faults.die_once("ocr_call")
+        self.faults.poisoned(batch.column("source_uri").take(todo).to_pylist())
+        made = await asyncio.gather(*(self._input(p, f) for p, f in zip(pngs, forced)), return_exceptions=True)
+        bad = {k: str(x) for k, x in enumerate(made) if isinstance(x, ImageError)}
+        for x in made:
+            if isinstance(x, BaseException) and not isinstance(x, ImageError):
+                raise x
+        ok = [k for k in range(len(todo)) if k not in bad]
+        inputs = [made[k] for k in ok]
         results = await self._run(inputs)
         first = [r.finish_reason for r in results]
         retry = [i for i, r in enumerate(results)
@@ -299,17 +287,30 @@ class OcrStage:
                 if res.finish_reason != "error":
                     res.ocr_ms += results[i].ocr_ms
                     results[i] = res
-        for i, (row, res) in enumerate(zip(todo, results)):
-            row.update(raw_output=res.raw_output, num_output_tokens=res.num_output_tokens,
-                       finish_reason=res.finish_reason, ocr_ms=res.ocr_ms, num_vision_tokens=res.num_vision_tokens,
-                       attempts=1, fallback=None)
-            if self.fallback and i in retry:
-                row.update(attempts=2, fallback=f"ngram:{first[i]}->{res.finish_reason}")
-            if res.error:
-                row.update(status="ocr_error", error_code="ocr_error", error=res.error)
-        for row in todo:
-            row["_global"] = row["_tiles"] = None
-        return to_batch(rows)
+        cols: dict[str, list[Any]] = {c: [] for c in self.WRITES}
+        status = batch.column("status").take(todo).to_pylist()
+        err_code = batch.column("error_code").take(todo).to_pylist()
+        err = batch.column("error").take(todo).to_pylist()
+        by_k = dict(zip(ok, range(len(ok))))
+        for k in range(len(todo)):
+            vals: dict[str, Any] = {c: None for c in self.WRITES}
+            vals.update(status=status[k], error_code=err_code[k], error=err[k],
+                        _page_png=pngs[k] if self.keep_png else None)
+            if k in bad:
+                vals.update(status="render_error", error_code="bad_image", error=bad[k], _page_png=None)
+            else:
+                i = by_k[k]
+                res = results[i]
+                vals.update(raw_output=res.raw_output, num_output_tokens=res.num_output_tokens,
+                            finish_reason=res.finish_reason, ocr_ms=res.ocr_ms,
+                            num_vision_tokens=res.num_vision_tokens, attempts=1)
+                if self.fallback and i in retry:
+                    vals.update(attempts=2, fallback=f"ngram:{first[i]}->{res.finish_reason}")
+                if res.error:
+                    vals.update(status="ocr_error", error_code="ocr_error", error=res.error)
+            for c in self.WRITES:
+                cols[c].append(vals[c])
+        return with_columns(batch, todo, cols)
 
     async def _run(self, inputs: list[Any]) -> list[Any]:
         """Results of `inputs`, in order. If the engine raised while a page was in flight, that
@@ -335,43 +336,6 @@ class OcrStage:
                                        error=f"{type(e).__name__}: {e}")
         return list(out)
 
-
-def _test_poison(rows: list[dict[str, Any]]) -> None:
-    """Test hook (`PAGEMILL_TEST_OCR_POISON=<name>`): a batch holding a page of a document whose
-    URI contains <name> kills the OCR process, every time (a document that crashes workers)."""
-    import os
-
-    name = os.environ.get("PAGEMILL_TEST_OCR_POISON", "")
-    if name and any(name in r["source_uri"] for r in rows):
-        os._exit(1)
-
-
-def _test_fault(where: str) -> None:
-    """Test hook (`PAGEMILL_TEST_OCR_FAULT=<where>:<marker file>`): the first process to get here
-    creates the marker and dies at once (a real actor death); later ones carry on."""
-    import os
-
-    spec = os.environ.get("PAGEMILL_TEST_OCR_FAULT", "")
-    if not spec.startswith(where + ":"):
-        return
-    try:
-        fd = os.open(spec.split(":", 1)[1], os.O_CREAT | os.O_EXCL)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os._exit(1)
-
-
-def _views(buf: bytes, n: int | None) -> np.ndarray:
-    a = np.frombuffer(buf, np.uint8)
-    if n == 1:
-        side = int(round((a.size // 3) ** 0.5))
-        return a.reshape(side, side, 3)
-    # tiles: T x s x s x 3 with s in {640, 1024}
-    for s in (640, 1024, 512):
-        if a.size % (s * s * 3) == 0:
-            return a.reshape(-1, s, s, 3)
-    raise ValueError(f"cannot infer tile shape from {a.size} bytes")
 
 
 STATUS_BY_FINISH = {"stop": "ok", "length": "truncated", "repetition": "repetition"}
@@ -409,8 +373,12 @@ def postprocess_row(row: dict[str, Any], quality: Any = None) -> dict[str, Any]:
 
 class WriteStage:
     """Post-process, then write each batch as atomic Parquet parts of at most ~output.target_file_mb
-    (row groups of ~output.row_group_mb); per part: its figure crops (`figures/`, same part name),
-    then the pages part, then its ledger entry. Emit small receipts (one per page row)."""
+    (row groups of ~output.row_group_mb); per part: its figure crops (`figures/`, same part name,
+    cut from the page PNG), then the pages part, then its ledger entry. Emit small receipts (one
+    per page row). With `output.include_images`, the page PNG becomes the `page_image` column."""
+
+    READS = tuple(WORK_SCHEMA.names)
+    WRITES = tuple(RECEIPT_SCHEMA.names)  # the receipts replace the batch
 
     def __init__(self, cfg: PipelineConfig, root: str):
         from pipeline.outputs import MB, OutputStore
@@ -428,17 +396,21 @@ class WriteStage:
 
         from pipeline.ledger import commit_entry
         from pipeline.outputs import figure_table, part_name, split_table
-        from pipeline.schema import rows_to_table
+        from pipeline.schema import page_image_name, rows_to_table
 
-        # the raw pages stay in Arrow: only those of pages with figures are copied out, for the crops
-        pixels = batch.column("_pixels") if "_pixels" in batch.column_names else None
-        light = batch if pixels is None else batch.drop_columns(["_pixels"])
+        # the page images stay in Arrow: only those of pages with figures are copied out, for the crops
+        pngs = batch.column("_page_png") if "_page_png" in batch.column_names else None
+        light = batch if pngs is None else batch.drop_columns(["_page_png"])
         rows = [postprocess_row(r, self.quality) for r in to_rows(light)]
         now = datetime.now(timezone.utc)
         for i, r in enumerate(rows):
             r["written_at"] = now
-            if r.get("_figures") and pixels is not None:
-                r["_pixels"] = pixels[i].as_py()
+            if pngs is None or not pngs[i].is_valid:
+                continue
+            if r.get("_figures"):
+                r["_page_png"] = pngs[i].as_py()
+            if self.cfg.output.include_images and r.get("page_image") is None and r["page_index"] >= 0:
+                r["page_image"] = {"bytes": pngs[i].as_py(), "path": page_image_name(r["doc_id"], r["page_index"])}
         table = rows_to_table([{k: r.get(k) for k in COLUMNS} for r in rows])  # work fields dropped here
         files: list[str] = []
         for part in split_table(table, self.target_bytes) if rows else []:

@@ -2,7 +2,7 @@
 
 The tiny random model rarely emits grounding tags, so box and figure logic is fed the model's
 output format (spec 5.1) directly: `ocr_row` builds the row a page has when it reaches the writer
-(rendered pixels, text layer, raw output, finish reason), exactly as the OCR stage leaves it.
+(the page PNG, text layer, raw output, finish reason), exactly as the OCR stage leaves it.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from pipeline.outputs import encode_png
 from pipeline.render import PageImage, render_pages
 from pipeline.sources import content_id
 
@@ -49,7 +48,7 @@ def ocr_row(raw_output: str = GROUNDING, *, page: PageImage | None = None, doc_i
         "status": "pending", "raw_output": raw_output, "num_vision_tokens": num_vision_tokens,
         "num_output_tokens": num_output_tokens, "finish_reason": finish_reason,
         "text_layer_chars": page.text_chars, "model_id": "test", "config_hash": config_hash,
-        "render_ms": 1.0, "ocr_ms": 2.0, "_pixels": np.ascontiguousarray(page.pixels).tobytes(),
+        "render_ms": 1.0, "ocr_ms": 2.0, "_page_png": encode_png(page.pixels),
         "_text_layer": page.text,
     }
     row.update(extra)

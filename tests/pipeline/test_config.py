@@ -123,7 +123,7 @@ def test_ocr_rows_default_fits_the_gpu_and_one_batch_on_cpu() -> None:
     """max_batch=0 (default): the GPU actor fits its KV rows to free memory after loading the
     model (`model.engine.fit_max_batch`, measured on the H100 in BENCHMARKS.md); on CPU the engine
     holds one Ray batch; and the actor takes enough concurrent Ray calls to keep 2x its rows fed."""
-    from pipeline.stages import AUTO_ROWS_GUESS, ocr_calls_per_actor, ocr_rows
+    from pipeline.preflight import AUTO_ROWS_GUESS, ocr_calls_per_actor, ocr_rows
 
     cfg = compose(["model=tiny_random"])
     assert cfg.generation.max_batch == 0

@@ -65,7 +65,7 @@ def test_files_are_sized_and_receipts_name_them(written) -> None:
         assert meta.num_row_groups == meta.num_rows
     table = ds.dataset(out / "pages", format="parquet").to_table()
     assert table.num_rows == N_ROWS and set(table.column_names) == set(COLUMNS)
-    assert "_pixels" not in table.column_names
+    assert "_page_png" not in table.column_names
     by_file = {f.name: set(pq.read_table(f, columns=["doc_id"]).column("doc_id").to_pylist()) for f in files}
     for doc_id, file in zip(receipts.column("doc_id").to_pylist(), receipts.column("file").to_pylist()):
         assert doc_id in by_file[file.rsplit("/", 1)[-1]]

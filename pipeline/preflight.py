@@ -1,0 +1,79 @@
+"""Driver-side checks and sizing before the Ray Data job starts: are the weights reachable, how
+many OCR actors, how many KV rows each, how many concurrent calls per actor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import PipelineConfig
+
+
+class ModelUnavailable(RuntimeError):
+    """The configured model weights cannot be found or fetched."""
+
+
+def check_model_available(cfg: PipelineConfig) -> None:
+    """Fail fast, on the driver, when the real weights cannot be reached (cheap: config.json only)."""
+    if cfg.model.name != "deepseek_ocr":
+        return
+    from model.checkpoint import CheckpointUnavailable, resolve_config_json
+
+    try:
+        resolve_config_json(cfg.model.source)
+    except CheckpointUnavailable as e:  # its message already names the offline option
+        raise ModelUnavailable(f"cannot load the DeepSeek-OCR weights: {e}") from None
+    except Exception as e:  # anything else (auth, disk): same advice
+        raise ModelUnavailable(
+            f"cannot load the DeepSeek-OCR weights from {cfg.model.source!r} ({type(e).__name__}: {e}). "
+            "Point model.source at a local copy of deepseek-ai/DeepSeek-OCR, or run offline with the "
+            "tiny random-weight model: model=tiny_random"
+        ) from None
+
+
+def cpu_count() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def ocr_actor_count(cfg: PipelineConfig) -> tuple[int, bool]:
+    """(actors, on_gpu): one actor per GPU of the cluster, or `ray.ocr_actors` if set."""
+    import ray
+
+    res = cfg.ray.ocr_resource or "GPU"  # a custom resource can stand in for GPUs (tests, pinning)
+    gpus = int(ray.cluster_resources().get(res, 0))
+    if cfg.ray.ocr_actors:
+        return cfg.ray.ocr_actors, gpus > 0
+    return (gpus, True) if gpus else (1, False)
+
+
+def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
+    """Batches an OCR actor works on at once: enough to keep twice its KV rows fed.
+
+    NOTE: Ray Data gives each actor task one bundle (~`ocr_batch_size` rows) and runs one task
+    per actor at a time unless the actor's concurrency is raised; with the default, an async
+    OcrStage would only ever hold one batch (16 pages) on the device. Each concurrent call
+    submits its pages to the same engine (`PageOcr.submit`), so they share one running batch."""
+    rows = ocr_rows(cfg, on_gpu) or AUTO_ROWS_GUESS
+    return max(1, -(-2 * rows // cfg.ray.ocr_batch_size))
+
+
+AUTO_ROWS_GUESS = 128  # `generation.max_batch=0` on a GPU: rows are fitted in the actor; ~121 on an 80 GB H100
+
+
+def ocr_rows(cfg: PipelineConfig, on_gpu: bool) -> int:
+    """KV rows of an OCR actor's engine: `generation.max_batch` (0 on a GPU: fitted to its free
+    memory once the model is loaded); on CPU at most one Ray batch (`ray.ocr_batch_size`)."""
+    mb, bs = cfg.generation.max_batch, cfg.ray.ocr_batch_size
+    return mb if on_gpu else min(mb or bs, bs)
+
+
+def ocr_resources(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
+    """Ray resources of one OCR actor: one GPU (or one unit of `ray.ocr_resource`) each."""
+    if not on_gpu:
+        return {"num_gpus": 0}
+    if cfg.ray.ocr_resource:
+        return {"num_gpus": 0, "resources": {cfg.ray.ocr_resource: 1}}
+    return {"num_gpus": 1}
+
+

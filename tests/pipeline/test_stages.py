@@ -1,0 +1,174 @@
+"""The stage UDFs called in-process on small Arrow batches (no Ray), with the tiny random model,
+and one small real Ray Data job whose per-operator stats bound the bytes per page.
+
+The contract checked for each stage: it reads only the columns it declares (`READS`: a batch
+whose other columns hold junk gives the same output), writes only the columns it declares
+(`WRITES`: every other column comes back unchanged), and one row in gives one row out (the render
+stage turns one page-range task into one row per page). Views built in the OCR actor from the
+page PNG are pixel-identical to today's PIL path on the raw rendered pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+import torch
+from PIL import Image
+
+from model.preprocess import preprocess_image
+from pipeline.run import compose
+from pipeline.sources import content_id
+from pipeline.stages import WORK_SCHEMA, OcrStage, RenderStage, WriteStage, page_views, to_batch
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+PAPER, LOCKED = DATA / "paper-arxiv-math-01.pdf", DATA / "encrypted-needs-password-01.pdf"
+MB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _passwords(tmp_path: Path) -> str:
+    pw = tmp_path / "passwords.tsv"
+    pw.write_text("encrypted-needs-password-01.pdf\topenpassword\n")
+    return f"input.passwords_file={pw}"
+
+
+def _cfg(tmp_path: Path, *extra: str) -> object:
+    return compose(["model=tiny_random", "mode=gundam", "generation.max_new_tokens=8", f"output.uri={tmp_path}",
+                    _passwords(tmp_path), *extra])
+
+
+def _task(path: Path, cfg: object, status: str = "pending", **extra: object) -> dict[str, object]:
+    return {"doc_id": content_id(path.read_bytes()), "source_uri": path.as_uri(), "page_index": 0,
+            "page_count": 1, "mode": "gundam", "config_hash": cfg.config_hash(), "model_id": "tiny",  # type: ignore[attr-defined]
+            "status": status, "_range_start": 0, "_range_stop": 1, **extra}
+
+
+def _unchanged_outside(before: pa.Table, after: pa.Table, writes: tuple[str, ...]) -> None:
+    assert after.schema == WORK_SCHEMA and after.num_rows == before.num_rows
+    for name in WORK_SCHEMA.names:
+        if name not in writes:
+            assert after.column(name).equals(before.column(name)), name
+
+
+def test_no_password_or_raw_pixel_column_in_rows() -> None:
+    names = set(WORK_SCHEMA.names)
+    assert not any("password" in n for n in names)
+    assert not names & {"_pixels", "_global", "_tiles"}  # the page travels as one PNG
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, pa.Table]:
+    cfg = _cfg(tmp_path_factory.mktemp("render"))
+    tasks = to_batch([_task(PAPER, cfg), _task(LOCKED, cfg),
+                      _task(DATA / "not-a-pdf-01.pdf", cfg, status="doc_error", page_index=-1, error_code="not_a_pdf")])
+    return cfg, RenderStage(cfg)(tasks)
+
+
+def test_render_stage(rendered) -> None:
+    cfg, out = rendered
+    assert out.schema == WORK_SCHEMA and out.num_rows == 3  # two one-page tasks + a passed-through error row
+    rows = out.to_pylist()
+    assert [r["status"] for r in rows] == ["pending", "pending", "doc_error"]
+    for r in rows[:2]:  # the locked document opened with the password from the config, found by name
+        img = Image.open(io.BytesIO(r["_page_png"]))
+        assert img.format == "PNG" and img.size == (r["width_px"], r["height_px"]) and r["dpi"] == 144
+        assert len(r["_page_png"]) < 2 * MB
+    assert rows[2]["_page_png"] is None and rows[2]["error_code"] == "not_a_pdf"
+    # reads only its declared columns: junk elsewhere changes nothing it writes
+    tasks = to_batch([_task(PAPER, cfg, raw_output="junk", markdown="junk")])
+    again = RenderStage(cfg)(tasks)
+    assert again.column("_page_png").equals(out.column("_page_png").slice(0, 1))
+
+
+def test_views_from_the_png_equal_the_pil_path_on_raw_pixels() -> None:
+    from pipeline.render import render_pages
+
+    for dpi in (144, 100):
+        (page,) = render_pages(PAPER.read_bytes(), None, [0], dpi=dpi, output="both")
+        for mode in ("gundam", "base", "small"):
+            want = preprocess_image(Image.fromarray(page.pixels), mode)
+            got = page_views(page.png, mode, None)
+            assert got.grid == want.grid and got.num_image_tokens == want.num_image_tokens
+            assert got.global_view.dtype == np.uint8 and np.array_equal(got.global_view, want.global_view)
+            assert (got.tiles is None) == (want.tiles is None)
+            if want.tiles is not None:
+                assert np.array_equal(got.tiles, want.tiles)
+        assert page_views(page.png, "gundam", None).n_tiles > 0  # 144 dpi A4 in Gundam: tiled
+
+
+@pytest.fixture(scope="module")
+def ocred(rendered) -> tuple[object, pa.Table, pa.Table]:
+    cfg, out = rendered
+    stage = OcrStage(cfg)
+    return cfg, out, asyncio.run(stage(out))
+
+
+def test_ocr_stage_contract(ocred) -> None:
+    cfg, before, after = ocred
+    _unchanged_outside(before, after, OcrStage.WRITES)
+    rows = after.to_pylist()
+    for r in rows[:2]:
+        assert r["status"] == "pending" and r["finish_reason"] in ("stop", "length", "repetition")
+        assert 0 < r["num_output_tokens"] <= 8 and r["num_vision_tokens"] > 273  # Gundam: tiles too
+        assert r["_page_png"] == before.column("_page_png")[0 if r is rows[0] else 1].as_py()  # figures need it
+    assert rows[2]["status"] == "doc_error" and rows[2]["raw_output"] is None  # untouched
+    # without figures and page images the PNG does not leave the actor
+    lean = OcrStage(compose(["model=tiny_random", "mode=gundam", "generation.max_new_tokens=8",
+                             "output.write_figures=false", "output.include_images=false"]))
+    out = asyncio.run(lean(before.slice(0, 1)))
+    assert out.column("_page_png").null_count == 1 and out.column("raw_output")[0].is_valid
+
+
+def test_ocr_stage_bad_image_is_an_error_row(ocred) -> None:
+    cfg, before, _ = ocred
+    bad = before.slice(0, 1).set_column(WORK_SCHEMA.get_field_index("_page_png"), WORK_SCHEMA.field("_page_png"),
+                                        pa.array([b"not a png"], pa.binary()))
+    out = asyncio.run(OcrStage(cfg)(bad)).to_pylist()
+    assert len(out) == 1 and out[0]["status"] == "render_error" and out[0]["error_code"] == "bad_image"
+
+
+def test_writer_takes_the_ocr_columns(ocred, tmp_path: Path) -> None:
+    cfg, _, after = ocred
+    cfg = _cfg(tmp_path, "output.include_images=true")
+    receipts = WriteStage(cfg, str(tmp_path))(after)
+    assert receipts.num_rows == after.num_rows  # one receipt per page row
+    table = pads.dataset(tmp_path / "pages", format="parquet").to_table()
+    assert table.num_rows == 3 and "_page_png" not in table.column_names
+    images = {r["page_index"]: r["page_image"] for r in table.to_pylist() if r["status"] != "doc_error"}
+    assert all(Image.open(io.BytesIO(i["bytes"])).format == "PNG" for i in images.values())
+
+
+def test_ray_job_bytes_per_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real Ray Data run on tests/data at 144 dpi in Gundam mode: every operator's output is
+    <= 2 MB per row, from Ray Data's own per-operator output-bytes stats."""
+    import ray
+
+    from pipeline.run import run
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # a fresh embedded Ray, never another job's cluster
+    cfg = compose(["model=tiny_random", "mode=gundam", "render.dpi=144", "generation.max_new_tokens=8",
+                   "progress=false", f"input.uri={DATA}", f"output.uri={tmp_path / 'out'}",
+                   _passwords(tmp_path)])
+    try:
+        summary = run(cfg, dataset_stats=True)
+    finally:
+        ray.shutdown()
+    assert summary["accounting_ok"] and summary["rows_written"] == 5
+    ops = summary["ray_data_operators"]
+    names = " ".join(o["name"] for o in ops)
+    assert "RenderStage" in names and "OcrStage" in names and "WriteStage" in names
+    for op in ops:
+        assert op["output_rows"] > 0 and op["output_bytes"] > 0, op
+        assert op["bytes_per_row"] <= 2 * MB, op
+    ocr = next(o for o in ops if "OcrStage" in o["name"])
+    assert ocr["output_rows"] == 5  # one row in, one row out
