@@ -198,6 +198,23 @@ def page_views(png: bytes, mode: str, max_crops: int | None) -> Any:
     return preprocess_image(load_image(png, max_pixels=None), mode, max_crops=max_crops, max_pixels=None)
 
 
+def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
+    """The job's `model.runner.PageOcr` (model + engine) from the config; shared by the OCR actor
+    and the benchmark's engine-alone run, so both run the same engine settings."""
+    from model.runner import PageOcr
+    from pipeline.preflight import ocr_rows
+
+    g = cfg.generation
+    return PageOcr.load(
+        cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
+        max_batch=ocr_rows(cfg, on_gpu),
+        max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
+        ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
+        ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
+        ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
+    )
+
+
 class OcrStage:
     """One actor per GPU (or one on CPU): the model is loaded once; pages stream through the
     continuous-batching engine (model/engine.py) in a background thread.
@@ -222,9 +239,8 @@ class OcrStage:
         import os
         from concurrent.futures import ThreadPoolExecutor
 
-        from model.runner import PageOcr, default_device
+        from model.runner import default_device
         from pipeline.faults import ocr_faults
-        from pipeline.preflight import ocr_rows
 
         g = cfg.generation
         on_cpu = default_device().type == "cpu"
@@ -233,14 +249,7 @@ class OcrStage:
         self.keep_png = cfg.output.write_figures or cfg.output.include_images
         self.views_pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
                                              thread_name_prefix="views")
-        self.ocr = PageOcr.load(
-            cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
-            max_batch=ocr_rows(cfg, not on_cpu),
-            max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
-            ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
-            ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
-            ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
-        )
+        self.ocr = load_page_ocr(cfg, on_gpu=not on_cpu)
         ec = self.ocr.engine.cfg
         log.info("OCR engine on %s: %d KV rows of %d tokens", self.ocr.engine.device, ec.max_batch, ec.max_model_len)
         self.fallback = g.fallback == "ngram"

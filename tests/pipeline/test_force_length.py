@@ -97,7 +97,7 @@ def test_pipeline_forced_lengths_and_bench_smoke(tmp_path: Path, tok: OcrTokeniz
     src = corpus_copy(*SMALL)
     out, report = tmp_path / "out", tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "jobs.bench_pipeline", "--corpus", str(src), "--out", str(out),
-           "--json-out", str(report), "mode=tiny", f"generation.max_model_len={MAX_MODEL_LEN}"]
+           "--json-out", str(report), "--no-engine-alone", "mode=tiny", f"generation.max_model_len={MAX_MODEL_LEN}"]
     env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
     refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "CUDA" in refused.stderr and not out.exists()
