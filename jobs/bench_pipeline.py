@@ -163,11 +163,13 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
     import hashlib
 
     from model.runner import OcrInput
+    from pipeline.forced import forced_from_text
     from pipeline.render import PageImage, render_pages
     from pipeline.stages import load_page_ocr, page_views
 
     r, g = cfg.render, cfg.generation
-    force = g.max_model_len if g.force_length == "text_layer" else None
+    force = g.force_length == "text_layer"
+    ocr = load_page_ocr(cfg, on_gpu=on_gpu)
     cache: dict[str, list[OcrInput]] = {}
     inputs: list[OcrInput] = []
     for f in sorted(corpus.glob("*.pdf")):
@@ -182,15 +184,16 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
             except Exception:  # noqa: BLE001 - not a PDF: no pages, as in the job
                 n = 0
             pages = render_pages(data, None, list(range(min(n, r.max_pages))), dpi=r.dpi, max_pixels=r.max_pixels,
-                                 max_side_px=r.max_side_px, output="png", force_max_model_len=force) if n else []
+                                 max_side_px=r.max_side_px, output="png", count_blocks=force) if n else []
             cache[key] = []
             for p in pages:
                 if isinstance(p, PageImage) and p.png is not None:
                     v = page_views(p.png, cfg.mode.name, cfg.mode.max_crops)
+                    n_force = (forced_from_text(p.text, p.text_blocks, ocr.tokenizer, 0, g.max_model_len)
+                               if force else None)  # as the OCR stage computes it
                     cache[key].append(OcrInput(global_view=v.global_view, tiles=v.tiles, grid=v.grid,
-                                               num_image_tokens=v.num_image_tokens, force_len=p.force_len))
+                                               num_image_tokens=v.num_image_tokens, force_len=n_force))
         inputs += cache[key]
-    ocr = load_page_ocr(cfg, on_gpu=on_gpu)
     t0 = time.perf_counter()
     results = [fut.result() for fut in [ocr.submit(x) for x in inputs]]
     wall = time.perf_counter() - t0
