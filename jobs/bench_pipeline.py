@@ -8,7 +8,12 @@ text-layer target (`generation.force_length=text_layer`).
 
 Runs `pipeline.run.run` in this process on embedded local Ray, timed from before Ray starts to the
 end of the run (model load, rendering and the documents/ build included), then reads the written
-Parquet back and reports JSON (printed and written to --json-out). `--allow-cpu` without CUDA:
+Parquet back and reports JSON (printed and written to --json-out): wall and steady-state pages/s,
+bytes per page and CPU seconds per page of every Ray Data operator (Ray Data's stats), GPU
+utilisation sampled every 10 s (pynvml or nvidia-smi, when present), and - right after, on the same
+pages, with the same engine settings - the engine alone (`engine_pages_per_s`). `--min-pages N`
+makes at least N distinct pages by writing byte-distinct copies of the corpus PDFs (a comment
+line appended after `%%EOF`; the ledger dedups identical bytes, the renderer sees the same pages). `--allow-cpu` without CUDA:
 a smoke run with `model=tiny_random` (numbers meaningless). `--out` must be new or empty: a rerun
 into the same output does no work (the ledger already has the rows).
 """
@@ -65,11 +70,147 @@ def report(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return out
 
 
+def steady_state(rows: list[dict[str, Any]], lo: float = 0.1, hi: float = 0.9) -> dict[str, Any]:
+    """Pages/s between the `lo` and `hi` quantiles of the rows' write times (start-up and tail out)."""
+    times = sorted(r["written_at"].timestamp() for r in rows if r["page_index"] >= 0 and r["written_at"])
+    if len(times) < 10:
+        return {"steady_pages_per_s": None, "steady_note": "too few pages"}
+    a, b = times[int(lo * (len(times) - 1))], times[int(hi * (len(times) - 1))]
+    n = int(hi * (len(times) - 1)) - int(lo * (len(times) - 1))
+    return {"steady_pages_per_s": round(n / (b - a), 4) if b > a else None,
+            "steady_window_s": round(b - a, 2), "steady_note": f"pages written between the {lo:.0%} and {hi:.0%} quantiles"}
+
+
+def make_copies(corpus: Path, dest: Path, min_pages: int) -> tuple[Path, int]:
+    """`dest` with byte-distinct copies of every PDF of `corpus`, enough copies for `min_pages`
+    pages (copy k has `%pagemill-copy k` appended: a new doc_id, the same pages). Returns
+    (dest, pages)."""
+    import pymupdf
+
+    files = sorted(corpus.glob("*.pdf"))
+    pages = 0
+    for f in files:
+        try:
+            with pymupdf.open(f, filetype="pdf") as doc:
+                pages += doc.page_count if not doc.needs_pass else 0
+        except Exception:  # noqa: BLE001 - broken corpus files count no pages (they become doc_error rows)
+            pass
+    copies = max(1, -(-min_pages // max(1, pages)))
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        data = f.read_bytes()
+        for k in range(copies):
+            (dest / f"{f.stem}-copy{k:03d}.pdf").write_bytes(data + b"\n%pagemill-copy " + str(k).encode() + b"\n")
+    return dest, pages * copies
+
+
+class GpuSampler:
+    """GPU utilisation every `every_s` seconds in a thread (pynvml, else nvidia-smi; none on CPU)."""
+
+    def __init__(self, every_s: float = 10.0):
+        import threading
+
+        self.every_s, self.samples, self.source = every_s, [], "none"
+        self._stop = threading.Event()
+        self._read = self._reader()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _reader(self) -> Any:
+        try:
+            import pynvml  # type: ignore[import-not-found]
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self.source = "pynvml"
+            return lambda: [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
+        except Exception:  # noqa: BLE001 - no NVML: try the CLI
+            import shutil
+            import subprocess
+
+            if not shutil.which("nvidia-smi"):
+                return None
+            self.source = "nvidia-smi"
+
+            def smi() -> list[int]:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                return [int(x) for x in out.split()]
+            return smi
+
+    def _loop(self) -> None:
+        t0 = time.time()
+        while not self._stop.wait(self.every_s):
+            try:
+                self.samples.append({"t_s": round(time.time() - t0, 1), "util_pct": self._read()})
+            except Exception as e:  # noqa: BLE001 - a failed sample is recorded, not fatal
+                self.samples.append({"t_s": round(time.time() - t0, 1), "error": str(e)})
+
+    def __enter__(self) -> GpuSampler:
+        if self._read is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
+    """The job's engine (same config, `pipeline.stages.load_page_ocr`) alone on the job's pages:
+    every page of every PDF in `corpus` rendered and turned into views first (untimed; byte copies
+    of one PDF share its views), then all submitted at once and timed to the last result."""
+    import hashlib
+
+    from model.runner import OcrInput
+    from pipeline.forced import forced_from_text
+    from pipeline.render import PageImage, render_pages
+    from pipeline.stages import load_page_ocr, page_views
+
+    r, g = cfg.render, cfg.generation
+    force = g.force_length == "text_layer"
+    ocr = load_page_ocr(cfg, on_gpu=on_gpu)
+    cache: dict[str, list[OcrInput]] = {}
+    inputs: list[OcrInput] = []
+    for f in sorted(corpus.glob("*.pdf")):
+        data = f.read_bytes()
+        key = hashlib.sha256(data.rsplit(b"\n%pagemill-copy ", 1)[0]).hexdigest()
+        if key not in cache:
+            try:
+                import pymupdf
+
+                with pymupdf.open(stream=data, filetype="pdf") as doc:
+                    n = 0 if doc.needs_pass else doc.page_count
+            except Exception:  # noqa: BLE001 - not a PDF: no pages, as in the job
+                n = 0
+            pages = render_pages(data, None, list(range(min(n, r.max_pages))), dpi=r.dpi, max_pixels=r.max_pixels,
+                                 max_side_px=r.max_side_px, output="png", count_blocks=force) if n else []
+            cache[key] = []
+            for p in pages:
+                if isinstance(p, PageImage) and p.png is not None:
+                    v = page_views(p.png, cfg.mode.name, cfg.mode.max_crops)
+                    n_force = (forced_from_text(p.text, p.text_blocks, ocr.tokenizer, 0, g.max_model_len)
+                               if force else None)  # as the OCR stage computes it
+                    cache[key].append(OcrInput(global_view=v.global_view, tiles=v.tiles, grid=v.grid,
+                                               num_image_tokens=v.num_image_tokens, force_len=n_force))
+        inputs += cache[key]
+    t0 = time.perf_counter()
+    results = [fut.result() for fut in [ocr.submit(x) for x in inputs]]
+    wall = time.perf_counter() - t0
+    tokens = sum(x.num_output_tokens for x in results)
+    return {"engine_pages": len(inputs), "engine_wall_s": round(wall, 2),
+            "engine_pages_per_s": round(len(inputs) / wall, 4) if wall > 0 else None,
+            "engine_output_tokens": tokens, "engine_kv_rows": ocr.engine.cfg.max_batch}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.bench_pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default=os.environ.get("PAGEMILL_CORPUS", "../shared/corpus/dev"))
     ap.add_argument("--out", required=True, help="output directory of the run (new or empty)")
     ap.add_argument("--json-out", default="", help="report file (default: <out>/_bench_pipeline.json)")
+    ap.add_argument("--min-pages", type=int, default=0,
+                    help="make >= this many distinct pages from byte-distinct copies of the corpus PDFs")
+    ap.add_argument("--no-engine-alone", action="store_true", help="skip the engine-alone run after the job")
     ap.add_argument("--allow-cpu", action="store_true", help="without CUDA: smoke run with model=tiny_random")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the job (key=value)")
     args = ap.parse_args(argv)
@@ -89,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_pipeline: --out {out} is not empty; give a new directory (a rerun there does no work)",
               file=sys.stderr)
         return 2
+    corpus, pages_made = Path(args.corpus).resolve(), None
+    if args.min_pages:
+        corpus, pages_made = make_copies(corpus, out.parent / f"{out.name}-corpus", args.min_pages)
     overrides = [f"model={'full_random' if cuda else 'tiny_random'}", "generation.force_length=text_layer",
-                 f"input.uri={Path(args.corpus).resolve()}", f"output.uri={out}", *args.overrides]
+                 f"input.uri={corpus}", f"output.uri={out}", *args.overrides]
     try:
         cfg = compose(overrides)
     except Exception as e:  # noqa: BLE001 - ConfigValueError, or Hydra's own errors (they name the key too)
@@ -103,17 +247,26 @@ def main(argv: list[str] | None = None) -> int:
           f"{' '.join(overrides)}", flush=True)
 
     t0 = time.perf_counter()
-    summary = run(cfg, dataset_stats=True)
+    with GpuSampler() as gpu:
+        summary = run(cfg, dataset_stats=True)
     wall = time.perf_counter() - t0
     stats = summary.pop("ray_data_stats", "")
+    operators = summary.pop("ray_data_operators", [])
     ray.shutdown()
+    rows = read_rows(out, cfg.config_hash())
+    engine = {} if args.no_engine_alone else engine_alone(cfg, corpus, on_gpu=cuda)
 
     result = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "ray": ray.__version__, "date": time.strftime("%Y-%m-%d"), "command": command, "overrides": overrides,
         "model": cfg.model.name, "mode": cfg.mode.name, "config_hash": cfg.config_hash(),
-        **report(read_rows(out, cfg.config_hash()), wall),
+        "corpus": str(corpus), "pages_made": pages_made,
+        **report(rows, wall), **steady_state(rows), **engine,
         "pipeline_wall_s": summary["wall_time_s"], "accounting_ok": summary["accounting_ok"],
+        # per Ray Data operator: bytes out per row (a page, after the render stage) and CPU s per row
+        "operators": [{**o, "bytes_per_page": o["bytes_per_row"], "cpu_s_per_page": o["cpu_s_per_row"]}
+                      for o in operators],
+        "gpu_util_source": gpu.source, "gpu_util_every_s": gpu.every_s, "gpu_util_samples": gpu.samples,
         "ray_data_stats": stats,
     }
     print("\n== Ray Data stats\n" + stats)

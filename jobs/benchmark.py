@@ -45,7 +45,8 @@ def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
 
     from model.preprocess import preprocess_image
     from model.tokenizer import OcrTokenizer
-    from pipeline.render import fit_zoom, forced_length
+    from pipeline.forced import forced_length
+    from pipeline.render import fit_zoom
 
     tok = OcrTokenizer.default()
     out = []

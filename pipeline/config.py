@@ -130,7 +130,7 @@ class GenerationConfig:
     fallback_ngram_size: int = 12
     fallback_ngram_window: int = 200
     # Benchmarks only: "text_layer" forces every page to generate exactly the length
-    # `pipeline.render.forced_length` gives (its text layer's tokens + 20 per text block, or 1,000
+    # `pipeline.forced.forced_length` gives (its text layer's tokens + 20 per text block, or 1,000
     # without a text layer; capped by max_model_len - prompt, and by max_new_tokens). Forced pages
     # end `length` (status truncated) by design and get no fallback pass. "none": normal decoding.
     force_length: str = "none"

@@ -44,7 +44,7 @@ class ProbeDocuments:
     """Read + hash + open each document; emit one metadata row per document (no bytes kept)."""
 
     def __init__(self, cfg: PipelineConfig):
-        from pipeline.render import RenderWorker
+        from pipeline.render_proc import RenderWorker
         from pipeline.sources import read_passwords
 
         self.cfg = cfg

@@ -9,7 +9,8 @@ dpi), but shrinks the zoom of oversized pages to fit pixel bounds instead of fai
 every per-page failure into a `PageError` row: a requested page is never dropped.
 
 These functions run MuPDF in the calling process; the pipeline calls them through
-`pipeline.render_proc` (killable child process with timeouts and recycling).
+`pipeline.render_proc` (killable child process with timeouts and recycling), which imports this
+module (never the other way round).
 """
 
 from __future__ import annotations
@@ -21,24 +22,24 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import pymupdf
 
+from pipeline import forced
+from pipeline.forced import MIN_TEXT_CHARS
+
 __all__ = [
     "DocError", "DocInfo", "PageProbe", "PageImage", "PageError", "probe_document", "render_pages",
     "iter_render_pages", "page_ranges", "fit_zoom", "DEFAULT_DPI", "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MAX_SIDE_PX", "MIN_TEXT_CHARS", "forced_length", "cap_forced_length",
+    "DEFAULT_MAX_SIDE_PX", "MIN_TEXT_CHARS",
 ]
 
 DEFAULT_DPI = 144.0
 DEFAULT_MAX_SIDE_PX = 8192  # longest side; the 234x14295 pt page (28590 px at 144 dpi) is shrunk
 DEFAULT_MAX_PIXELS = 25_000_000  # ~75 MB as RGB; a 2160x2160 pt scan (18.7 MP at 144 dpi) fits
-MIN_TEXT_CHARS = 20  # "has a text layer" = at least this many non-whitespace extractable chars
 HEADER_WINDOW = 1024  # `%PDF-` may follow junk (e.g. a Ghostscript banner) within this window
-FORCED_NO_TEXT_TOKENS = 1000  # forced output length of a page without a text layer (benchmarks)
-FORCED_TOKENS_PER_BLOCK = 20  # added per non-empty text block: markup, boxes, blank lines
 FAULT_ENV = "PAGEMILL_TEST_RENDER_FAULT"  # test hook, e.g. "hang:0" or "crash:2" (see _inject)
 _OBJ_RE = re.compile(rb"\d+\s+\d+\s+obj\b")
 
@@ -117,7 +118,7 @@ class PageImage:
     text: str | None = None  # the page's text layer when extract_text=True
     pixels: np.ndarray | None = None  # uint8 (H, W, 3) RGB when output is "array" or "both"
     png: bytes | None = None  # PNG bytes when output is "png" or "both"
-    force_len: int | None = None  # forced_length(page, prompt_len=0, force_max_model_len) when asked
+    text_blocks: int = -1  # non-empty text blocks when count_blocks=True (forced lengths, pipeline/forced.py)
 
 
 @dataclass(frozen=True)
@@ -238,40 +239,6 @@ def fit_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int | No
     return zoom
 
 
-def forced_length(page: pymupdf.Page, tokenizer: Any, prompt_len: int, max_model_len: int,
-                  text: str | None = None) -> int:
-    """Benchmark output length of a page (`generation.force_length=text_layer`, `jobs/benchmark.py`):
-    the token count of its PDF text layer plus FORCED_TOKENS_PER_BLOCK per non-empty text block,
-    or FORCED_NO_TEXT_TOKENS without a text layer (< MIN_TEXT_CHARS non-space chars); capped at
-    `max_model_len - prompt_len`, at least 1. `tokenizer` has `.encode(str) -> ids`; `text` is the
-    page's `get_text("text")` when the caller already has it."""
-    text = page.get_text("text") if text is None else text
-    if len("".join(text.split())) >= MIN_TEXT_CHARS:
-        blocks = sum(1 for b in page.get_text("blocks") if b[6] == 0 and b[4].strip())
-        target = len(tokenizer.encode(text)) + FORCED_TOKENS_PER_BLOCK * blocks
-    else:
-        target = FORCED_NO_TEXT_TOKENS
-    return cap_forced_length(target, prompt_len, max_model_len)
-
-
-def cap_forced_length(target: int, prompt_len: int, max_model_len: int) -> int:
-    """`target` capped so prompt + output fit `max_model_len`, at least 1. Capping in two steps
-    (first with prompt_len 0, then the real one) gives the same value as capping once."""
-    return max(1, min(target, max_model_len - prompt_len))
-
-
-_TOKENIZER: Any = None
-
-
-def _default_tokenizer() -> Any:
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        from model.tokenizer import OcrTokenizer
-
-        _TOKENIZER = OcrTokenizer.default()
-    return _TOKENIZER
-
-
 def _inject(fault: str | None, done: int) -> None:
     """Test hook, run before each page: `hang:N` sleeps an hour and `crash:N` SIGSEGVs the process
     once N pages are done; `sleep:S` sleeps S seconds before every page (a slow, not hung, page)."""
@@ -298,13 +265,13 @@ def iter_render_pages(
     max_side_px: int | None = DEFAULT_MAX_SIDE_PX,
     output: Literal["array", "png", "both"] = "array",
     extract_text: bool = True,
-    force_max_model_len: int | None = None,
+    count_blocks: bool = False,
     _test_fault: str | None = None,
 ) -> Iterator[PageImage | PageError]:
     """Yield one PageImage or PageError per requested index, in order, as each is rendered.
 
-    force_max_model_len: also compute each page's `forced_length` (bundled tokenizer, prompt length
-    0: the engine caps it with the real prompt's length) into PageImage.force_len."""
+    count_blocks: also count each page's non-empty text blocks into PageImage.text_blocks (the
+    forced-length rule of `pipeline.forced`; the tokenizer never runs in the renderer)."""
     if output not in ("array", "png", "both"):
         raise ValueError(f"output must be 'array', 'png' or 'both', not {output!r}")
     fault = _test_fault if _test_fault is not None else os.environ.get(FAULT_ENV)
@@ -333,16 +300,14 @@ def iter_render_pages(
                     pixels = np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.width, 3)
                 if output in ("png", "both"):
                     png = pix.tobytes("png")
-                text = page.get_text("text") if extract_text or force_max_model_len else None
-                force_len = (forced_length(page, _default_tokenizer(), 0, force_max_model_len, text=text)
-                             if force_max_model_len else None)
-                text = text if extract_text else None
+                text = page.get_text("text") if extract_text else None
+                blocks = forced.text_blocks(page) if count_blocks else -1
                 img = PageImage(
                     page_index=i, width_px=pix.width, height_px=pix.height, dpi=zoom * 72.0,
                     width_pt=float(rect.width), height_pt=float(rect.height), rotation=int(page.rotation),
                     scaled_down=zoom < dpi / 72.0, render_ms=(time.perf_counter() - t0) * 1000.0,
                     text_chars=len("".join(text.split())) if text is not None else -1, text=text,
-                    pixels=pixels, png=png, force_len=force_len,
+                    pixels=pixels, png=png, text_blocks=blocks,
                 )
                 del pix, page
             except Exception as e:
@@ -363,7 +328,7 @@ def render_pages(
     *,
     output: Literal["array", "png", "both"] = "array",
     extract_text: bool = True,
-    force_max_model_len: int | None = None,
+    count_blocks: bool = False,
     _test_fault: str | None = None,
 ) -> list[PageImage | PageError]:
     """Render the requested pages in-process; exactly one result per requested index, in order.
@@ -372,7 +337,7 @@ def render_pages(
     """
     return list(iter_render_pages(data, password, page_indices, dpi=dpi, max_pixels=max_pixels,
                                   max_side_px=max_side_px, output=output, extract_text=extract_text,
-                                  force_max_model_len=force_max_model_len, _test_fault=_test_fault))
+                                  count_blocks=count_blocks, _test_fault=_test_fault))
 
 
 def page_ranges(page_count: int, max_pages_per_task: int) -> list[range]:
@@ -380,10 +345,3 @@ def page_ranges(page_count: int, max_pages_per_task: int) -> list[range]:
     if max_pages_per_task < 1:
         raise ValueError("max_pages_per_task must be >= 1")
     return [range(s, min(s + max_pages_per_task, page_count)) for s in range(0, max(page_count, 0), max_pages_per_task)]
-
-
-# The isolated (subprocess) API lives in render_proc to keep files small; re-exported here so callers
-# can `from pipeline.render import RenderWorker`. Imported last: render_proc imports this module.
-from pipeline.render_proc import RenderWorker, probe_in_subprocess, render_in_subprocess  # noqa: E402
-
-__all__ += ["RenderWorker", "render_in_subprocess", "probe_in_subprocess"]

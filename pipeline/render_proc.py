@@ -226,7 +226,7 @@ class RenderWorker:
         max_side_px: int | None = DEFAULT_MAX_SIDE_PX,
         output: Literal["array", "png", "both"] = "array",
         extract_text: bool = True,
-        force_max_model_len: int | None = None,
+        count_blocks: bool = False,
         timeout_s: float = 120.0,
         page_timeout_s: float | None = None,
         retry_after_failure: bool = True,
@@ -244,7 +244,7 @@ class RenderWorker:
         # "" (not None) when unset: the child must not fall back to its own, possibly stale, env.
         fault = (_test_fault if _test_fault is not None else os.environ.get(FAULT_ENV)) or ""
         opts = dict(data=data, password=password, dpi=dpi, max_pixels=max_pixels, max_side_px=max_side_px,
-                    output=output, extract_text=extract_text, force_max_model_len=force_max_model_len,
+                    output=output, extract_text=extract_text, count_blocks=count_blocks,
                     _test_fault=fault)
         out: list[PageImage | PageError] = []
         failures = 0

@@ -36,7 +36,7 @@ WORK_FIELDS = [
     pa.field("_range_stop", pa.int32()),
     pa.field("_page_png", pa.binary()),  # the rendered page, PNG (lossless); width_px x height_px RGB
     pa.field("_text_layer", pa.string()),
-    pa.field("_force_len", pa.int32()),  # generation.force_length: target before the prompt cap
+    pa.field("_text_blocks", pa.int32()),  # generation.force_length: text blocks (pipeline/forced.py)
 ]
 WORK_SCHEMA = pa.schema(list(PAGE_SCHEMA) + WORK_FIELDS)
 
@@ -136,16 +136,15 @@ class RenderStage:
     READS = ("doc_id", "source_uri", "page_count", "mode", "config_hash", "model_id", "status",
              "_range_start", "_range_stop")
     WRITES = ("page_index", "status", "error_code", "error", "width_pt", "height_pt", "width_px",
-              "height_px", "dpi", "render_ms", "text_layer_chars", "_page_png", "_text_layer", "_force_len")
+              "height_px", "dpi", "render_ms", "text_layer_chars", "_page_png", "_text_layer", "_text_blocks")
 
     def __init__(self, cfg: PipelineConfig):
-        from pipeline.render import RenderWorker
+        from pipeline.render_proc import RenderWorker
 
         self.cfg = cfg
         self.worker = RenderWorker(recycle_after=cfg.render.recycle_after)
         self.passwords = config_passwords(cfg)
-        g = cfg.generation
-        self.force_max_model_len = g.max_model_len if g.force_length == "text_layer" else None
+        self.count_blocks = cfg.generation.force_length == "text_layer"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.render import PageError
@@ -167,7 +166,7 @@ class RenderStage:
                 results = self.worker.render(
                     data, password, todo, dpi=r.dpi, max_pixels=r.max_pixels, output="png",
                     max_side_px=r.max_side_px, timeout_s=r.timeout_s, max_failures=r.max_failures,
-                    force_max_model_len=self.force_max_model_len,
+                    count_blocks=self.count_blocks,
                 ) if todo else []
             except Exception as e:  # the bytes vanished between probe and render, etc.
                 results = [PageError(page_index=i, code="render_error", message=f"{type(e).__name__}: {e}")
@@ -181,7 +180,7 @@ class RenderStage:
                         width_pt=res.width_pt, height_pt=res.height_pt, width_px=res.width_px,
                         height_px=res.height_px, dpi=res.dpi, render_ms=res.render_ms,
                         _page_png=res.png, text_layer_chars=res.text_chars,
-                        _text_layer=res.text, _force_len=res.force_len,
+                        _text_layer=res.text, _text_blocks=res.text_blocks,
                     )
                 out.append(row)
             for i in capped:
@@ -196,6 +195,23 @@ def page_views(png: bytes, mode: str, max_crops: int | None) -> Any:
     from model.preprocess import load_image, preprocess_image
 
     return preprocess_image(load_image(png, max_pixels=None), mode, max_crops=max_crops, max_pixels=None)
+
+
+def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
+    """The job's `model.runner.PageOcr` (model + engine) from the config; shared by the OCR actor
+    and the benchmark's engine-alone run, so both run the same engine settings."""
+    from model.runner import PageOcr
+    from pipeline.preflight import ocr_rows
+
+    g = cfg.generation
+    return PageOcr.load(
+        cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
+        max_batch=ocr_rows(cfg, on_gpu),
+        max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
+        ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
+        ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
+        ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
+    )
 
 
 class OcrStage:
@@ -213,7 +229,7 @@ class OcrStage:
     stronger n-gram ban (per-request settings), as `attempts=2` - except forced-length pages
     (`generation.force_length`, benchmarks), which end `length` by design."""
 
-    READS = ("status", "source_uri", "_page_png", "_force_len")
+    READS = ("status", "source_uri", "_page_png", "_text_layer", "_text_blocks")
     WRITES = ("status", "error_code", "error", "raw_output", "num_output_tokens", "finish_reason", "ocr_ms",
               "num_vision_tokens", "attempts", "fallback", "_page_png")
 
@@ -222,9 +238,8 @@ class OcrStage:
         import os
         from concurrent.futures import ThreadPoolExecutor
 
-        from model.runner import PageOcr, default_device
+        from model.runner import default_device
         from pipeline.faults import ocr_faults
-        from pipeline.preflight import ocr_rows
 
         g = cfg.generation
         on_cpu = default_device().type == "cpu"
@@ -233,14 +248,7 @@ class OcrStage:
         self.keep_png = cfg.output.write_figures or cfg.output.include_images
         self.views_pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
                                              thread_name_prefix="views")
-        self.ocr = PageOcr.load(
-            cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
-            max_batch=ocr_rows(cfg, not on_cpu),
-            max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
-            ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
-            ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
-            ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
-        )
+        self.ocr = load_page_ocr(cfg, on_gpu=not on_cpu)
         ec = self.ocr.engine.cfg
         log.info("OCR engine on %s: %d KV rows of %d tokens", self.ocr.engine.device, ec.max_batch, ec.max_model_len)
         self.fallback = g.fallback == "ngram"
@@ -258,6 +266,17 @@ class OcrStage:
                         num_image_tokens=prep.num_image_tokens,
                         force_len=force_len)  # the engine caps it with this prompt's length
 
+    def _forced(self, batch: pa.Table, todo: list[int]) -> list[int | None]:
+        """`generation.force_length=text_layer`: each page's forced length (prompt length 0 here;
+        the engine caps it with the real prompt's length); otherwise None."""
+        if self.g.force_length != "text_layer":
+            return [None] * len(todo)
+        from pipeline.forced import forced_from_text
+
+        texts = batch.column("_text_layer").take(todo).to_pylist()
+        blocks = batch.column("_text_blocks").take(todo).to_pylist()
+        return [forced_from_text(t, b or 0, self.ocr.tokenizer, 0, self.g.max_model_len) for t, b in zip(texts, blocks)]
+
     async def __call__(self, batch: pa.Table) -> pa.Table:
         import asyncio
         from dataclasses import replace
@@ -266,7 +285,7 @@ class OcrStage:
 
         todo = pending_rows(batch)
         pngs = batch.column("_page_png").take(todo).to_pylist()
-        forced = batch.column("_force_len").take(todo).to_pylist()
+        forced = self._forced(batch, todo)
         self.faults.die_once("ocr_call")
         self.faults.poisoned(batch.column("source_uri").take(todo).to_pylist())
         made = await asyncio.gather(*(self._input(p, f) for p, f in zip(pngs, forced)), return_exceptions=True)

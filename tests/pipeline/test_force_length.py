@@ -1,5 +1,5 @@
 """Forced output lengths (`generation.force_length=text_layer`, benchmarks): the rule
-(`pipeline.render.forced_length`), its validation, and one real pipeline run with the tiny random
+(`pipeline.forced`), its validation, and one real pipeline run with the tiny random
 model - through the end-to-end benchmark `jobs/bench_pipeline.py --allow-cpu` - where every page
 generates exactly its forced length with no fallback pass and the report adds up.
 
@@ -19,7 +19,8 @@ import pytest
 
 from model.tokenizer import PROMPTS, OcrTokenizer
 from pipeline.config import ConfigValueError, GenerationConfig
-from pipeline.render import MIN_TEXT_CHARS, cap_forced_length, forced_length, render_pages
+from pipeline.forced import MIN_TEXT_CHARS, cap_forced_length, forced_from_text, forced_length
+from pipeline.render import render_pages
 from pipeline.run import compose
 from tests.pipeline.test_e2e import REPO, _env, read_pages
 
@@ -56,11 +57,13 @@ def test_forced_length_rule(corpus_dir: Path, tok: OcrTokenizer) -> None:
     # the pipeline caps in two steps (renderer: prompt 0; OCR stage: the real prompt); same value
     assert all(cap_forced_length(cap_forced_length(t, 0, 1024), p, 1024) == cap_forced_length(t, p, 1024)
                for t in (1, 50, 1000, 5000) for p in (0, 83, 1000, 1023, 2000))
-    # the renderer computes it (prompt length 0) only when asked
+    # the renderer counts the text blocks only when asked (no tokenizer there); the OCR stage's
+    # length from that count and the text layer (prompt length 0) is the rule's
     data = (corpus_dir / SMALL[1]).read_bytes()
     (plain,) = render_pages(data, None, [0], dpi=72)
-    (forced,) = render_pages(data, None, [0], dpi=72, force_max_model_len=MAX_MODEL_LEN)
-    assert plain.force_len is None and forced.force_len == 196 and forced.text == plain.text
+    (forced,) = render_pages(data, None, [0], dpi=72, count_blocks=True)
+    assert plain.text_blocks == -1 and forced.text_blocks > 0 and forced.text == plain.text
+    assert forced_from_text(forced.text, forced.text_blocks, tok, 0, MAX_MODEL_LEN) == 196
 
 
 def test_bad_force_length_names_the_key(tmp_path: Path) -> None:
@@ -97,7 +100,7 @@ def test_pipeline_forced_lengths_and_bench_smoke(tmp_path: Path, tok: OcrTokeniz
     src = corpus_copy(*SMALL)
     out, report = tmp_path / "out", tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "jobs.bench_pipeline", "--corpus", str(src), "--out", str(out),
-           "--json-out", str(report), "mode=tiny", f"generation.max_model_len={MAX_MODEL_LEN}"]
+           "--json-out", str(report), "--no-engine-alone", "mode=tiny", f"generation.max_model_len={MAX_MODEL_LEN}"]
     env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
     refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "CUDA" in refused.stderr and not out.exists()

@@ -387,7 +387,7 @@ def test_worker_recycles_child(corpus_bytes) -> None:
 def test_document_that_keeps_crashing_renderers_is_quarantined(corpus_dir: Path) -> None:
     """Every page kills its renderer: after `max_failures` crashes the rest of the range is not
     tried again but gets `quarantined` errors, one per page, and the worker still works after."""
-    from pipeline.render import RenderWorker
+    from pipeline.render_proc import RenderWorker
 
     data = (corpus_dir / "slides-deck-26p-01.pdf").read_bytes()
     with RenderWorker(recycle_after=50) as w:

@@ -172,3 +172,36 @@ def test_ray_job_bytes_per_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert op["bytes_per_row"] <= 2 * MB, op
     ocr = next(o for o in ops if "OcrStage" in o["name"])
     assert ocr["output_rows"] == 5  # one row in, one row out
+
+
+@pytest.mark.slow
+def test_bench_pipeline_json(tmp_path: Path) -> None:
+    """`jobs/bench_pipeline.py --allow-cpu` on 3 byte-distinct copies of one PDF: the job, then the
+    engine alone on the same pages; the JSON carries both rates, the device, per-operator bytes and
+    CPU per page, and the GPU sampler's fields."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    shutil.copy(DATA / "form-libreoffice-01.pdf", src)
+    out, report = tmp_path / "out", tmp_path / "bench.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAY_ADDRESS": "local",
+           "PYTHONPATH": str(DATA.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "jobs.bench_pipeline", "--allow-cpu", "--corpus", str(src),
+                           "--out", str(out), "--min-pages", "3", "--json-out", str(report), "mode=tiny",
+                           "generation.max_model_len=1024", "progress=false"],
+                          cwd=DATA.parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rep = json.loads(report.read_text())
+    assert rep["device"] == "cpu" and rep["pages_made"] == 3 and rep["pages_written"] == 3
+    assert rep["pages_per_s"] > 0 and rep["engine_pages"] == 3 and rep["engine_pages_per_s"] > 0
+    assert rep["engine_output_tokens"] == rep["output_tokens"]  # same pages, same forced lengths
+    ops = {o["name"]: o for o in rep["operators"]}
+    for name in ("MapBatches(RenderStage)", "MapBatches(OcrStage)", "MapBatches(WriteStage)"):
+        assert ops[name]["output_rows"] == 3 and 0 < ops[name]["bytes_per_page"] <= 2 * MB
+        assert ops[name]["cpu_s_per_page"] >= 0
+    assert rep["gpu_util_source"] == "none" and rep["gpu_util_samples"] == []
