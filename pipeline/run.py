@@ -95,7 +95,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     (`ray_data_stats`, `Dataset.stats()` of the processing run; benchmarks)."""
     import ray
 
-    from pipeline import stages
+    from pipeline import provenance, stages
     from pipeline.outputs import OutputStore
     from pipeline.discover import discover
     from pipeline.ledger import Ledger
@@ -106,6 +106,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0))
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     stages.check_model_available(cfg)
+    provenance.resolve(cfg)  # before any config_hash(): the revision is part of it
     redact.register(cfg)
     # a bad file fails before any work; its passwords are secrets too
     redact.register_values(read_passwords(cfg.input.passwords_file, cfg.input.storage_options))
