@@ -82,7 +82,7 @@ class ModelConfig:
     dtype: str = "bfloat16"
     seed: int = 0  # random-weight models only (tiny_random, full_random)
     # not a setting: the driver resolves it at start (pipeline.provenance) to the hub commit sha,
-    # local-<digest> or random; part of config_hash and model_id
+    # local-<digest>, "" for random weights; part of config_hash and model_id
     revision: str = ""
 
     def __post_init__(self) -> None:

@@ -16,10 +16,11 @@ from pipeline.config import PipelineConfig
 
 def resolve_revision(cfg: PipelineConfig) -> str:
     """The model's revision: the hub snapshot's commit sha; for a local directory a digest of its
-    config.json and weight file names and sizes ("local-…"); for the random-weight models
-    "random" (their weights are a function of the seed and OUTPUT_CODE_VERSION)."""
+    config.json and weight file names and sizes ("local-…"); for the random-weight models ""
+    (their weights are a function of the seed and OUTPUT_CODE_VERSION, both already hashed, so a
+    composed config hashes like a resolved one)."""
     if cfg.model.name != "deepseek_ocr":
-        return "random"
+        return ""
     from model.checkpoint import resolve_config_json
 
     config_json = resolve_config_json(cfg.model.source)
