@@ -22,6 +22,11 @@ DTYPES = ("bfloat16", "float16", "float32")
 PROMPT_NAMES = ("document", "ocr_image", "free_ocr", "figure", "describe")
 
 
+# Version of the code that shapes a row (grounding parser, post-processing, prompts, random-weight
+# synthesis): bump it when a change alters output so config_hash (and the ledger) sees new work.
+OUTPUT_CODE_VERSION = 1
+
+
 class ConfigValueError(ValueError):
     """A configuration value is invalid; the message names the key and the allowed values."""
 
@@ -76,6 +81,9 @@ class ModelConfig:
     source: str = "deepseek-ai/DeepSeek-OCR"
     dtype: str = "bfloat16"
     seed: int = 0  # random-weight models only (tiny_random, full_random)
+    # not a setting: the driver resolves it at start (pipeline.provenance) to the hub commit sha,
+    # local-<digest>, "" for random weights; part of config_hash and model_id
+    revision: str = ""
 
     def __post_init__(self) -> None:
         _check(self.name in MODEL_NAMES, "model.name", self.name, " | ".join(MODEL_NAMES))
@@ -201,6 +209,8 @@ class PipelineConfig:
             "generation": {k: v for k, v in asdict(self.generation).items()
                            if k != "max_batch" and not (k == "force_length" and v == "none")},
             "include_images": self.output.include_images,
+            "model_revision": self.model.revision,
+            "code_version": OUTPUT_CODE_VERSION,
         }
 
     def config_hash(self) -> str:

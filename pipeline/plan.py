@@ -84,5 +84,5 @@ def _base_row(cfg: PipelineConfig) -> dict[str, Any]:
 
 def model_id(cfg: PipelineConfig) -> str:
     if cfg.model.name in ("tiny_random", "full_random"):
-        return f"{cfg.model.name}:seed={cfg.model.seed}"
-    return cfg.model.source
+        return f"{cfg.model.name}:seed={cfg.model.seed}"  # the seed is the revision
+    return f"{cfg.model.source}@{cfg.model.revision}" if cfg.model.revision else cfg.model.source

@@ -18,15 +18,22 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from pipeline import redact
 from pipeline.config import ConfigValueError, PipelineConfig
 from pipeline.schema import STATUSES
 
 log = logging.getLogger("pagemill")
+
+# Exit codes (README "Exit codes"): a nightly alert can tell a typo from data loss.
+EXIT_OK = 0
+EXIT_HYDRA_OR_CRASH = 1  # Hydra's own composition errors (unknown key/group) and unexpected crashes
+EXIT_CONFIG = 2  # an invalid configuration value, or unusable input (e.g. a bad passwords file)
+EXIT_MODEL = 3  # the model weights cannot be reached
+EXIT_ROWS_MISSING = 4  # the run finished but accounting failed: rows are missing (retried next run)
 
 
 def register_configs() -> None:
@@ -89,7 +96,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     figures (`ray_data_operators`, `pipeline.opstats.operator_stats`)."""
     import ray
 
-    from pipeline import preflight, stages
+    from pipeline import preflight, provenance, stages
     from pipeline.discover import discover
     from pipeline.ledger import Ledger
     from pipeline.outputs import OutputStore
@@ -100,7 +107,10 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0))
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     preflight.check_model_available(cfg)
-    read_passwords(cfg.input.passwords_file, cfg.input.storage_options)  # a bad file fails before any work
+    provenance.resolve(cfg)  # before any config_hash(): the revision is part of it
+    redact.register(cfg)
+    # a bad file fails before any work; its passwords are secrets too
+    redact.register_values(read_passwords(cfg.input.passwords_file, cfg.input.storage_options))
     ledger = Ledger.load(store, cfg.config_hash())
     init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
@@ -152,7 +162,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
         "run_id": run_id,
         "output_uri": store.root,
         "config_hash": cfg.config_hash(),
-        "config": asdict(cfg),
+        "config": redact.redacted_config(cfg),
         "documents_in": len(docs),
         "duplicate_paths": plan.duplicates,
         "documents_quarantined": plan.quarantined,
@@ -219,24 +229,26 @@ def main() -> None:
     @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
     def _main(dcfg: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        redact.install_log_filter()
+        redact.note_env_paths(dcfg)
         try:
             cfg = to_config(dcfg)
         except ConfigValueError as e:
-            print(f"pagemill: configuration error: {e}", file=sys.stderr)
-            sys.exit(2)
+            print(f"pagemill: configuration error: {redact.scrub(str(e))}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
         from pipeline.preflight import ModelUnavailable
         from pipeline.sources import InputError
 
         try:
             summary = run(cfg)
         except ModelUnavailable as e:
-            print(f"pagemill: {e}", file=sys.stderr)
-            sys.exit(3)
+            print(f"pagemill: {redact.scrub(str(e))}", file=sys.stderr)
+            sys.exit(EXIT_MODEL)
         except InputError as e:
-            print(f"pagemill: input error: {e}", file=sys.stderr)
-            sys.exit(2)
+            print(f"pagemill: input error: {redact.scrub(str(e))}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
         if not summary["accounting_ok"]:
-            sys.exit(1)
+            sys.exit(EXIT_ROWS_MISSING)
 
     _main()
 

@@ -52,3 +52,36 @@ def corpus_copy(corpus_dir: Path, tmp_path: Path):
         return src
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint: moto's server mode on 127.0.0.1 (a thread of this process, reachable by
+    the job subprocess and its Ray workers). Yields the s3fs `storage_options` to reach it."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on `s3_server` for this test: (bucket name, s3fs filesystem, storage_options).
+    The filesystem has no listing cache (other processes write to the bucket)."""
+    import uuid
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True, use_listings_cache=False)
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(name)
+    return name, fs, s3_server

@@ -215,7 +215,7 @@ def test_document_that_keeps_killing_the_ocr_worker_is_quarantined(corpus_dir: P
     env = {"PAGEMILL_TEST_OCR_POISON": "poison-form"}
     for attempt in (1, 2):
         proc = run_job(*args, env=env)
-        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert proc.returncode == 4, proc.stderr[-3000:]  # EXIT_ROWS_MISSING
         s = summary(out)
         assert not s["accounting_ok"] and s["missing_rows"] == 1 and len(s["missing_documents"]) == 1
         assert len(list((out / "_failures").glob("*.parquet"))) == attempt
