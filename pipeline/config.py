@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from model.preprocess import MODES
 
@@ -165,6 +165,9 @@ class RayConfig:
     write_batch_size: int = 64  # rows per committed Parquet part (the unit a crash can lose)
     render_cpus: float = 1.0
     namespace: str = "pagemill"
+    # -- ux: console and cluster behaviour
+    verbose: bool = False  # Ray's own INFO/WARNING logs on the console (off: only ours, errors, summary)
+    log_to_driver: Optional[bool] = None  # worker logs on the driver; None: on when joined to a cluster
 
     def __post_init__(self) -> None:
         _check(self.ocr_actors >= 0, "ray.ocr_actors", self.ocr_actors, ">= 0")

@@ -62,24 +62,68 @@ def compose(overrides: list[str] | None = None) -> PipelineConfig:
     return to_config(cfg)
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def quiet_ray(verbose: bool) -> None:
+    """Keep Ray's internal INFO/WARNING chatter (token auth, constructor arguments, deprecations,
+    per-dataset execution plans) out of the console; `ray.verbose=true` brings it back. Our own
+    log lines, errors and the summary table are unaffected. Must run before Ray starts."""
+    if verbose:
+        return
+    import warnings
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # C++ core-worker notices on stderr
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    warnings.filterwarnings("ignore", message=r".*ray_remote_args.*")
+    warnings.filterwarnings("ignore", module=r"ray(\..*)?")
+    for name in ("ray", "ray._private", "ray.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import ray.data  # configures its own logger: keep its file log (ray-data.log), quiet its console
+
+    for h in logging.getLogger("ray.data").handlers:
+        if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
+            h.setLevel(logging.ERROR)
+
+
+def cluster_address(cfg: PipelineConfig) -> str:
+    """Where Ray is: `ray.address`, else RAY_ADDRESS (set by `ray job submit` for the driver and by
+    users), else "" = start an embedded local Ray ("local" also means embedded)."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    return "" if address == "local" else address
+
+
+def init_ray(cfg: PipelineConfig) -> bool:
+    """Start or join Ray; returns True when joined to a running cluster.
+
+    Joining passes no num_cpus/num_gpus (Ray refuses them when connecting): a plain
+    `ray job submit -- pagemill run …` works without `ray.address=auto`."""
     import ray
 
+    address = cluster_address(cfg)
+    quiet_ray(cfg.ray.verbose)
+    level = logging.INFO if cfg.ray.verbose else logging.ERROR
     if ray.is_initialized():
-        return
-    env = {"env_vars": {"PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, log_to_driver=True)
-    else:
-        # Embedded local Ray. Logical CPUs are over-committed on small machines so the
-        # long-lived render and OCR actors cannot starve the light per-batch tasks.
-        ray.init(
-            num_cpus=max(4, os.cpu_count() or 1),
-            namespace=cfg.ray.namespace,
-            include_dashboard=False,
-            runtime_env=env,
-            log_to_driver=True,
-        )
+        return bool(address)
+    log_to_driver = cfg.ray.log_to_driver if cfg.ray.log_to_driver is not None else bool(address)
+    if address:
+        ray.init(address=cfg.ray.address or None,  # None: Ray reads RAY_ADDRESS itself
+                 namespace=cfg.ray.namespace, log_to_driver=log_to_driver, logging_level=level)
+        if not cfg.ray.verbose:
+            logging.getLogger("ray").setLevel(logging.ERROR)
+        return True
+    env = {"env_vars": {"PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                        **({} if cfg.ray.verbose else {"RAY_BACKEND_LOG_LEVEL": "fatal"})}}
+    # Embedded local Ray. Logical CPUs are over-committed on small machines so the
+    # long-lived render and OCR actors cannot starve the light per-batch tasks.
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 1),
+        namespace=cfg.ray.namespace,
+        include_dashboard=False,
+        runtime_env=env,
+        log_to_driver=log_to_driver,
+        logging_level=level,
+    )
+    if not cfg.ray.verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    return False
 
 
 def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
@@ -101,9 +145,8 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     stages.check_model_available(cfg)
     read_passwords(cfg.input.passwords_file, cfg.input.storage_options)  # a bad file fails before any work
     ledger = Ledger.load(store, cfg.config_hash())
-    init_ray(cfg)
+    local = not init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
-    local = not cfg.ray.address
     ctx.enable_progress_bars = not local  # locally our own tqdm bar is the progress display
     ctx.log_internal_stack_trace_to_stdout = False
     # A batch that still fails after its retries must not stop the night: its rows are reported
