@@ -27,6 +27,7 @@ from pipeline.config import ConfigValueError, PipelineConfig
 from pipeline.schema import STATUSES
 
 log = logging.getLogger("pagemill")
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
 def register_configs() -> None:
@@ -56,8 +57,7 @@ def compose(overrides: list[str] | None = None) -> PipelineConfig:
     from hydra import initialize_config_dir
 
     register_configs()
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides or [])
     return to_config(cfg)
 
@@ -255,7 +255,8 @@ def main() -> None:
 
     register_configs()
 
-    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+    # absolute: the same conf/ whether this runs as __main__ or from `pagemill run` (pipeline.cli)
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def _main(dcfg: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         try:
