@@ -76,10 +76,14 @@ class ModelConfig:
     source: str = "deepseek-ai/DeepSeek-OCR"
     dtype: str = "bfloat16"
     seed: int = 0  # random-weight models only (tiny_random, full_random)
+    # auto: on a cluster one GPU per OCR actor (waiting for GPU nodes), locally GPUs if present;
+    # cpu: run the model on CPU on purpose; cuda: require GPUs locally too
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.name in MODEL_NAMES, "model.name", self.name, " | ".join(MODEL_NAMES))
         _check(self.dtype in DTYPES, "model.dtype", self.dtype, " | ".join(DTYPES))
+        _check(self.device in ("auto", "cpu", "cuda"), "model.device", self.device, "auto | cpu | cuda")
         if self.name == "deepseek_ocr":
             _check(bool(self.source), "model.source", self.source, "a hub id or local directory")
 
@@ -168,11 +172,19 @@ class RayConfig:
     # -- ux: console and cluster behaviour
     verbose: bool = False  # Ray's own INFO/WARNING logs on the console (off: only ours, errors, summary)
     log_to_driver: Optional[bool] = None  # worker logs on the driver; None: on when joined to a cluster
+    # OCR actor pool [min, max] (Ray Data autoscales between them); empty: one actor per GPU seen
+    ocr_concurrency: list[int] = field(default_factory=list)
+    accelerator_type: str = ""  # e.g. H100, A100: OCR actors only on nodes of this type
+    gpu_wait_s: float = 900.0  # how long to wait for the first GPU node (autoscaling) before failing
+    shared_fs: bool = False  # local paths are a filesystem every node mounts (NFS, Lustre): allowed on a cluster
 
     def __post_init__(self) -> None:
         _check(self.ocr_actors >= 0, "ray.ocr_actors", self.ocr_actors, ">= 0")
         _check(self.ocr_batch_size >= 1, "ray.ocr_batch_size", self.ocr_batch_size, ">= 1")
         _check(self.write_batch_size >= 1, "ray.write_batch_size", self.write_batch_size, ">= 1")
+        c = self.ocr_concurrency
+        _check(not c or (len(c) == 2 and 1 <= c[0] <= c[1]), "ray.ocr_concurrency", c, "[] or [min, max], 1 <= min <= max")
+        _check(self.gpu_wait_s >= 0, "ray.gpu_wait_s", self.gpu_wait_s, ">= 0 (seconds)")
 
 
 @dataclass

@@ -83,19 +83,14 @@ def quiet_ray(verbose: bool) -> None:
             h.setLevel(logging.ERROR)
 
 
-def cluster_address(cfg: PipelineConfig) -> str:
-    """Where Ray is: `ray.address`, else RAY_ADDRESS (set by `ray job submit` for the driver and by
-    users), else "" = start an embedded local Ray ("local" also means embedded)."""
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    return "" if address == "local" else address
-
-
 def init_ray(cfg: PipelineConfig) -> bool:
     """Start or join Ray; returns True when joined to a running cluster.
 
     Joining passes no num_cpus/num_gpus (Ray refuses them when connecting): a plain
     `ray job submit -- pagemill run …` works without `ray.address=auto`."""
     import ray
+
+    from pipeline.cluster import cluster_address
 
     address = cluster_address(cfg)
     quiet_ray(cfg.ray.verbose)
@@ -141,11 +136,14 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
 
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0))
-    store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     stages.check_model_available(cfg)
     read_passwords(cfg.input.passwords_file, cfg.input.storage_options)  # a bad file fails before any work
-    ledger = Ledger.load(store, cfg.config_hash())
     local = not init_ray(cfg)
+    from pipeline.cluster import check_paths
+
+    check_paths(cfg)  # local paths on a multi-node cluster: a config error before anything is written
+    store = OutputStore(cfg.output.uri, cfg.output.storage_options)
+    ledger = Ledger.load(store, cfg.config_hash())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not local  # locally our own tqdm bar is the progress display
     ctx.log_internal_stack_trace_to_stdout = False
@@ -264,11 +262,18 @@ def main() -> None:
         except ConfigValueError as e:
             print(f"pagemill: configuration error: {e}", file=sys.stderr)
             sys.exit(2)
+        from pipeline.cluster import NoGpuError
         from pipeline.sources import InputError
         from pipeline.stages import ModelUnavailable
 
         try:
             summary = run(cfg)
+        except ConfigValueError as e:
+            print(f"pagemill: configuration error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except NoGpuError as e:
+            print(f"pagemill: {e}", file=sys.stderr)
+            sys.exit(4)
         except ModelUnavailable as e:
             print(f"pagemill: {e}", file=sys.stderr)
             sys.exit(3)

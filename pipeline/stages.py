@@ -82,7 +82,9 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
     """The streaming dataset of write receipts (one row per page row written)."""
     import ray
 
-    n_ocr, gpus = ocr_actor_count(cfg)
+    from pipeline.cluster import connected, ocr_pool
+
+    min_ocr, n_ocr, gpus = ocr_pool(cfg, connected(cfg))  # waits (bounded) for GPU nodes on a cluster
     ds = ray.data.from_arrow(to_batch(plan.tasks)) if plan.tasks else ray.data.from_arrow(to_batch([]))
     ds = ds.repartition(max(1, min(len(plan.tasks), 1024)))
     ds = ds.map_batches(
@@ -95,7 +97,7 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
     ds = ds.map_batches(
         OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.ocr_batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)),
+            min_size=min_ocr, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)),
         num_cpus=1, max_restarts=-1, max_task_retries=cfg.ray.ocr_max_retries, **ocr_resources(cfg, gpus),
     )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
@@ -108,17 +110,6 @@ def _cpu_count() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1))
-
-
-def ocr_actor_count(cfg: PipelineConfig) -> tuple[int, bool]:
-    """(actors, on_gpu): one actor per GPU of the cluster, or `ray.ocr_actors` if set."""
-    import ray
-
-    res = cfg.ray.ocr_resource or "GPU"  # a custom resource can stand in for GPUs (tests, pinning)
-    gpus = int(ray.cluster_resources().get(res, 0))
-    if cfg.ray.ocr_actors:
-        return cfg.ray.ocr_actors, gpus > 0
-    return (gpus, True) if gpus else (1, False)
 
 
 def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
@@ -146,9 +137,10 @@ def ocr_resources(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
     """Ray resources of one OCR actor: one GPU (or one unit of `ray.ocr_resource`) each."""
     if not on_gpu:
         return {"num_gpus": 0}
+    acc = {"accelerator_type": cfg.ray.accelerator_type} if cfg.ray.accelerator_type else {}
     if cfg.ray.ocr_resource:
-        return {"num_gpus": 0, "resources": {cfg.ray.ocr_resource: 1}}
-    return {"num_gpus": 1}
+        return {"num_gpus": 0, "resources": {cfg.ray.ocr_resource: 1}, **acc}
+    return {"num_gpus": 1, **acc}
 
 
 class RenderStage:
