@@ -5,7 +5,8 @@
 #   day); re-running the same night resumes it.
 # NIGHTLY_LAYOUT=incremental: writes to <output.uri> itself, one growing corpus; each night only
 #   new or changed documents are processed (the ledger), and the night's record lands in _runs/.
-# With RAY_ADDRESS set it is submitted to that cluster, otherwise it runs on embedded local Ray.
+# With RAY_ADDRESS set it is submitted to that cluster with --submission-id
+#   pagemill-nightly-<output root>-<hash of the root>-<YYYY-MM-DD>, otherwise it runs on embedded local Ray.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 day=${NIGHTLY_DATE:-$(date -u +%F)}
@@ -26,6 +27,13 @@ case "$layout" in
 esac
 echo "pagemill nightly ($layout): writing to $target" >&2
 if [[ -n "${RAY_ADDRESS:-}" ]]; then
-  exec bash jobs/submit.sh output.uri="$target" "${args[@]}"
+  # One submission per output root and night: a second submission of the same night is refused by
+  # Ray (submission ids are unique), so a cron double-fire cannot run two writers on one output.
+  slug=$(printf '%s' "${out%/}" | tr -c 'A-Za-z0-9' '-' | tr -s '-' | sed 's/^-//; s/-$//' | tail -c 40)
+  root_hash=$(printf '%s' "${out%/}" | sha256sum | cut -c1-8)
+  submission_id="pagemill-nightly-${slug}-${root_hash}-${day}"
+  echo "pagemill nightly: submission id $submission_id" >&2
+  SUBMIT_FLAGS="${SUBMIT_FLAGS:-} --submission-id $submission_id" \
+    exec bash jobs/submit.sh output.uri="$target" "${args[@]}"
 fi
 exec python -m pipeline.run output.uri="$target" "${args[@]}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from model.preprocess import MODES
 
@@ -84,10 +84,14 @@ class ModelConfig:
     # not a setting: the driver resolves it at start (pipeline.provenance) to the hub commit sha,
     # local-<digest>, "" for random weights; part of config_hash and model_id
     revision: str = ""
+    # auto: on a cluster one GPU per OCR actor (waiting for GPU nodes), locally GPUs if present;
+    # cpu: run the model on CPU on purpose; cuda: require GPUs locally too
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.name in MODEL_NAMES, "model.name", self.name, " | ".join(MODEL_NAMES))
         _check(self.dtype in DTYPES, "model.dtype", self.dtype, " | ".join(DTYPES))
+        _check(self.device in ("auto", "cpu", "cuda"), "model.device", self.device, "auto | cpu | cuda")
         if self.name == "deepseek_ocr":
             _check(bool(self.source), "model.source", self.source, "a hub id or local directory")
 
@@ -173,11 +177,22 @@ class RayConfig:
     write_batch_size: int = 64  # rows per committed Parquet part (the unit a crash can lose)
     render_cpus: float = 1.0
     namespace: str = "pagemill"
+    # -- ux: console and cluster behaviour
+    verbose: bool = False  # Ray's own INFO/WARNING logs on the console (off: only ours, errors, summary)
+    log_to_driver: Optional[bool] = None  # worker logs on the driver; None: on when joined to a cluster
+    # OCR actor pool [min, max] (Ray Data autoscales between them); empty: one actor per GPU seen
+    ocr_concurrency: list[int] = field(default_factory=list)
+    accelerator_type: str = ""  # e.g. H100, A100: OCR actors only on nodes of this type
+    gpu_wait_s: float = 900.0  # how long to wait for the first GPU node (autoscaling) before failing
+    shared_fs: bool = False  # local paths are a filesystem every node mounts (NFS, Lustre): allowed on a cluster
 
     def __post_init__(self) -> None:
         _check(self.ocr_actors >= 0, "ray.ocr_actors", self.ocr_actors, ">= 0")
         _check(self.ocr_batch_size >= 1, "ray.ocr_batch_size", self.ocr_batch_size, ">= 1")
         _check(self.write_batch_size >= 1, "ray.write_batch_size", self.write_batch_size, ">= 1")
+        c = self.ocr_concurrency
+        _check(not c or (len(c) == 2 and 1 <= c[0] <= c[1]), "ray.ocr_concurrency", c, "[] or [min, max], 1 <= min <= max")
+        _check(self.gpu_wait_s >= 0, "ray.gpu_wait_s", self.gpu_wait_s, ">= 0 (seconds)")
 
 
 @dataclass

@@ -7,8 +7,8 @@
 pyarrow in two streaming passes, so driver memory is bounded by `budget_mb` of markdown, not by
 the corpus: (1) keys, status and markdown sizes of every row of the configuration; (2) per group
 of documents holding at most `budget_mb` of `ok` markdown, those pages' markdown. A document's
-markdown is its `ok` pages in page order, each preceded by a `PAGE_MARKER` line
-(`<!-- page N -->`, 0-based as `page_index`); other pages are counted by status, not included.
+`text` is its `ok` pages' markdown in page order joined by `PAGE_SEPARATOR`, with no inline page
+markers, and `page_spans` gives each page's [start, end) in it; other pages are counted by status.
 Figure references stay as the pages wrote them (`schema.figure_name`), so exporting the crops of
 `figures/` under their `name` next to the markdown makes every `![](...)` resolve.
 
@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.outputs import MB, OutputStore, split_by_bytes
-from pipeline.schema import DOCUMENT_SCHEMA, PAGE_MARKER, PAGE_SCHEMA, STATUSES
+from pipeline.schema import DOCUMENT_SCHEMA, PAGE_SCHEMA, PAGE_SEPARATOR, STATUSES
 
 log = logging.getLogger("pagemill")
 
@@ -78,9 +78,21 @@ def _scan_keys(pages: ds.Dataset, config_hash: str | None) -> dict[str, dict[str
     return docs
 
 
-def join_pages(pages: dict[int, str]) -> str:
-    """A document's markdown from {page_index: markdown} of its `ok` pages."""
-    return "\n\n".join(f"{PAGE_MARKER.format(page_index=i)}\n\n{pages[i]}".rstrip() for i in sorted(pages))
+def join_pages(pages: dict[int, str]) -> tuple[str, list[dict[str, int]]]:
+    """A document's text from {page_index: markdown} of its `ok` pages, and the span of each page
+    in it (`text[start:end]` is exactly that page's markdown)."""
+    parts: list[str] = []
+    spans: list[dict[str, int]] = []
+    pos = 0
+    for i in sorted(pages):
+        if parts:
+            parts.append(PAGE_SEPARATOR)
+            pos += len(PAGE_SEPARATOR)
+        md = pages[i]
+        parts.append(md)
+        spans.append({"start": pos, "end": pos + len(md), "page_index": i})
+        pos += len(md)
+    return "".join(parts), spans
 
 
 def assemble_documents(store: OutputStore, config_hash: str | None, *, target_file_mb: float = 256.0,
@@ -117,10 +129,10 @@ def assemble_documents(store: OutputStore, config_hash: str | None, *, target_fi
                 for d, i, md in zip(*(batch.column(n).to_pylist() for n in ("doc_id", "page_index", "markdown"))):
                     text[d].setdefault(i, md or "")
         for d in ids:
-            info, markdown = docs[d], join_pages(text[d])
+            info, (markdown, spans) = docs[d], join_pages(text[d])
             row = {
-                "doc_id": d, "source_uri": info["source_uri"], "page_count": info["page_count"],
-                "markdown": markdown, "pages_included": sorted(text[d]),
+                "id": d, "doc_id": d, "source_uri": info["source_uri"], "page_count": info["page_count"],
+                "text": markdown, "page_spans": spans, "pages_included": sorted(text[d]),
                 **{f"pages_{s}": info["counts"].get(s, 0) for s in STATUSES},
                 "error_code": info["error_code"], "num_figures": markdown.count("](figures/"),
                 "model_id": info["model_id"], "config_hash": config_hash,
@@ -191,7 +203,7 @@ def export_documents(store: OutputStore, dest: str, doc_id: str | None = None) -
         os.makedirs(os.path.join(dest, FIGURES_DIR), exist_ok=True)
         md_path = os.path.join(dest, f"{doc['doc_id']}.md")
         with open(md_path, "w", encoding="utf-8") as f:
-            f.write(doc["markdown"] or "")
+            f.write(doc["text"] or "")
         written.append(md_path)
         fig_path = store.join(FIGURES_DIR)
         if doc["num_figures"] and store.fs.exists(fig_path):

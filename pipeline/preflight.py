@@ -36,17 +36,6 @@ def cpu_count() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
-def ocr_actor_count(cfg: PipelineConfig) -> tuple[int, bool]:
-    """(actors, on_gpu): one actor per GPU of the cluster, or `ray.ocr_actors` if set."""
-    import ray
-
-    res = cfg.ray.ocr_resource or "GPU"  # a custom resource can stand in for GPUs (tests, pinning)
-    gpus = int(ray.cluster_resources().get(res, 0))
-    if cfg.ray.ocr_actors:
-        return cfg.ray.ocr_actors, gpus > 0
-    return (gpus, True) if gpus else (1, False)
-
-
 def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
     """Batches an OCR actor works on at once: enough to keep twice its KV rows fed.
 
@@ -72,8 +61,9 @@ def ocr_resources(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
     """Ray resources of one OCR actor: one GPU (or one unit of `ray.ocr_resource`) each."""
     if not on_gpu:
         return {"num_gpus": 0}
+    acc = {"accelerator_type": cfg.ray.accelerator_type} if cfg.ray.accelerator_type else {}
     if cfg.ray.ocr_resource:
-        return {"num_gpus": 0, "resources": {cfg.ray.ocr_resource: 1}}
-    return {"num_gpus": 1}
+        return {"num_gpus": 0, "resources": {cfg.ray.ocr_resource: 1}, **acc}
+    return {"num_gpus": 1, **acc}
 
 

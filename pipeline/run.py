@@ -27,6 +27,7 @@ from pipeline.config import ConfigValueError, PipelineConfig
 from pipeline.schema import STATUSES
 
 log = logging.getLogger("pagemill")
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 # Exit codes (README "Exit codes"): a nightly alert can tell a typo from data loss.
 EXIT_OK = 0
@@ -34,6 +35,7 @@ EXIT_HYDRA_OR_CRASH = 1  # Hydra's own composition errors (unknown key/group) an
 EXIT_CONFIG = 2  # an invalid configuration value, or unusable input (e.g. a bad passwords file)
 EXIT_MODEL = 3  # the model weights cannot be reached
 EXIT_ROWS_MISSING = 4  # the run finished but accounting failed: rows are missing (retried next run)
+EXIT_NO_GPU = 5  # on a cluster, no GPU (or `ray.ocr_resource`) node joined within `ray.gpu_wait_s`
 
 
 def register_configs() -> None:
@@ -63,30 +65,68 @@ def compose(overrides: list[str] | None = None) -> PipelineConfig:
     from hydra import initialize_config_dir
 
     register_configs()
-    conf_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides or [])
     return to_config(cfg)
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def quiet_ray(verbose: bool) -> None:
+    """Keep Ray's internal INFO/WARNING chatter (token auth, constructor arguments, deprecations,
+    per-dataset execution plans) out of the console; `ray.verbose=true` brings it back. Our own
+    log lines, errors and the summary table are unaffected. Must run before Ray starts."""
+    if verbose:
+        return
+    import warnings
+
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # C++ core-worker notices on stderr
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    warnings.filterwarnings("ignore", message=r".*ray_remote_args.*")
+    warnings.filterwarnings("ignore", module=r"ray(\..*)?")
+    for name in ("ray", "ray._private", "ray.util"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import ray.data  # configures its own logger: keep its file log (ray-data.log), quiet its console
+
+    for h in logging.getLogger("ray.data").handlers:
+        if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
+            h.setLevel(logging.ERROR)
+
+
+def init_ray(cfg: PipelineConfig) -> bool:
+    """Start or join Ray; returns True when joined to a running cluster.
+
+    Joining passes no num_cpus/num_gpus (Ray refuses them when connecting): a plain
+    `ray job submit -- pagemill run …` works without `ray.address=auto`."""
     import ray
 
+    from pipeline.cluster import cluster_address
+
+    address = cluster_address(cfg)
+    quiet_ray(cfg.ray.verbose)
+    level = logging.INFO if cfg.ray.verbose else logging.ERROR
     if ray.is_initialized():
-        return
-    env = {"env_vars": {"PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, namespace=cfg.ray.namespace, log_to_driver=True)
-    else:
-        # Embedded local Ray. Logical CPUs are over-committed on small machines so the
-        # long-lived render and OCR actors cannot starve the light per-batch tasks.
-        ray.init(
-            num_cpus=max(4, os.cpu_count() or 1),
-            namespace=cfg.ray.namespace,
-            include_dashboard=False,
-            runtime_env=env,
-            log_to_driver=True,
-        )
+        return bool(address)
+    log_to_driver = cfg.ray.log_to_driver if cfg.ray.log_to_driver is not None else bool(address)
+    if address:
+        ray.init(address=cfg.ray.address or None,  # None: Ray reads RAY_ADDRESS itself
+                 namespace=cfg.ray.namespace, log_to_driver=log_to_driver, logging_level=level)
+        if not cfg.ray.verbose:
+            logging.getLogger("ray").setLevel(logging.ERROR)
+        return True
+    env = {"env_vars": {"PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                        **({} if cfg.ray.verbose else {"RAY_BACKEND_LOG_LEVEL": "fatal"})}}
+    # Embedded local Ray. Logical CPUs are over-committed on small machines so the
+    # long-lived render and OCR actors cannot starve the light per-batch tasks.
+    ray.init(
+        num_cpus=max(4, os.cpu_count() or 1),
+        namespace=cfg.ray.namespace,
+        include_dashboard=False,
+        runtime_env=env,
+        log_to_driver=log_to_driver,
+        logging_level=level,
+    )
+    if not cfg.ray.verbose:
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    return False
 
 
 def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
@@ -105,16 +145,18 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
 
     t0 = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0))
-    store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     preflight.check_model_available(cfg)
     provenance.resolve(cfg)  # before any config_hash(): the revision is part of it
     redact.register(cfg)
     # a bad file fails before any work; its passwords are secrets too
     redact.register_values(read_passwords(cfg.input.passwords_file, cfg.input.storage_options))
+    local = not init_ray(cfg)
+    from pipeline.cluster import check_paths
+
+    check_paths(cfg)  # local paths on a multi-node cluster: a config error before anything is written
+    store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     ledger = Ledger.load(store, cfg.config_hash())
-    init_ray(cfg)
     ctx = ray.data.DataContext.get_current()
-    local = not cfg.ray.address
     ctx.enable_progress_bars = not local  # locally our own tqdm bar is the progress display
     ctx.log_internal_stack_trace_to_stdout = False
     # A batch that still fails after its retries must not stop the night: its rows are reported
@@ -226,7 +268,8 @@ def main() -> None:
 
     register_configs()
 
-    @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+    # absolute: the same conf/ whether this runs as __main__ or from `pagemill run` (pipeline.cli)
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def _main(dcfg: Any) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         redact.install_log_filter()
@@ -236,11 +279,18 @@ def main() -> None:
         except ConfigValueError as e:
             print(f"pagemill: configuration error: {redact.scrub(str(e))}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
+        from pipeline.cluster import NoGpuError
         from pipeline.preflight import ModelUnavailable
         from pipeline.sources import InputError
 
         try:
             summary = run(cfg)
+        except ConfigValueError as e:
+            print(f"pagemill: configuration error: {redact.scrub(str(e))}", file=sys.stderr)
+            sys.exit(EXIT_CONFIG)
+        except NoGpuError as e:
+            print(f"pagemill: {redact.scrub(str(e))}", file=sys.stderr)
+            sys.exit(EXIT_NO_GPU)
         except ModelUnavailable as e:
             print(f"pagemill: {redact.scrub(str(e))}", file=sys.stderr)
             sys.exit(EXIT_MODEL)

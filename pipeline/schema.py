@@ -134,22 +134,28 @@ FIGURE_SCHEMA = with_hf_features(
 # `documents/`: one row per document (per configuration), assembled from `pages/` after a run.
 DOCUMENT_SCHEMA = pa.schema(
     [
+        pa.field("id", pa.string(), nullable=False),  # = doc_id, the name datatrove/dolma/NeMo Curator read
         pa.field("doc_id", pa.string(), nullable=False),
         pa.field("source_uri", pa.string(), nullable=False),
         pa.field("page_count", pa.int32()),
-        pa.field("markdown", pa.string()),  # `ok` pages in order, each after a PAGE_MARKER line
-        pa.field("pages_included", pa.list_(pa.int32())),  # page indices whose markdown is in `markdown`
+        pa.field("text", pa.string()),  # `ok` pages' markdown in order, joined by PAGE_SEPARATOR, no markers
+        # one span per included page: text[start:end] is exactly that page's markdown (olmOCR's
+        # attributes.pdf_page_numbers: [start, end, page], page 1-based there, 0-based page_index here)
+        pa.field("page_spans", pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()),
+                                                   ("page_index", pa.int32())]))),
+        pa.field("pages_included", pa.list_(pa.int32())),  # page indices whose markdown is in `text`
         *(pa.field(f"pages_{s}", pa.int32()) for s in STATUSES),  # rows by status
         pa.field("error_code", pa.string()),  # doc_error documents: the reason code
-        pa.field("num_figures", pa.int32()),  # figure references in `markdown`
+        pa.field("num_figures", pa.int32()),  # figure references in `text`
         pa.field("model_id", pa.string()),
         pa.field("config_hash", pa.string()),
     ],
     metadata={"pagemill_schema_version": str(SCHEMA_VERSION)},
 )
 
-# Marker line before each page's markdown in `documents/` (0-based page index, as in `pages/`).
-PAGE_MARKER = "<!-- page {page_index} -->"
+# Between two pages' markdown in `documents/`.text (no inline page markers: they would end up in
+# training data; `page_spans` says where each page is).
+PAGE_SEPARATOR = "\n\n"
 
 
 def figure_name(doc_id: str, page_index: int, block_index: int) -> str:

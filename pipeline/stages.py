@@ -100,15 +100,11 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
     """The streaming dataset of write receipts (one row per page row written)."""
     import ray
 
-    from pipeline.preflight import (
-        cpu_count,
-        ocr_actor_count,
-        ocr_calls_per_actor,
-        ocr_resources,
-    )
+    from pipeline.cluster import connected, ocr_pool
+    from pipeline.preflight import cpu_count, ocr_calls_per_actor, ocr_resources
 
     configure_data_context(cfg)
-    n_ocr, gpus = ocr_actor_count(cfg)
+    min_ocr, n_ocr, gpus = ocr_pool(cfg, connected(cfg))  # waits (bounded) for GPU nodes on a cluster
     ds = ray.data.from_arrow(to_batch(plan.tasks))
     ds = ds.repartition(max(1, min(len(plan.tasks), 1024)))
     ds = ds.map_batches(
@@ -119,7 +115,7 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
     ds = ds.map_batches(
         OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.ocr_batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
-            min_size=n_ocr, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)),
+            min_size=min_ocr, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)),
         num_cpus=1, max_restarts=-1, max_task_retries=cfg.ray.ocr_max_retries, **ocr_resources(cfg, gpus),
     )
     ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"cfg": cfg, "root": store.uri},

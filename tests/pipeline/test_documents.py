@@ -49,14 +49,16 @@ def test_documents_join_ok_pages_with_markers_and_count_statuses(tmp_path: Path)
     assert assemble_documents(store, "h1") == 3
     docs = _docs(tmp_path)
     a = docs[A]
-    assert a["markdown"] == "<!-- page 0 -->\n\n# A zero\n\n<!-- page 2 -->\n\nA two\n\n<!-- page 3 -->\n\nA three"
+    assert a["text"] == "# A zero\n\nA two\n\nA three" and a["id"] == a["doc_id"]
+    assert [(sp["page_index"], a["text"][sp["start"]:sp["end"]]) for sp in a["page_spans"]] == [
+        (0, "# A zero"), (2, "A two"), (3, "A three")]
     assert a["pages_included"] == [0, 2, 3] and a["page_count"] == 4 and a["source_uri"] == "s3://bucket/a.pdf"
     assert (a["pages_ok"], a["pages_truncated"], a["pages_doc_error"]) == (3, 1, 0)
     assert a["config_hash"] == "h1" and a["model_id"] == "m" and a["error_code"] is None
     b = docs[B]
-    assert (b["markdown"], b["pages_included"], b["pages_doc_error"], b["error_code"]) == ("", [], 1, "not_a_pdf")
+    assert (b["text"], b["pages_included"], b["pages_doc_error"], b["error_code"]) == ("", [], 1, "not_a_pdf")
     c = docs[C]
-    assert c["markdown"] == "" and (c["pages_truncated"], c["pages_repetition"], c["pages_ok"]) == (1, 1, 0)
+    assert c["text"] == "" and (c["pages_truncated"], c["pages_repetition"], c["pages_ok"]) == (1, 1, 0)
     for d in docs.values():
         assert sum(d[f"pages_{s}"] for s in STATUSES) == max(d["page_count"], 1)
 
@@ -74,13 +76,16 @@ def test_small_budgets_give_the_same_documents_and_rebuild_removes_stale_parts(t
     assert names == ["part-h1-00000.parquet", "part-h2-00000.parquet"]  # stale h1 parts gone, h2 kept
     assert _docs(tmp_path, "h1") == small
     (h2,) = _docs(tmp_path, "h2").values()
-    assert h2["markdown"] == "<!-- page 0 -->\n\nOTHER CONFIG" and h2["pages_included"] == [0]
+    assert h2["text"] == "OTHER CONFIG" and h2["pages_included"] == [0]
 
 
 def test_join_pages_orders_by_page_index() -> None:
-    joined = join_pages({2: "two", 0: "zero", 1: ""})
-    assert joined == "<!-- page 0 -->\n\nzero\n\n<!-- page 1 -->\n\n<!-- page 2 -->\n\ntwo"
-    assert join_pages({}) == ""
+    pages = {2: "two", 0: "zero", 1: ""}
+    text, spans = join_pages(pages)
+    assert text == "zero\n\n\n\ntwo" and "<!--" not in text
+    assert [sp["page_index"] for sp in spans] == [0, 1, 2]
+    assert all(text[sp["start"]:sp["end"]] == pages[sp["page_index"]] for sp in spans)  # spans slice back exactly
+    assert join_pages({}) == ("", [])
 
 
 def test_figure_references_resolve_after_export(tmp_path: Path) -> None:
@@ -96,7 +101,7 @@ def test_figure_references_resolve_after_export(tmp_path: Path) -> None:
     assert main([str(out), "--config-hash", cfg.config_hash()]) == 0
     (doc,) = _docs(out).values()
     ref = figure_name(doc["doc_id"], 0, 1)
-    assert doc["num_figures"] == 1 and f"![]({ref})" in doc["markdown"] and doc["pages_included"] == [0, 1]
+    assert doc["num_figures"] == 1 and f"![]({ref})" in doc["text"] and doc["pages_included"] == [0, 1]
     dest = tmp_path / "export"
     written = export_documents(OutputStore(str(out)), str(dest))
     md = (dest / f"{doc['doc_id']}.md").read_text()

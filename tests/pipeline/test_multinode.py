@@ -28,7 +28,7 @@ def test_node_removed_mid_run_every_page_accounted(tmp_path: Path, corpus_copy) 
     try:
         ray.init(address=cluster.address)
         cfg = compose(["model=tiny_random", "progress=false", f"input.uri={src}", f"output.uri={out}",
-                       f"ray.address={cluster.address}", "ray.ocr_resource=ocr_slot", "mode=tiny",
+                       f"ray.address={cluster.address}", "ray.ocr_resource=ocr_slot", "ray.shared_fs=true", "mode=tiny",
                        "generation.max_new_tokens=4", "generation.fallback=none", "render.pages_per_task=4",
                        "ray.ocr_batch_size=4", "ray.write_batch_size=4"])
         removed: list[float] = []

@@ -37,7 +37,7 @@ def test_documents_and_quality_columns(run_output: Path) -> None:
     assert len(docs) == 5
     for name in ("paper-arxiv-math-01.pdf", "cjk-ja-vertical-01.pdf", "form-libreoffice-01.pdf"):
         d = docs[name]
-        assert (d["page_count"], d["pages_truncated"], d["pages_ok"], d["markdown"]) == (1, 1, 0, "")
+        assert (d["page_count"], d["pages_truncated"], d["pages_ok"], d["text"]) == (1, 1, 0, "")
     assert docs["not-a-pdf-01.pdf"]["error_code"] == "not_a_pdf" and docs["not-a-pdf-01.pdf"]["pages_doc_error"] == 1
 
     pages = [r for r in read_pages(run_output) if r["page_index"] >= 0]
