@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast run smoke bench submit nightly clean
+.PHONY: install check test test-fast run smoke bench submit nightly clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## the lint and type gate (CI runs it before the tests): format, lint rules and pyright as in
+## pyproject.toml / pyrightconfig.json
+check: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyright --pythonpath $(PY)
 
 ## the test command (CI runs exactly this through .ci/run)
 test: $(STAMP)

@@ -15,7 +15,7 @@ from model.preprocess import MODES, ImageError, load_image, preprocess_image
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m model", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("image", help="page image file (PNG, JPEG, ...)")
     ap.add_argument("--model", default="deepseek_ocr", choices=["deepseek_ocr", "tiny_random"])
     ap.add_argument("--source", default="deepseek-ai/DeepSeek-OCR", help="hub id or local checkpoint directory")

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -127,7 +127,9 @@ def official_key_map(model: nn.Module) -> dict[str, Slot]:
 
 def _shape_of(tensors: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
     shape_fn = getattr(tensors, "shape", None)  # lazy mappings report shapes without reading
-    return tuple(shape_fn(key)) if callable(shape_fn) else tuple(tensors[key].shape)
+    if callable(shape_fn):
+        return tuple(int(d) for d in cast("Iterable[int]", shape_fn(key)))
+    return tuple(tensors[key].shape)
 
 
 def load_official_state_dict(
@@ -255,7 +257,7 @@ def random_model(device: torch.device | str, seed: int = 0, *, config: OcrConfig
                  dtype: torch.dtype = torch.bfloat16) -> OcrModel:
     """OcrModel of `config` (default: the official full-size one) built directly on `device` in
     `dtype`, filled by `init_random_fast`, in eval mode: the `full_random` benchmark model."""
-    from model.ocr import OcrModel  # noqa: PLC0415
+    from model.ocr import OcrModel  # lazy: model.ocr imports the whole vision stack
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -279,11 +281,11 @@ def params_on_meta() -> Iterator[None]:
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         register(self, name, param)
 
-    nn.Module.register_parameter = register_meta  # type: ignore[method-assign]
+    nn.Module.register_parameter = register_meta  # pyright: ignore[reportAttributeAccessIssue] - patching a method on purpose
     try:
         yield
     finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
+        nn.Module.register_parameter = register  # pyright: ignore[reportAttributeAccessIssue] - restoring it
 
 
 _CHECKPOINT_FILES = ["config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json"]
@@ -307,7 +309,7 @@ def _hub_download(hub_id: str, patterns: list[str]) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(hub_id, allow_patterns=patterns))
-    except Exception as e:  # noqa: BLE001 - any hub/network/offline failure gets the same advice
+    except Exception as e:  # any hub/network/offline failure gets the same advice
         raise CheckpointUnavailable(
             f"could not fetch {hub_id!r} from the Hugging Face hub ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}). Use a local checkpoint directory, or run "
@@ -334,7 +336,7 @@ def load_checkpoint(
     path_or_hub_id: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16
 ) -> OcrModel:
     """OcrModel from a local dir or hub id holding `config.json` + `*.safetensors` (strict)."""
-    from model.ocr import OcrModel  # noqa: PLC0415 - ocr imports the vision stack; keep it lazy
+    from model.ocr import OcrModel  # lazy: model.ocr imports the whole vision stack
 
     root = _resolve(path_or_hub_id)
     cfg_file = root / "config.json"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 class ConfigError(ValueError):
@@ -132,18 +132,21 @@ class OcrConfig:
     def from_hf_config(cls, cfg: dict[str, Any] | str | Path) -> OcrConfig:
         """Build from an official ``config.json`` (dict or path); LM keys are read at top level."""
         if not isinstance(cfg, dict):
-            cfg = json.loads(Path(cfg).read_text())
+            cfg = cast("dict[str, Any]", json.loads(Path(cfg).read_text()))
         if cfg.get("use_mla"):
             raise ConfigError("config.json has use_mla=true: DeepSeek-OCR uses plain MHA")
         names = DecoderConfig.__dataclass_fields__.keys()
-        dec = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
+        dec: dict[str, Any] = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
         if "num_key_value_heads" not in dec and "num_attention_heads" in dec:
             dec["num_key_value_heads"] = dec["num_attention_heads"]
-        proj = cfg.get("projector_config") or {}
+        proj: dict[str, Any] = cfg.get("projector_config") or {}
         # The official file leaves the vision dims to the code (SAM-B, CLIP-L); a non-official
         # checkpoint (e.g. the tiny test model) states them under "pagemill_vision".
-        vis = cfg.get("pagemill_vision") or {}
-        tup = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # noqa: E731
+        vis: dict[str, Any] = cfg.get("pagemill_vision") or {}
+
+        def tup(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
         return cls(
             sam=SamConfig(**tup(vis["sam"])) if "sam" in vis else SamConfig(),
             clip=ClipConfig(**tup(vis["clip"])) if "clip" in vis else ClipConfig(),
@@ -154,7 +157,7 @@ class OcrConfig:
     def to_hf_config(self) -> dict[str, Any]:
         """config.json content for this config: LM keys at the top level (as the official file),
         plus "pagemill_vision" when the vision dims are not the official ones."""
-        from dataclasses import asdict  # noqa: PLC0415
+        from dataclasses import asdict
 
         out: dict[str, Any] = {"model_type": "deepseek_vl_v2", "use_mla": False, **asdict(self.decoder),
                                "projector_config": {"input_dim": self.projector_input_dim,
