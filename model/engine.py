@@ -1,6 +1,15 @@
 """Continuous-batching greedy generation for many pages on one device (issue 4).
 
 Design (vLLM's scheduler idea in nanochat-sized code):
+- KV layout (`EngineConfig.engine`). "paged" (default, issue 13): a pool of fixed-size blocks
+  (`PagedKVCache`) shared by `max_batch` row slots, one block table row per sequence. The host
+  hands out blocks once per sync round (admission needs the prompt's blocks plus the expected
+  growth of every live row; each round every row gets the blocks that round writes). When the
+  pool runs dry the newest rows are preempted: blocks freed, request back to the front of the
+  queue, recomputed later from its prompt (greedy: same tokens). The oldest row always fits, so
+  nothing is lost and nothing runs out of memory. On CUDA, decode attention is the Triton
+  split-KV kernel of `model/paged_attention.py`; elsewhere a plain-torch reference. "slotted"
+  (the previous engine, kept to compare) is described next.
 - A slotted KV cache (`KVCache`, one row per sequence in flight, `max_batch` rows of
   `max_model_len`). Pages are *admitted* into free rows as others finish: their views are encoded
   in one SAM/CLIP batch, their prompts prefilled in right-padded groups straight into their rows

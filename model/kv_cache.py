@@ -202,7 +202,7 @@ class PagedKVCache:
 
     def write_rows(self, layer_idx: int, rows: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k/v (b, H, T, hd) at `positions` (b, T) of table rows `rows` (b,)."""
-        b, H, T, hd = k.shape
+        H, hd = k.shape[1], k.shape[3]
         flat = self._flat(rows, positions).reshape(-1)
         kp, vp = self.k[layer_idx], self.v[layer_idx]
         kp.view(-1, H, hd).index_copy_(0, flat, k.transpose(1, 2).reshape(-1, H, hd).to(kp.dtype))
@@ -211,7 +211,7 @@ class PagedKVCache:
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Decode: store k/v (B, H, 1, hd) at `positions` (B, 1) and attend each row's slots <= its
         position; returns (B, H, 1, hd). Rows are table rows 0..B-1."""
-        B, H, T, hd = q.shape
+        B, _, T, hd = q.shape
         rows = torch.arange(B, device=q.device)
         self.write_rows(layer_idx, rows, positions, k, v)
         if T == 1 and self.use_kernel and q.dtype == self.k[layer_idx].dtype and hd & (hd - 1) == 0:
