@@ -101,7 +101,7 @@ class PageOcr:
     def load(cls, name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0, prompt: str = "document",
              device: str | None = None, **engine: Any) -> PageOcr:
         model, tok = load_model(name, source, dtype, seed, device)
-        if engine.get("max_batch") == 0:  # auto: as many KV rows as the device holds
+        if not engine.get("max_batch"):  # None (or 0): auto: as many KV rows as the device holds
             engine["max_batch"] = fit_max_batch(model, engine.get("max_model_len", EngineConfig.max_model_len))
         return cls(model, tok, EngineConfig(**engine), prompt)
 
