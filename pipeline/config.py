@@ -93,7 +93,7 @@ class ModelConfig:
 @dataclass
 class ModeConfig:
     name: str = "gundam"
-    max_crops: int = 6  # official PDF pipeline; the HF infer() default is 9
+    max_crops: int = MODES["gundam"].max_crops  # official PDF pipeline; the HF infer() default is 9
 
     def __post_init__(self) -> None:
         _check(self.name in MODES, "mode", self.name, " | ".join(MODES))
