@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.engine import EngineConfig
 from model.preprocess import MODES, ImageError, load_image, preprocess_image
 
 
@@ -20,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="deepseek_ocr", choices=["deepseek_ocr", "tiny_random"])
     ap.add_argument("--source", default="deepseek-ai/DeepSeek-OCR", help="hub id or local checkpoint directory")
     ap.add_argument("--mode", default="gundam", choices=sorted(MODES))
-    ap.add_argument("--max-crops", type=int, default=6)
-    ap.add_argument("--max-new-tokens", type=int, default=8192)
+    # defaults from their one home: the mode table and the engine config
+    ap.add_argument("--max-crops", type=int, default=None, help="default: the mode's (gundam: 6)")
+    ap.add_argument("--max-new-tokens", type=int, default=EngineConfig.max_new_tokens)
     ap.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: per model)")
     args = ap.parse_args(argv)
 

@@ -317,7 +317,8 @@ def _hub_download(hub_id: str, patterns: list[str]) -> Path:
         ) from e
 
 
-def _resolve(path_or_hub_id: str | Path) -> Path:
+def resolve_source(path_or_hub_id: str | Path) -> Path:
+    """Checkpoint directory of `path_or_hub_id`: a local directory as is, a hub id downloaded."""
     local = _local_dir(path_or_hub_id)
     return local if local is not None else _hub_download(str(path_or_hub_id), _CHECKPOINT_FILES)
 
@@ -338,7 +339,7 @@ def load_checkpoint(
     """OcrModel from a local dir or hub id holding `config.json` + `*.safetensors` (strict)."""
     from model.ocr import OcrModel  # lazy: model.ocr imports the whole vision stack
 
-    root = _resolve(path_or_hub_id)
+    root = resolve_source(path_or_hub_id)
     cfg_file = root / "config.json"
     files = sorted(root.glob("*.safetensors"))
     if not cfg_file.is_file() or not files:

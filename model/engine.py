@@ -53,7 +53,7 @@ from model.sampling import NGRAM_WHITELIST, no_repeat_ngram_mask, repetition_fla
 from model.vision import PageViews
 
 FINISH_REASONS = ("running", "stop", "length", "repetition")  # device codes 0..3
-# paged engine, max_batch=0 (auto): row slots; a row costs ~70 KiB of state, the block pool does the limiting
+# paged engine, max_batch=None (auto): row slots; a row costs ~70 KiB of state, the block pool does the limiting
 PAGED_AUTO_ROWS = 1024
 
 

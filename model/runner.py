@@ -43,7 +43,7 @@ def load_model(name: str, source: str = "", dtype: str = "bfloat16", seed: int =
                device: torch.device | str | None = None) -> tuple[OcrModel, OcrTokenizer]:
     """(model in eval mode on `device`, tokenizer) for `deepseek_ocr` (from `source`), `tiny_random`
     or `full_random` (full size, built and filled on `device`: meaningless text, for benchmarks)."""
-    from model.checkpoint import _resolve, init_random, load_checkpoint, random_model  # noqa: PLC0415
+    from model.checkpoint import init_random, load_checkpoint, random_model, resolve_source
 
     device = torch.device(device) if device is not None else default_device()
     if name == "tiny_random":
@@ -56,7 +56,7 @@ def load_model(name: str, source: str = "", dtype: str = "bfloat16", seed: int =
         return random_model(device, seed, dtype=DTYPES[dtype]), OcrTokenizer.default()
     if name != "deepseek_ocr":
         raise ValueError(f"unknown model {name!r}: expected deepseek_ocr, tiny_random or full_random")
-    root = _resolve(source)
+    root = resolve_source(source)
     model = load_checkpoint(root, device=device, dtype=DTYPES[dtype])
     tok = OcrTokenizer.from_dir(root) if (Path(root) / "tokenizer.json").is_file() else OcrTokenizer.default()
     return model, tok
@@ -101,10 +101,10 @@ class PageOcr:
     def load(cls, name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0, prompt: str = "document",
              device: str | None = None, **engine: Any) -> PageOcr:
         model, tok = load_model(name, source, dtype, seed, device)
-        if engine.get("max_batch") == 0:  # auto: as many KV rows as the device holds
+        if not engine.get("max_batch"):  # None (or 0): auto, as many KV rows as the device holds
             if engine.get("engine", EngineConfig.engine) == "paged":  # rows are cheap; the block pool limits
                 if model.decoder.embed_tokens.weight.device.type != "cuda":
-                    raise ValueError("max_batch=0 (fit to the device) needs a CUDA model")
+                    raise ValueError("max_batch=None (fit to the device) needs a CUDA model")
                 engine["max_batch"] = PAGED_AUTO_ROWS
             else:
                 engine["max_batch"] = fit_max_batch(model, engine.get("max_model_len", EngineConfig.max_model_len))

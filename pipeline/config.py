@@ -14,12 +14,18 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from model.engine import EngineConfig
 from model.preprocess import MODES
+from model.tokenizer import PROMPTS
 
 MODEL_NAMES = ("deepseek_ocr", "tiny_random", "full_random")
 FORCE_LENGTHS = ("none", "text_layer")
 DTYPES = ("bfloat16", "float16", "float32")
-PROMPT_NAMES = ("document", "ocr_image", "free_ocr", "figure", "describe")
+PROMPT_NAMES = tuple(PROMPTS)  # the model side owns the prompt texts
+
+# The engine's knobs have one home, model.engine.EngineConfig; GenerationConfig re-exposes the
+# ones a job sets and takes their defaults from there (tests/pipeline/test_config.py checks it).
+_ENGINE = EngineConfig()
 
 
 # Version of the code that shapes a row (grounding parser, post-processing, prompts, random-weight
@@ -99,7 +105,7 @@ class ModelConfig:
 @dataclass
 class ModeConfig:
     name: str = "gundam"
-    max_crops: int = 6  # official PDF pipeline; the HF infer() default is 9
+    max_crops: int = MODES["gundam"].max_crops  # official PDF pipeline; the HF infer() default is 9
 
     def __post_init__(self) -> None:
         _check(self.name in MODES, "mode", self.name, " | ".join(MODES))
@@ -130,12 +136,14 @@ class RenderConfig:
 @dataclass
 class GenerationConfig:
     prompt: str = "document"  # key of model.tokenizer.PROMPTS
-    max_new_tokens: int = 8192  # also capped by max_model_len - prompt length
-    max_model_len: int = 8192
-    ngram_size: int = 20  # official PDF script; 0 disables the ban
-    ngram_window: int = 50
-    loop_min_span: int = 256  # stop a page whose tail repeats exactly for this many tokens
-    max_batch: int = 0  # pages decoded together per OCR actor (KV rows; ~60 KiB/token each); 0: as many as fit
+    max_new_tokens: int = _ENGINE.max_new_tokens  # also capped by max_model_len - prompt length
+    max_model_len: int = _ENGINE.max_model_len
+    ngram_size: int = _ENGINE.ngram_size  # official PDF script; 0 disables the ban
+    ngram_window: int = _ENGINE.ngram_window
+    loop_min_span: int = _ENGINE.loop_min_span  # stop a page whose tail repeats exactly this long
+    # pages decoded together per OCR actor (KV rows; ~60 KiB/token each); None: as many as fit the
+    # GPU (on CPU: one Ray batch)
+    max_batch: int | None = None
     # A page that ends without EOS (loop or length) is retried once: "ngram" = with a stronger
     # no-repeat ban (smaller n, wider window); "none" = keep the first result.
     fallback: str = "ngram"
@@ -159,7 +167,8 @@ class GenerationConfig:
         _check(self.ngram_size >= 0, "generation.ngram_size", self.ngram_size, ">= 0")
         _check(self.ngram_window >= self.ngram_size, "generation.ngram_window", self.ngram_window, ">= ngram_size")
         _check(self.loop_min_span >= 8, "generation.loop_min_span", self.loop_min_span, ">= 8")
-        _check(self.max_batch >= 0, "generation.max_batch", self.max_batch, ">= 0 (0: as many as fit the GPU)")
+        _check(self.max_batch is None or self.max_batch >= 1, "generation.max_batch", self.max_batch,
+               ">= 1, or null: as many as fit the GPU")
         _check(self.fallback in ("none", "ngram"), "generation.fallback", self.fallback, "none | ngram")
         _check(2 <= self.fallback_ngram_size <= self.fallback_ngram_window, "generation.fallback_ngram_size",
                self.fallback_ngram_size, "2..fallback_ngram_window")

@@ -47,11 +47,11 @@ def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
     return max(1, -(-2 * rows // cfg.ray.ocr_batch_size))
 
 
-AUTO_ROWS_GUESS = 128  # `generation.max_batch=0` on a GPU: rows are fitted in the actor; ~121 on an 80 GB H100
+AUTO_ROWS_GUESS = 128  # `generation.max_batch=null` on a GPU: rows are fitted in the actor; ~121 on an 80 GB H100
 
 
-def ocr_rows(cfg: PipelineConfig, on_gpu: bool) -> int:
-    """KV rows of an OCR actor's engine: `generation.max_batch` (0 on a GPU: fitted to its free
+def ocr_rows(cfg: PipelineConfig, on_gpu: bool) -> int | None:
+    """KV rows of an OCR actor's engine: `generation.max_batch` (None on a GPU: fitted to its free
     memory once the model is loaded); on CPU at most one Ray batch (`ray.ocr_batch_size`)."""
     mb, bs = cfg.generation.max_batch, cfg.ray.ocr_batch_size
     return mb if on_gpu else min(mb or bs, bs)

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import (
-    ConfigValueError, GenerationConfig, ModeConfig, PipelineConfig, RenderConfig,
+    ConfigValueError,
+    GenerationConfig,
+    ModeConfig,
+    PipelineConfig,
+    RenderConfig,
 )
 from pipeline.run import compose
 
@@ -76,7 +80,7 @@ def test_config_hash_tracks_output_affecting_settings_only() -> None:
         ("render.timeout_s=0", ["render.timeout_s"]),
         ("output.uri=", ["output.uri"]),
         ("render.dpyi=300", ["render.dpyi"]),  # typo'd key
-        ("generation.max_batch=-1", ["generation.max_batch", ">= 0"]),
+        ("generation.max_batch=0", ["generation.max_batch", ">= 1"]),
     ],
 )
 def test_bad_values_name_the_key(override: str, names: list[str]) -> None:
@@ -120,15 +124,15 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path: Path) -> None:
 
 
 def test_ocr_rows_default_fits_the_gpu_and_one_batch_on_cpu() -> None:
-    """max_batch=0 (default): the GPU actor fits its KV rows to free memory after loading the
+    """max_batch=None (default): the GPU actor fits its KV rows to free memory after loading the
     model (`model.engine.fit_max_batch`, measured on the H100 in BENCHMARKS.md); on CPU the engine
     holds one Ray batch; and the actor takes enough concurrent Ray calls to keep 2x its rows fed."""
     from pipeline.preflight import AUTO_ROWS_GUESS, ocr_calls_per_actor, ocr_rows
 
     cfg = compose(["model=tiny_random"])
-    assert cfg.generation.max_batch == 0
+    assert cfg.generation.max_batch is None
     bs = cfg.ray.ocr_batch_size
-    assert ocr_rows(cfg, on_gpu=False) == bs and ocr_rows(cfg, on_gpu=True) == 0
+    assert ocr_rows(cfg, on_gpu=False) == bs and ocr_rows(cfg, on_gpu=True) is None
     assert ocr_calls_per_actor(cfg, True) == -(-2 * AUTO_ROWS_GUESS // bs)
     fixed = compose(["model=tiny_random", "generation.max_batch=40", "ray.ocr_batch_size=16"])
     assert ocr_rows(fixed, True) == 40 and ocr_rows(fixed, False) == 16
@@ -145,3 +149,20 @@ def test_fit_max_batch_needs_cuda() -> None:
     assert kv_bytes_per_token(model) == c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4  # fp32
     with pytest.raises(ValueError, match="CUDA"):
         fit_max_batch(model, 2048)
+
+
+def test_generation_defaults_are_the_engine_defaults() -> None:
+    """EngineConfig owns the engine's knobs: every GenerationConfig field that shares a name with
+    an EngineConfig field has the engine's default (max_batch: None = fit the GPU, by design)."""
+    from dataclasses import fields
+
+    from model.engine import EngineConfig
+    from pipeline.config import GenerationConfig
+
+    engine = {f.name: f.default for f in fields(EngineConfig)}
+    shared = [f for f in fields(GenerationConfig) if f.name in engine and f.name != "max_batch"]
+    assert {f.name for f in shared} >= {"max_new_tokens", "max_model_len", "ngram_size", "ngram_window",
+                                        "loop_min_span"}
+    for f in shared:
+        assert f.default == engine[f.name], f.name
+    assert GenerationConfig().max_batch is None
