@@ -24,7 +24,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 LOCAL_PROTOCOLS = ("file", "local")
 
 
