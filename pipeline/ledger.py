@@ -1,7 +1,7 @@
 """The ledger: which (doc_id, page_index, config_hash) rows are final, and which file holds each.
 
 Why it can be trusted after a crash:
-- The unit of commit is one Parquet part under `pages/`, written under a hidden temporary name and
+- The unit of commit is one Parquet part under `pages/`, written (POSIX) under a hidden temporary name and
   renamed into place (`OutputStore`). Right after it, the writer commits a ledger part with the
   SAME file name under `_ledger/` holding that part's keys, status and file name.
 - A crash between the two renames leaves a pages part without its ledger part. `Ledger.load`
@@ -70,6 +70,7 @@ def commit_entry(store: Any, pages: pa.Table, file: str) -> None:
 def _names(store: Any, sub: str) -> dict[str, str]:
     """{file name: full path} of the committed parts in `sub` (hidden temporaries excluded)."""
     path = store.join(sub)
+    store.fs.invalidate_cache(path)  # other processes wrote here: never trust a cached listing
     if not store.fs.exists(path):
         return {}
     return {p.rsplit("/", 1)[-1]: p for p in store.fs.ls(path, detail=False)

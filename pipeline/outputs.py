@@ -1,7 +1,8 @@
 """Output store: atomic, deterministically named Parquet parts under an fsspec root.
 
-Readers must never see a partial file, so every file is written under a hidden temporary name
-(`.tmp-…`, ignored by pyarrow datasets because of the leading dot) and then renamed into place.
+Readers must never see a partial file. On POSIX every file is written under a hidden temporary
+name (`.tmp-…`, ignored by pyarrow datasets because of the leading dot) and then renamed into place;
+on object stores (s3, gcs, memory, …) it is PUT directly under its final key, which is atomic there.
 A part's name is derived from the (doc_id, page_index) keys it holds, so re-running the same work
 rewrites the same name instead of adding a duplicate.
 
@@ -23,14 +24,29 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def fresh_options(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """`storage_options` plus, on remote stores, no shared instance and no listing cache: other
+    processes (Ray workers, other runs) write under the same root, so a cached listing is stale."""
+    opts = dict(storage_options or {})
+    protocol, _ = fsspec.core.split_protocol(uri)
+    if protocol not in (None, *LOCAL_PROTOCOLS):
+        opts.setdefault("skip_instance_cache", True)
+        if protocol in ("s3", "s3a", "gs", "gcs", "abfs", "az"):
+            opts.setdefault("use_listings_cache", False)
+    return opts
+
 
 class OutputStore:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, path = fsspec.core.url_to_fs(uri, **fresh_options(uri, storage_options))
         self.fs = fs
         self.path = path.rstrip("/")
         protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-        self.root = self.path if protocol in ("file", "local") else f"{protocol}://{self.path}"
+        self.posix = protocol in LOCAL_PROTOCOLS
+        self.root = self.path if self.posix else f"{protocol}://{self.path}"
         self.storage_options = storage_options or {}
         self.uri = uri
         self.fs.makedirs(self.path, exist_ok=True)
@@ -41,6 +57,13 @@ class OutputStore:
     def _atomic_write(self, rel: str, data_writer: Any) -> str:
         final = self.join(rel)
         parent, name = final.rsplit("/", 1)
+        if not self.posix:
+            # object store: one PUT under the final deterministic key is atomic (readers see the
+            # whole object or none); a rename would be a server-side copy plus a delete
+            with self.fs.open(final, "wb") as f:
+                data_writer(f)
+            self.fs.invalidate_cache(parent)
+            return final
         self.fs.makedirs(parent, exist_ok=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
         with self.fs.open(tmp, "wb") as f:

@@ -57,7 +57,7 @@ def _env_local() -> dict[str, str]:
 
 
 def _run(src: str, out: str, extra: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(src, out, extra), cwd=REPO, env=_env_local(), capture_output=True, text=True,
+    return subprocess.run(_cmd(src, out, extra), check=False, cwd=REPO, env=_env_local(), capture_output=True, text=True,
                           timeout=900)
 
 
