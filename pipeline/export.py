@@ -42,8 +42,9 @@ def pagemill_version() -> str:
     try:
         return metadata.version("pagemill")
     except metadata.PackageNotFoundError:  # run from a checkout (PYTHONPATH=.)
-        import tomllib
         from pathlib import Path
+
+        import tomllib
 
         return tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["version"]
 
