@@ -4,6 +4,7 @@
     pagemill report OUTPUT                HTML report with plots
     pagemill inspect OUTPUT --doc D       one page: layout boxes drawn, markdown, quality signals
     pagemill documents OUTPUT             rebuild documents/ (or --export DIR as markdown files)
+    pagemill export OUTPUT --format dolma|jsonl|webdataset --dest URI
 
 Each subcommand is the module of the same name's `main`, so `python -m pipeline.<name>` keeps
 working; this module only dispatches (argparse for the list, the rest of argv passed through).
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("pipeline.report", "HTML report with plots of an output (-> OUTPUT/_report/index.html)"),
     "inspect": ("pipeline.inspect", "one page of an output: layout boxes drawn, markdown and quality signals"),
     "documents": ("pipeline.documents", "rebuild documents/ from pages/, or --export DIR as markdown files"),
+    "export": ("pipeline.export", "hand-off shards: --format dolma|jsonl|webdataset --dest URI (Ray Data)"),
 }
 
 

@@ -36,7 +36,7 @@ def connected(cfg: PipelineConfig) -> bool:
 
 
 def is_local_uri(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://") or uri.startswith("local://")
+    return "://" not in uri or uri.startswith(("file://", "local://"))
 
 
 def alive_nodes() -> list[dict[str, Any]]:
