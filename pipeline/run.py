@@ -5,7 +5,7 @@
 Two phases, both on Ray:
 1. discovery: list the input (a Ray task) and probe every document (a Ray Data stage that reads,
    hashes and opens each file); only small per-document metadata comes back to the driver;
-2. processing: page-range rows stream through render -> preprocess -> OCR (actor pool, one actor
+2. processing: page-range rows stream through render (page PNGs) -> OCR (views built in the actor; one actor
    per GPU) -> post-process -> Parquet writer; the driver only consumes per-batch receipts for
    progress and accounting.
 This is the only module where Hydra meets Ray (compose -> dataclasses -> `run`).

@@ -290,7 +290,7 @@ class OcrStage:
             if isinstance(x, BaseException) and not isinstance(x, ImageError):
                 raise x
         ok = [k for k in range(len(todo)) if k not in bad]
-        inputs = [made[k] for k in ok]
+        inputs: list[Any] = [made[k] for k in ok]  # OcrInput (errors were split off above)
         results = await self._run(inputs)
         first = [r.finish_reason for r in results]
         retry = [i for i, r in enumerate(results)
@@ -404,7 +404,7 @@ class WriteStage:
         self.quality = PageQuality()
         o = cfg.output
         self.target_bytes = int(o.target_file_mb * MB)
-        self.sizing = {"row_group_bytes": int(o.row_group_mb * MB), "row_group_rows": o.row_group_rows}
+        self.sizing: dict[str, Any] = {"row_group_bytes": int(o.row_group_mb * MB), "row_group_rows": o.row_group_rows}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from datetime import datetime, timezone
