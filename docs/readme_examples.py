@@ -41,7 +41,9 @@ def grounding_from_pdf(page_index: int) -> str:
     figures = [r for r in page.cluster_drawings() if r.width > 100 and r.height > 100]
 
     def det(r) -> str:
-        return f"[[{int(r[0] / w * 999)}, {int(r[1] / h * 999)}, {int(r[2] / w * 999)}, {int(r[3] / h * 999)}]]"
+        return (
+            f"[[{int(r[0] / w * 999)}, {int(r[1] / h * 999)}, {int(r[2] / w * 999)}, {int(r[3] / h * 999)}]]"
+        )
 
     items = []
     for x0, y0, x1, y1, text, *_ in page.get_text("blocks"):
@@ -49,8 +51,13 @@ def grounding_from_pdf(page_index: int) -> str:
         if any(f.contains(rect) for f in figures):
             continue  # labels inside the diagram belong to the figure
         text = " ".join(text.split())
-        label = "image_caption" if text.startswith("Figure") else "sub_title" if len(text) < 60 and text[:2] == "2." \
+        label = (
+            "image_caption"
+            if text.startswith("Figure")
+            else "sub_title"
+            if len(text) < 60 and text[:2] == "2."
             else "text"
+        )
         content = {"sub_title": f"## {text}", "image_caption": f"<center>{text}</center>"}.get(label, text)
         items.append((x0 > w / 2, y0, f"<|ref|>{label}<|/ref|><|det|>{det(rect)}<|/det|>\n{content}\n\n"))
     for f in figures:
@@ -74,12 +81,26 @@ def inspect_example(tmp: Path) -> None:
     cfg = compose(["model=tiny_random", f"output.uri={out}", "mode=base"])
     doc_id = content_id(data)
     row = {
-        "doc_id": doc_id, "source_uri": PAPER.as_uri(), "page_index": PAGE, "page_count": 14,
-        "width_pt": page.width_pt, "height_pt": page.height_pt, "width_px": page.width_px,
-        "height_px": page.height_px, "dpi": page.dpi, "mode": "base", "status": "pending",
-        "raw_output": grounding_from_pdf(PAGE), "num_vision_tokens": 273, "num_output_tokens": 0,
-        "finish_reason": "stop", "text_layer_chars": page.text_chars, "model_id": "grounding from the PDF (demo)",
-        "config_hash": cfg.config_hash(), "_pixels": page.pixels.tobytes(), "_text_layer": page.text,
+        "doc_id": doc_id,
+        "source_uri": PAPER.as_uri(),
+        "page_index": PAGE,
+        "page_count": 14,
+        "width_pt": page.width_pt,
+        "height_pt": page.height_pt,
+        "width_px": page.width_px,
+        "height_px": page.height_px,
+        "dpi": page.dpi,
+        "mode": "base",
+        "status": "pending",
+        "raw_output": grounding_from_pdf(PAGE),
+        "num_vision_tokens": 273,
+        "num_output_tokens": 0,
+        "finish_reason": "stop",
+        "text_layer_chars": page.text_chars,
+        "model_id": "grounding from the PDF (demo)",
+        "config_hash": cfg.config_hash(),
+        "_pixels": page.pixels.tobytes(),
+        "_text_layer": page.text,
         "page_image": None,
     }
     WriteStage(cfg, str(out))(to_batch([row]))
@@ -89,7 +110,9 @@ def inspect_example(tmp: Path) -> None:
     img = Image.open(io.BytesIO(fig["image"]["bytes"]))
     img.thumbnail((420, 420))
     img.save(IMAGES / "figure-example.png", optimize=True)
-    print(f"{path}: {len(written['layout'])} blocks; figure {fig['name']} {fig['width_px']}x{fig['height_px']}")
+    print(
+        f"{path}: {len(written['layout'])} blocks; figure {fig['name']} {fig['width_px']}x{fig['height_px']}"
+    )
     print(written["markdown"][:600])
 
 

@@ -67,10 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ok = sum(1 for d in docs if not d["error_code"] and d["page_count"] == 1)
     report = {
-        "files": args.files, "bytes": nbytes, "generate_s": round(gen_s, 1), "discover_s": round(wall, 1),
-        "docs_per_s": round(len(docs) / wall, 1), "docs_ok": ok, "distinct_doc_ids": len({d["doc_id"] for d in docs}),
-        "driver_rss_growth_mb": round(rss1 - rss0, 1), "driver_peak_rss_mb": round(peak, 1),
-        "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+        "files": args.files,
+        "bytes": nbytes,
+        "generate_s": round(gen_s, 1),
+        "discover_s": round(wall, 1),
+        "docs_per_s": round(len(docs) / wall, 1),
+        "docs_ok": ok,
+        "distinct_doc_ids": len({d["doc_id"] for d in docs}),
+        "driver_rss_growth_mb": round(rss1 - rss0, 1),
+        "driver_peak_rss_mb": round(peak, 1),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
         "command": "python -m jobs.bench_discovery " + " ".join(argv or sys.argv[1:]),
     }
     for k, v in report.items():

@@ -49,12 +49,16 @@ def report(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     for r in rows:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
     out: dict[str, Any] = {
-        "rows_written": len(rows), "pages_written": len(pages), "pages_ocr_ok": len(done),
-        "rows_by_status": by_status, "output_tokens": tokens,
+        "rows_written": len(rows),
+        "pages_written": len(pages),
+        "pages_ocr_ok": len(done),
+        "rows_by_status": by_status,
+        "output_tokens": tokens,
         # forced pages generate exactly their target, so this is the mean forced length
         "mean_forced_tokens": round(tokens / len(done), 1) if done else 0.0,
         "wall_s": round(wall, 2),
-        "pages_per_s": round(len(pages) / wall, 4), "pages_per_day": round(len(pages) / wall * 86400),
+        "pages_per_s": round(len(pages) / wall, 4),
+        "pages_per_day": round(len(pages) / wall * 86400),
         "output_tokens_per_s": round(tokens / wall, 1),
     }
     timed = [r for r in done if r["written_at"] is not None and r["ocr_ms"] is not None]
@@ -62,8 +66,10 @@ def report(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         start = min(r["written_at"].timestamp() - r["ocr_ms"] / 1000 for r in timed)
         window = max(r["written_at"].timestamp() for r in timed) - start
         out["ocr_window_s"] = round(window, 2)
-        out["ocr_window_note"] = ("estimate from the rows: earliest (written_at - ocr_ms) to the last written_at; "
-                                  "excludes model load and the first render, includes the last write")
+        out["ocr_window_note"] = (
+            "estimate from the rows: earliest (written_at - ocr_ms) to the last written_at; "
+            "excludes model load and the first render, includes the last write"
+        )
         if window > 0:
             out["pages_per_s_ocr_window"] = round(len(done) / window, 4)
             out["pages_per_day_ocr_window"] = round(len(done) / window * 86400)
@@ -77,8 +83,11 @@ def steady_state(rows: list[dict[str, Any]], lo: float = 0.1, hi: float = 0.9) -
         return {"steady_pages_per_s": None, "steady_note": "too few pages"}
     a, b = times[int(lo * (len(times) - 1))], times[int(hi * (len(times) - 1))]
     n = int(hi * (len(times) - 1)) - int(lo * (len(times) - 1))
-    return {"steady_pages_per_s": round(n / (b - a), 4) if b > a else None,
-            "steady_window_s": round(b - a, 2), "steady_note": f"pages written between the {lo:.0%} and {hi:.0%} quantiles"}
+    return {
+        "steady_pages_per_s": round(n / (b - a), 4) if b > a else None,
+        "steady_window_s": round(b - a, 2),
+        "steady_note": f"pages written between the {lo:.0%} and {hi:.0%} quantiles",
+    }
 
 
 def make_copies(corpus: Path, dest: Path, min_pages: int) -> tuple[Path, int]:
@@ -100,7 +109,9 @@ def make_copies(corpus: Path, dest: Path, min_pages: int) -> tuple[Path, int]:
     for f in files:
         data = f.read_bytes()
         for k in range(copies):
-            (dest / f"{f.stem}-copy{k:03d}.pdf").write_bytes(data + b"\n%pagemill-copy " + str(k).encode() + b"\n")
+            (dest / f"{f.stem}-copy{k:03d}.pdf").write_bytes(
+                data + b"\n%pagemill-copy " + str(k).encode() + b"\n"
+            )
     return dest, pages * copies
 
 
@@ -132,9 +143,14 @@ class GpuSampler:
             self.source = "nvidia-smi"
 
             def smi() -> list[int]:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 return [int(x) for x in out.split()]
+
             return smi
 
     def _loop(self) -> None:
@@ -183,24 +199,50 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
                     n = 0 if doc.needs_pass else doc.page_count
             except Exception:  # noqa: BLE001 - not a PDF: no pages, as in the job
                 n = 0
-            pages = render_pages(data, None, list(range(min(n, r.max_pages))), dpi=r.dpi, max_pixels=r.max_pixels,
-                                 max_side_px=r.max_side_px, output="png", count_blocks=force) if n else []
+            pages = (
+                render_pages(
+                    data,
+                    None,
+                    list(range(min(n, r.max_pages))),
+                    dpi=r.dpi,
+                    max_pixels=r.max_pixels,
+                    max_side_px=r.max_side_px,
+                    output="png",
+                    count_blocks=force,
+                )
+                if n
+                else []
+            )
             cache[key] = []
             for p in pages:
                 if isinstance(p, PageImage) and p.png is not None:
                     v = page_views(p.png, cfg.mode.name, cfg.mode.max_crops)
-                    n_force = (forced_from_text(p.text, p.text_blocks, ocr.tokenizer, 0, g.max_model_len)
-                               if force else None)  # as the OCR stage computes it
-                    cache[key].append(OcrInput(global_view=v.global_view, tiles=v.tiles, grid=v.grid,
-                                               num_image_tokens=v.num_image_tokens, force_len=n_force))
+                    n_force = (
+                        forced_from_text(p.text, p.text_blocks, ocr.tokenizer, 0, g.max_model_len)
+                        if force
+                        else None
+                    )  # as the OCR stage computes it
+                    cache[key].append(
+                        OcrInput(
+                            global_view=v.global_view,
+                            tiles=v.tiles,
+                            grid=v.grid,
+                            num_image_tokens=v.num_image_tokens,
+                            force_len=n_force,
+                        )
+                    )
         inputs += cache[key]
     t0 = time.perf_counter()
     results = [fut.result() for fut in [ocr.submit(x) for x in inputs]]
     wall = time.perf_counter() - t0
     tokens = sum(x.num_output_tokens for x in results)
-    return {"engine_pages": len(inputs), "engine_wall_s": round(wall, 2),
-            "engine_pages_per_s": round(len(inputs) / wall, 4) if wall > 0 else None,
-            "engine_output_tokens": tokens, "engine_kv_rows": ocr.engine.cfg.max_batch}
+    return {
+        "engine_pages": len(inputs),
+        "engine_wall_s": round(wall, 2),
+        "engine_pages_per_s": round(len(inputs) / wall, 4) if wall > 0 else None,
+        "engine_output_tokens": tokens,
+        "engine_kv_rows": ocr.engine.cfg.max_batch,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,8 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default=os.environ.get("PAGEMILL_CORPUS", "../shared/corpus/dev"))
     ap.add_argument("--out", required=True, help="output directory of the run (new or empty)")
     ap.add_argument("--json-out", default="", help="report file (default: <out>/_bench_pipeline.json)")
-    ap.add_argument("--min-pages", type=int, default=0,
-                    help="make >= this many distinct pages from byte-distinct copies of the corpus PDFs")
+    ap.add_argument(
+        "--min-pages",
+        type=int,
+        default=0,
+        help="make >= this many distinct pages from byte-distinct copies of the corpus PDFs",
+    )
     ap.add_argument("--no-engine-alone", action="store_true", help="skip the engine-alone run after the job")
     ap.add_argument("--allow-cpu", action="store_true", help="without CUDA: smoke run with model=tiny_random")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the job (key=value)")
@@ -222,19 +268,29 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
-        print("bench_pipeline: no CUDA device; the benchmark needs a GPU (--allow-cpu: a CPU smoke run "
-              "with model=tiny_random)", file=sys.stderr)
+        print(
+            "bench_pipeline: no CUDA device; the benchmark needs a GPU (--allow-cpu: a CPU smoke run "
+            "with model=tiny_random)",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out).resolve()
     if out.exists() and any(out.iterdir()):
-        print(f"bench_pipeline: --out {out} is not empty; give a new directory (a rerun there does no work)",
-              file=sys.stderr)
+        print(
+            f"bench_pipeline: --out {out} is not empty; give a new directory (a rerun there does no work)",
+            file=sys.stderr,
+        )
         return 2
     corpus, pages_made = Path(args.corpus).resolve(), None
     if args.min_pages:
         corpus, pages_made = make_copies(corpus, out.parent / f"{out.name}-corpus", args.min_pages)
-    overrides = [f"model={'full_random' if cuda else 'tiny_random'}", "generation.force_length=text_layer",
-                 f"input.uri={corpus}", f"output.uri={out}", *args.overrides]
+    overrides = [
+        f"model={'full_random' if cuda else 'tiny_random'}",
+        "generation.force_length=text_layer",
+        f"input.uri={corpus}",
+        f"output.uri={out}",
+        *args.overrides,
+    ]
     try:
         cfg = compose(overrides)
     except Exception as e:  # noqa: BLE001 - ConfigValueError, or Hydra's own errors (they name the key too)
@@ -243,8 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.ray.address:
         os.environ["RAY_ADDRESS"] = "local"  # a fresh embedded Ray, never a cluster found in the environment
     command = "python -m jobs.bench_pipeline " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"bench_pipeline: {cfg.model.name}, mode {cfg.mode.name}, corpus {cfg.input.uri}\n  overrides: "
-          f"{' '.join(overrides)}", flush=True)
+    print(
+        f"bench_pipeline: {cfg.model.name}, mode {cfg.mode.name}, corpus {cfg.input.uri}\n  overrides: "
+        f"{' '.join(overrides)}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     with GpuSampler() as gpu:
@@ -257,16 +316,30 @@ def main(argv: list[str] | None = None) -> int:
     engine = {} if args.no_engine_alone else engine_alone(cfg, corpus, on_gpu=cuda)
 
     result = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-        "ray": ray.__version__, "date": time.strftime("%Y-%m-%d"), "command": command, "overrides": overrides,
-        "model": cfg.model.name, "mode": cfg.mode.name, "config_hash": cfg.config_hash(),
-        "corpus": str(corpus), "pages_made": pages_made,
-        **report(rows, wall), **steady_state(rows), **engine,
-        "pipeline_wall_s": summary["wall_time_s"], "accounting_ok": summary["accounting_ok"],
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+        "overrides": overrides,
+        "model": cfg.model.name,
+        "mode": cfg.mode.name,
+        "config_hash": cfg.config_hash(),
+        "corpus": str(corpus),
+        "pages_made": pages_made,
+        **report(rows, wall),
+        **steady_state(rows),
+        **engine,
+        "pipeline_wall_s": summary["wall_time_s"],
+        "accounting_ok": summary["accounting_ok"],
         # per Ray Data operator: bytes out per row (a page, after the render stage) and CPU s per row
-        "operators": [{**o, "bytes_per_page": o["bytes_per_row"], "cpu_s_per_page": o["cpu_s_per_row"]}
-                      for o in operators],
-        "gpu_util_source": gpu.source, "gpu_util_every_s": gpu.every_s, "gpu_util_samples": gpu.samples,
+        "operators": [
+            {**o, "bytes_per_page": o["bytes_per_row"], "cpu_s_per_page": o["cpu_s_per_row"]}
+            for o in operators
+        ],
+        "gpu_util_source": gpu.source,
+        "gpu_util_every_s": gpu.every_s,
+        "gpu_util_samples": gpu.samples,
         "ray_data_stats": stats,
     }
     print("\n== Ray Data stats\n" + stats)

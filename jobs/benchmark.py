@@ -60,9 +60,16 @@ def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
             img = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
             prep = preprocess_image(img, "gundam", max_crops=6)
             prompt_len = prep.num_image_tokens + PROMPT_TOKENS
-            out.append(dict(source=f"{Path(path).name}#{page.number}", global_view=prep.global_view,
-                            tiles=prep.tiles, grid=prep.grid, num_image_tokens=prep.num_image_tokens,
-                            force_len=forced_length(page, tok, prompt_len, MAX_MODEL_LEN)))
+            out.append(
+                dict(
+                    source=f"{Path(path).name}#{page.number}",
+                    global_view=prep.global_view,
+                    tiles=prep.tiles,
+                    grid=prep.grid,
+                    num_image_tokens=prep.num_image_tokens,
+                    force_len=forced_length(page, tok, prompt_len, MAX_MODEL_LEN),
+                )
+            )
     except Exception as e:  # unreadable corpus files (encrypted, empty, not a PDF) are skipped
         print(f"skip {Path(path).name}: {type(e).__name__}: {e}", file=sys.stderr)
     return out
@@ -82,14 +89,14 @@ def render_corpus(corpus: Path, dpi: float, workers: int) -> list[dict[str, Any]
 
 
 def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any) -> dict[str, Any]:
+    import gc
+
     import torch
 
     from model.engine import Engine, EngineConfig, Request
     from model.preprocess import to_pixel_tensor
     from model.tokenizer import DEFAULT_PROMPT, OcrTokenizer
     from model.vision import PageViews
-
-    import gc
 
     gc.collect()
     torch.cuda.empty_cache()  # the previous phase's KV pool is gone before this one is fitted
@@ -104,8 +111,12 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
             t_pulled[0] = time.perf_counter()
             g = to_pixel_tensor(p["global_view"], dev).to(torch.bfloat16)
             t = to_pixel_tensor(p["tiles"], dev).to(torch.bfloat16) if p["tiles"] is not None else None
-            yield Request(tok.build_prompt_ids(DEFAULT_PROMPT, p["num_image_tokens"]), PageViews(g, t, p["grid"]),
-                          force_len=p["force_len"], tag=i)
+            yield Request(
+                tok.build_prompt_ids(DEFAULT_PROMPT, p["num_image_tokens"]),
+                PageViews(g, t, p["grid"]),
+                force_len=p["force_len"],
+                tag=i,
+            )
 
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -136,23 +147,49 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
     blocks = [b for _, b in st.blocks_used]
     del engine
     return {
-        "phase": label, "pages": len(pages), "wall_s": round(wall, 2),
-        "pages_per_s": round(len(pages) / wall, 3), "pages_per_day": round(len(pages) / wall * 86400),
-        "output_tokens": tokens, "output_tokens_per_s": round(tokens / wall, 1),
+        "phase": label,
+        "pages": len(pages),
+        "wall_s": round(wall, 2),
+        "pages_per_s": round(len(pages) / wall, 3),
+        "pages_per_day": round(len(pages) / wall * 86400),
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / wall, 1),
         "mean_output_tokens": round(tokens / len(pages), 1),
         "vision_ms_per_page": round(1000 * st.vision_s / len(pages), 2),
-        "vision_s": round(st.vision_s, 2), "prefill_s": round(st.prefill_s, 2), "decode_s": round(st.decode_s, 2),
-        "decode_steps": st.decode_steps, "max_batch": cfg.max_batch,
-        "mean_occupancy": round(statistics.fmean(occ), 1) if occ else 0, "occupancy_deciles": deciles,
-        "admissions": len(st.admissions), "mean_admission_group": round(statistics.fmean(st.admissions), 1),
+        "vision_s": round(st.vision_s, 2),
+        "prefill_s": round(st.prefill_s, 2),
+        "decode_s": round(st.decode_s, 2),
+        "decode_steps": st.decode_steps,
+        "max_batch": cfg.max_batch,
+        "mean_occupancy": round(statistics.fmean(occ), 1) if occ else 0,
+        "occupancy_deciles": deciles,
+        "admissions": len(st.admissions),
+        "mean_admission_group": round(statistics.fmean(st.admissions), 1),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "steady_pages_per_s": steady, "steady_window_s": round(t_last - t_first, 2), "steady_pages": in_win,
-        "max_rows_in_flight": max(occ) if occ else 0, "rows_in_flight_over_time": timeline,
-        "preemptions": st.preemptions, "kv_blocks": st.kv_blocks,
+        "steady_pages_per_s": steady,
+        "steady_window_s": round(t_last - t_first, 2),
+        "steady_pages": in_win,
+        "max_rows_in_flight": max(occ) if occ else 0,
+        "rows_in_flight_over_time": timeline,
+        "preemptions": st.preemptions,
+        "kv_blocks": st.kv_blocks,
         "peak_kv_blocks_used": max(blocks) if blocks else None,
-        "engine": {k: getattr(cfg, k) for k in ("engine", "max_batch", "sync_every", "len_bucket", "cuda_graphs",
-                                                "static_batches", "admit_min", "kv_block_size", "ngram_size",
-                                                "ngram_window", "loop_detect")},
+        "engine": {
+            k: getattr(cfg, k)
+            for k in (
+                "engine",
+                "max_batch",
+                "sync_every",
+                "len_bucket",
+                "cuda_graphs",
+                "static_batches",
+                "admit_min",
+                "kv_block_size",
+                "ngram_size",
+                "ngram_window",
+                "loop_detect",
+            )
+        },
     }
 
 
@@ -168,20 +205,20 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
     per_tok = kv_bytes_per_token(model)
     rows: list[dict[str, Any]] = []
 
-    def fill(ctx: int) -> None:
-        engine.prompt_len.fill_(ctx)
-        engine.n.fill_(1)
-        engine.max_new.fill_(MAX_MODEL_LEN - ctx - 1)
-        engine.force.fill_(True)
-        engine.done.fill_(False)
-        engine.reason.zero_()
+    def fill(e: Engine, ctx: int) -> None:
+        e.prompt_len.fill_(ctx)
+        e.n.fill_(1)
+        e.max_new.fill_(MAX_MODEL_LEN - ctx - 1)
+        e.force.fill_(True)
+        e.done.fill_(False)
+        e.reason.zero_()
 
     flash_ok = engine._flash
-    for use_flash in ([True, False] if flash_ok else [False]):
+    for use_flash in [True, False] if flash_ok else [False]:
         engine._flash = engine.cache.use_flash = use_flash
         for ctx in ctx_lens:
             with torch.inference_mode():
-                fill(ctx)
+                fill(engine, ctx)
             attend = MAX_MODEL_LEN if use_flash else min(MAX_MODEL_LEN, -(-(ctx + 64) // 256) * 256)
             for _ in range(3):
                 engine._decode_step(attend)
@@ -193,9 +230,16 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
             b.record()
             torch.cuda.synchronize()
             ms = a.elapsed_time(b) / steps
-            rows.append({"attention": "flash varlen" if use_flash else "masked SDPA", "rows": max_batch, "ctx": ctx,
-                         "ms_per_step": round(ms, 3), "tokens_per_s": round(max_batch / ms * 1000),
-                         "kv_read_gb": round(max_batch * ctx * per_tok / 1e9, 2)})
+            rows.append(
+                {
+                    "attention": "flash varlen" if use_flash else "masked SDPA",
+                    "rows": max_batch,
+                    "ctx": ctx,
+                    "ms_per_step": round(ms, 3),
+                    "tokens_per_s": round(max_batch / ms * 1000),
+                    "kv_read_gb": round(max_batch * ctx * per_tok / 1e9, 2),
+                }
+            )
             print(f"  decode step {rows[-1]}", flush=True)
     engine._flash = engine.cache.use_flash = flash_ok
     table = ""
@@ -203,7 +247,7 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
         from torch.profiler import ProfilerActivity, profile
 
         with torch.inference_mode():
-            fill(ctx_lens[0])
+            fill(engine, ctx_lens[0])
             engine._step_body()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -237,16 +281,23 @@ def device_rates() -> dict[str, float]:
         torch.cuda.synchronize()
         return a.elapsed_time(b) / 1000 / reps
 
-    src = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")  # 4 GiB
-    dst = torch.empty_like(src)
-    copy_s = timed(lambda: dst.copy_(src), 10)
-    del src, dst
-    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    y = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    mm_s = timed(lambda: x @ y, 20)
-    del x, y
+    def copy_rate() -> float:
+        src = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")  # 4 GiB
+        dst = torch.empty_like(src)
+        return timed(lambda: dst.copy_(src), 10)
+
+    def matmul_rate() -> float:
+        x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+        y = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+        return timed(lambda: x @ y, 20)
+
+    copy_s = copy_rate()  # its buffers are freed on return, before the matmul's
+    mm_s = matmul_rate()
     torch.cuda.empty_cache()
-    return {"copy_gb_per_s": round(2 * 2**32 / copy_s / 1e9, 1), "matmul_tflop_per_s": round(2 * 8192**3 / mm_s / 1e12, 1)}
+    return {
+        "copy_gb_per_s": round(2 * 2**32 / copy_s / 1e9, 1),
+        "matmul_tflop_per_s": round(2 * 8192**3 / mm_s / 1e12, 1),
+    }
 
 
 def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: int) -> list[dict[str, Any]]:
@@ -267,7 +318,9 @@ def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: i
             k = torch.randn(nb, block_size, H, hd, dtype=torch.bfloat16, device="cuda")
             v = torch.randn_like(k)
             table = torch.zeros(rows, per_row, dtype=torch.int32, device="cuda")
-            table[:, :used] = (torch.randperm(rows * used, device="cuda") + 1).view(rows, used).to(torch.int32)
+            table[:, :used] = (
+                (torch.randperm(rows * used, device="cuda") + 1).view(rows, used).to(torch.int32)
+            )
             lens = torch.full((rows,), ctx, device="cuda")
             q = torch.randn(rows, H, hd, dtype=torch.bfloat16, device="cuda")
             for _ in range(3):
@@ -281,8 +334,15 @@ def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: i
             torch.cuda.synchronize()
             ms = a.elapsed_time(b) / 20
             gb = rows * ctx * H * hd * 2 * 2 / 1e9
-            out.append({"rows": rows, "ctx": ctx, "kernel_ms": round(ms, 3), "kv_gb": round(gb, 3),
-                        "kv_gb_per_s": round(gb / ms * 1000, 1)})
+            out.append(
+                {
+                    "rows": rows,
+                    "ctx": ctx,
+                    "kernel_ms": round(ms, 3),
+                    "kv_gb": round(gb, 3),
+                    "kv_gb_per_s": round(gb / ms * 1000, 1),
+                }
+            )
             print(f"  paged decode kernel {out[-1]}", flush=True)
             del k, v
             torch.cuda.empty_cache()
@@ -325,7 +385,14 @@ def step_profile(model, rows_list: list[int], ctx_list: list[int]) -> list[dict[
             b.record()
             torch.cuda.synchronize()
             ms = a.elapsed_time(b) / 20
-            out.append({"rows": rows, "ctx": ctx, "ms_per_step": round(ms, 3), "tokens_per_s": round(rows / ms * 1000)})
+            out.append(
+                {
+                    "rows": rows,
+                    "ctx": ctx,
+                    "ms_per_step": round(ms, 3),
+                    "tokens_per_s": round(rows / ms * 1000),
+                }
+            )
             print(f"  paged decode step {out[-1]}", flush=True)
     del engine
     torch.cuda.empty_cache()
@@ -348,9 +415,23 @@ def vision_flops(model, page: dict[str, Any]) -> float:
 
 
 def print_row(r: dict[str, Any]) -> None:
-    keys = ["pages", "wall_s", "pages_per_s", "steady_pages_per_s", "pages_per_day", "output_tokens_per_s",
-            "mean_output_tokens", "vision_ms_per_page", "vision_s", "prefill_s", "decode_s", "mean_occupancy",
-            "max_rows_in_flight", "preemptions", "peak_gpu_mem_gib"]
+    keys = [
+        "pages",
+        "wall_s",
+        "pages_per_s",
+        "steady_pages_per_s",
+        "pages_per_day",
+        "output_tokens_per_s",
+        "mean_output_tokens",
+        "vision_ms_per_page",
+        "vision_s",
+        "prefill_s",
+        "decode_s",
+        "mean_occupancy",
+        "max_rows_in_flight",
+        "preemptions",
+        "peak_gpu_mem_gib",
+    ]
     print(f"\n== {r['phase']} (max_batch {r['max_batch']})")
     for k in keys:
         print(f"  {k:<22} {r[k]}")
@@ -364,25 +445,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subset", type=int, default=256, help="pages for continuous-vs-static (0: skip)")
     ap.add_argument("--baseline-pages", type=int, default=4, help="pages for one-at-a-time (0: skip)")
     ap.add_argument("--max-batch", type=int, default=0, help="0: as many KV rows as memory allows")
-    ap.add_argument("--headroom-gib", type=float, default=14.0, help="slotted: memory kept free when fitting rows")
-    ap.add_argument("--kv-headroom-gib", type=float, default=30.0, help="paged: memory kept free when fitting the pool")
+    ap.add_argument(
+        "--headroom-gib", type=float, default=14.0, help="slotted: memory kept free when fitting rows"
+    )
+    ap.add_argument(
+        "--kv-headroom-gib", type=float, default=30.0, help="paged: memory kept free when fitting the pool"
+    )
     ap.add_argument("--sync-every", type=int, default=8)
-    ap.add_argument("--admit-min", type=int, default=16, help="admit new pages in groups of this many free rows")
-    ap.add_argument("--compare-admit-min", type=int, default=0,
-                    help="also run the headline pages with this admit_min (A/B of admission grouping)")
+    ap.add_argument(
+        "--admit-min", type=int, default=16, help="admit new pages in groups of this many free rows"
+    )
+    ap.add_argument(
+        "--compare-admit-min",
+        type=int,
+        default=0,
+        help="also run the headline pages with this admit_min (A/B of admission grouping)",
+    )
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--json-out", default="")
-    ap.add_argument("--time-budget-s", type=float, default=0.0,
-                    help="fit the run in this many seconds: the headline page count is cut to what the "
-                         "measured subset rate allows (0: no limit)")
+    ap.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=0.0,
+        help="fit the run in this many seconds: the headline page count is cut to what the "
+        "measured subset rate allows (0: no limit)",
+    )
     ap.add_argument("--profile", action="store_true", help="also time/profile single decode steps (slotted)")
-    ap.add_argument("--engine", choices=["paged", "slotted"], default="paged", help="engine of the headline run")
-    ap.add_argument("--compare-slotted", action="store_true",
-                    help="subset phase: the paged and the slotted engine on the same pages (ratio)")
-    ap.add_argument("--kernel-bench", action="store_true",
-                    help="device copy/matmul rates, paged decode kernel bandwidth, paged step time vs rows/ctx, "
-                         "vision FLOPs/page")
+    ap.add_argument(
+        "--engine", choices=["paged", "slotted"], default="paged", help="engine of the headline run"
+    )
+    ap.add_argument(
+        "--compare-slotted",
+        action="store_true",
+        help="subset phase: the paged and the slotted engine on the same pages (ratio)",
+    )
+    ap.add_argument(
+        "--kernel-bench",
+        action="store_true",
+        help="device copy/matmul rates, paged decode kernel bandwidth, paged step time vs rows/ctx, "
+        "vision FLOPs/page",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -395,28 +498,42 @@ def main(argv: list[str] | None = None) -> int:
     unique = render_corpus(Path(args.corpus), 144.0, args.workers)
     render_s = time.perf_counter() - t0
     pages = [unique[i % len(unique)] for i in range(args.pages)]
-    print(f"rendered {len(unique)} unique pages in {render_s:.1f}s; cycled to {len(pages)}; mean forced length "
-          f"{statistics.fmean(p['force_len'] for p in unique):.0f} tokens; mean <image> positions "
-          f"{statistics.fmean(p['num_image_tokens'] for p in unique):.0f}", flush=True)
+    print(
+        f"rendered {len(unique)} unique pages in {render_s:.1f}s; cycled to {len(pages)}; mean forced length "
+        f"{statistics.fmean(p['force_len'] for p in unique):.0f} tokens; mean <image> positions "
+        f"{statistics.fmean(p['num_image_tokens'] for p in unique):.0f}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     model = random_model("cuda")
-    print(f"model ready in {time.perf_counter() - t0:.1f}s, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params", flush=True)
-    from model.engine import fit_max_batch
-
-    from model.engine import PAGED_AUTO_ROWS
+    print(
+        f"model ready in {time.perf_counter() - t0:.1f}s, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params",
+        flush=True,
+    )
+    from model.engine import PAGED_AUTO_ROWS, fit_max_batch
 
     slotted_rows = args.max_batch or fit_max_batch(model, MAX_MODEL_LEN, args.headroom_gib)
     paged_rows = args.max_batch or PAGED_AUTO_ROWS
     max_batch = paged_rows if args.engine == "paged" else slotted_rows
-    common = dict(sync_every=args.sync_every, cuda_graphs=not args.no_cuda_graphs, admit_min=args.admit_min,
-                  engine=args.engine, kv_headroom_gib=args.kv_headroom_gib)
+    common = dict(
+        sync_every=args.sync_every,
+        cuda_graphs=not args.no_cuda_graphs,
+        admit_min=args.admit_min,
+        engine=args.engine,
+        kv_headroom_gib=args.kv_headroom_gib,
+    )
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"), "command": "python -m jobs.benchmark " + " ".join(argv or sys.argv[1:]),
-        "unique_pages": len(unique), "render_preprocess_s": round(render_s, 1),
-        "mean_forced_tokens_unique": round(statistics.fmean(p["force_len"] for p in unique), 1), "phases": [],
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m jobs.benchmark " + " ".join(argv or sys.argv[1:]),
+        "unique_pages": len(unique),
+        "render_preprocess_s": round(render_s, 1),
+        "mean_forced_tokens_unique": round(statistics.fmean(p["force_len"] for p in unique), 1),
+        "phases": [],
     }
 
     def record(r: dict[str, Any]) -> None:
@@ -428,8 +545,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel_bench:
         report["device_rates"] = device_rates()
         print(f"device rates {report['device_rates']}", flush=True)
-        report["vision_flops_per_page_unique_mean"] = round(statistics.fmean(
-            vision_flops(model, p) for p in unique[:: max(1, len(unique) // 8)]) / 1e12, 3)  # TFLOP
+        report["vision_flops_per_page_unique_mean"] = round(
+            statistics.fmean(vision_flops(model, p) for p in unique[:: max(1, len(unique) // 8)]) / 1e12, 3
+        )  # TFLOP
         print(f"vision TFLOP/page {report['vision_flops_per_page_unique_mean']}", flush=True)
         report["paged_kernel"] = kernel_bench(model, [256, 1024], [1024, 2048, 4096], 64)
         report["paged_step"] = step_profile(model, [128, 256, 512, 1024], [1024, 2048])
@@ -440,20 +558,40 @@ def main(argv: list[str] | None = None) -> int:
         sub = pages[: args.subset]
         record(run_engine(model, sub, "subset: continuous", max_batch=max_batch, **common))
         if args.compare_slotted:
-            record(run_engine(model, sub, "subset: slotted", max_batch=slotted_rows,
-                              **{**common, "engine": "slotted"}))
+            record(
+                run_engine(
+                    model, sub, "subset: slotted", max_batch=slotted_rows, **{**common, "engine": "slotted"}
+                )
+            )
         else:
-            record(run_engine(model, sub, "subset: static batches of 64", max_batch=64, static_batches=True,
-                              **{**common, "engine": "slotted"}))
+            record(
+                run_engine(
+                    model,
+                    sub,
+                    "subset: static batches of 64",
+                    max_batch=64,
+                    static_batches=True,
+                    **{**common, "engine": "slotted"},
+                )
+            )
     if args.baseline_pages:
         base = pages[: args.baseline_pages]
-        one = run_engine(model, base, "one page at a time (eager, sync per token)", max_batch=1, sync_every=1,
-                         cuda_graphs=False, engine="slotted")
+        one = run_engine(
+            model,
+            base,
+            "one page at a time (eager, sync per token)",
+            max_batch=1,
+            sync_every=1,
+            cuda_graphs=False,
+            engine="slotted",
+        )
         record(one)
         report["baseline_pages_per_s"] = one["pages_per_s"]
     if args.profile:
         try:
-            report["profile"] = profile_decode(model, max_batch, [1024, 2048, 4096], os.path.dirname(args.json_out))
+            report["profile"] = profile_decode(
+                model, max_batch, [1024, 2048, 4096], os.path.dirname(args.json_out)
+            )
         except Exception as e:  # noqa: BLE001 - the profile must not cost the headline run
             print(f"decode profile failed: {type(e).__name__}: {e}", flush=True)
         if args.json_out:
@@ -468,10 +606,20 @@ def main(argv: list[str] | None = None) -> int:
             headline = pages[:fit]
     record(run_engine(model, headline, "continuous", max_batch=max_batch, **common))
     if args.compare_admit_min:
-        record(run_engine(model, headline, f"continuous, admit_min={args.compare_admit_min}", max_batch=max_batch,
-                          **{**common, "admit_min": args.compare_admit_min}))
+        record(
+            run_engine(
+                model,
+                headline,
+                f"continuous, admit_min={args.compare_admit_min}",
+                max_batch=max_batch,
+                **{**common, "admit_min": args.compare_admit_min},
+            )
+        )
     if args.baseline_pages:
-        for key, ph in (("speedup_vs_one_at_a_time", "continuous"), ("subset_speedup_vs_one_at_a_time", "subset: continuous")):
+        for key, ph in (
+            ("speedup_vs_one_at_a_time", "continuous"),
+            ("subset_speedup_vs_one_at_a_time", "subset: continuous"),
+        ):
             cont = next((p for p in report["phases"] if p["phase"] == ph), None)
             if cont:
                 report[key] = round(cont["pages_per_s"] / report["baseline_pages_per_s"], 2)
@@ -481,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         report["subset_speedup_paged_vs_slotted"] = round(cont["pages_per_s"] / slotted["pages_per_s"], 2)
         if cont.get("steady_pages_per_s") and slotted.get("steady_pages_per_s"):
             report["subset_steady_speedup_paged_vs_slotted"] = round(
-                cont["steady_pages_per_s"] / slotted["steady_pages_per_s"], 2)
+                cont["steady_pages_per_s"] / slotted["steady_pages_per_s"], 2
+            )
     rates = report.get("device_rates")
     if rates:
         for k in report.get("paged_kernel", []):
@@ -490,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         tf = report["vision_flops_per_page_unique_mean"]
         if head["vision_ms_per_page"]:
             report["vision_tflop_per_s"] = round(tf / (head["vision_ms_per_page"] / 1000), 1)
-            report["vision_mfu_vs_measured_matmul"] = round(report["vision_tflop_per_s"] / rates["matmul_tflop_per_s"], 3)
+            report["vision_mfu_vs_measured_matmul"] = round(
+                report["vision_tflop_per_s"] / rates["matmul_tflop_per_s"], 3
+            )
     static = next((p for p in report["phases"] if p["phase"].startswith("subset: static")), None)
     if static:
         cont = next(p for p in report["phases"] if p["phase"] == "subset: continuous")

@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for f, _ in chosen:
         shutil.copy2(f, out / f.name)
-    print(f"{len(chosen)} PDFs, {sum(n for _, n in chosen)} pages, "
-          f"{sum(f.stat().st_size for f, _ in chosen) / 1e6:.1f} MB -> {out}")
+    print(
+        f"{len(chosen)} PDFs, {sum(n for _, n in chosen)} pages, "
+        f"{sum(f.stat().st_size for f, _ in chosen) / 1e6:.1f} MB -> {out}"
+    )
     return 0
 
 

@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model", description=(__doc__ or "").splitlines()[0])
     ap.add_argument("image", help="page image file (PNG, JPEG, ...)")
     ap.add_argument("--model", default="deepseek_ocr", choices=["deepseek_ocr", "tiny_random"])
-    ap.add_argument("--source", default="deepseek-ai/DeepSeek-OCR", help="hub id or local checkpoint directory")
+    ap.add_argument(
+        "--source", default="deepseek-ai/DeepSeek-OCR", help="hub id or local checkpoint directory"
+    )
     ap.add_argument("--mode", default="gundam", choices=sorted(MODES))
     # defaults from their one home: the mode table and the engine config
     ap.add_argument("--max-crops", type=int, default=None, help="default: the mode's (gundam: 6)")
@@ -45,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     (out,) = ocr.run([OcrInput(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens)])
     page = parse_grounding(out.raw_output, img.size)
-    print(f"# {args.image}: {img.size[0]}x{img.size[1]} px, mode {args.mode}, grid {prep.grid}, "
-          f"{out.num_vision_tokens} image tokens, {out.num_output_tokens} output tokens, "
-          f"finish {out.finish_reason}, {out.ocr_ms:.0f} ms")
+    print(
+        f"# {args.image}: {img.size[0]}x{img.size[1]} px, mode {args.mode}, grid {prep.grid}, "
+        f"{out.num_vision_tokens} image tokens, {out.num_output_tokens} output tokens, "
+        f"finish {out.finish_reason}, {out.ocr_ms:.0f} ms"
+    )
     print("## markdown")
     print(page.markdown)
     print(f"## blocks ({len(page.blocks)})")

@@ -72,7 +72,11 @@ class CheckpointMismatch(ValueError):
     ) -> None:
         self.missing, self.unexpected, self.misshaped = list(missing), list(unexpected), list(misshaped)
         parts = []
-        for what, keys in (("missing", self.missing), ("unexpected", self.unexpected), ("mis-shaped", self.misshaped)):
+        for what, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mis-shaped", self.misshaped),
+        ):
             if keys:
                 more = f", ... (+{len(keys) - 10})" if len(keys) > 10 else ""
                 parts.append(f"{len(keys)} {what}: {', '.join(keys[:10])}{more}")
@@ -253,8 +257,13 @@ def init_random_fast(model: nn.Module, seed: int = 0) -> set[str]:
     return set(kmap)
 
 
-def random_model(device: torch.device | str, seed: int = 0, *, config: OcrConfig | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> OcrModel:
+def random_model(
+    device: torch.device | str,
+    seed: int = 0,
+    *,
+    config: OcrConfig | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> OcrModel:
     """OcrModel of `config` (default: the official full-size one) built directly on `device` in
     `dtype`, filled by `init_random_fast`, in eval mode: the `full_random` benchmark model."""
     from model.ocr import OcrModel  # lazy: model.ocr imports the whole vision stack

@@ -159,9 +159,16 @@ class OcrConfig:
         plus "pagemill_vision" when the vision dims are not the official ones."""
         from dataclasses import asdict
 
-        out: dict[str, Any] = {"model_type": "deepseek_vl_v2", "use_mla": False, **asdict(self.decoder),
-                               "projector_config": {"input_dim": self.projector_input_dim,
-                                                    "n_embed": self.decoder.hidden_size, "projector_type": "linear"}}
+        out: dict[str, Any] = {
+            "model_type": "deepseek_vl_v2",
+            "use_mla": False,
+            **asdict(self.decoder),
+            "projector_config": {
+                "input_dim": self.projector_input_dim,
+                "n_embed": self.decoder.hidden_size,
+                "projector_type": "linear",
+            },
+        }
         if (self.sam, self.clip) != (SamConfig(), ClipConfig()):
             out["pagemill_vision"] = {"sam": asdict(self.sam), "clip": asdict(self.clip)}
         return out

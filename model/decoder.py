@@ -168,11 +168,19 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp: nn.Module = (
+            MoE(cfg) if cfg.is_moe_layer(idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
         self.idx = idx
 
     def forward(
-        self, h: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: AnyCache | None
+        self,
+        h: Tensor,
+        positions: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: AnyCache | None,
     ) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h), positions, cos, sin, mask, cache, self.idx)
         return h + self.mlp(self.post_attention_layernorm(h))  # (B, T, D)

@@ -87,7 +87,9 @@ class EngineConfig:
     # runs dry. "slotted": one max_model_len row per sequence (the previous engine, kept to compare).
     engine: str = "paged"
     kv_block_size: int = 64
-    kv_blocks: int = 0  # pool size; 0: fit to free CUDA memory (kv_headroom_gib kept), else max_batch rows' worth
+    kv_blocks: int = (
+        0  # pool size; 0: fit to free CUDA memory (kv_headroom_gib kept), else max_batch rows' worth
+    )
     # kept free for vision/prefill activations, CUDA graphs and the views of the pages in flight
     # (a live row keeps its ~20 MB of Gundam views on the device: a preempted page is re-encoded)
     kv_headroom_gib: float = 30.0
@@ -164,8 +166,10 @@ def fit_max_batch(model: OcrModel, max_model_len: int, headroom_gib: float = 14.
     free, _ = torch.cuda.mem_get_info(dev)
     rows = int((free - headroom_gib * 2**30) // (kv_bytes_per_token(model) * max_model_len))
     if rows < 1:
-        raise RuntimeError(f"no room for one KV row of {max_model_len} tokens: {free / 2**30:.1f} GiB free, "
-                           f"{headroom_gib} GiB kept as headroom; lower generation.max_model_len")
+        raise RuntimeError(
+            f"no room for one KV row of {max_model_len} tokens: {free / 2**30:.1f} GiB free, "
+            f"{headroom_gib} GiB kept as headroom; lower generation.max_model_len"
+        )
     return min(rows, cap)
 
 
@@ -196,15 +200,27 @@ class Engine:
         if self.paged:
             bs = c.kv_block_size
             per_row = -(-T // bs)
-            nb = c.kv_blocks or (fit_kv_blocks(self.model, bs, c.kv_headroom_gib) if dev.type == "cuda"
-                                 else B * per_row + 1)
+            nb = c.kv_blocks or (
+                fit_kv_blocks(self.model, bs, c.kv_headroom_gib) if dev.type == "cuda" else B * per_row + 1
+            )
             if nb - 1 < per_row:
-                raise ValueError(f"a KV pool of {nb} blocks cannot hold one row of max_model_len={T} "
-                                 f"({per_row} blocks of {bs} + the trash block)")
+                raise ValueError(
+                    f"a KV pool of {nb} blocks cannot hold one row of max_model_len={T} "
+                    f"({per_row} blocks of {bs} + the trash block)"
+                )
             w = dec.embed_tokens.weight
             cfgd = dec.config
-            self.cache = PagedKVCache(cfgd.num_hidden_layers, B, nb, bs, cfgd.num_key_value_heads, cfgd.head_dim,
-                                      T, device=dev, dtype=w.dtype)
+            self.cache = PagedKVCache(
+                cfgd.num_hidden_layers,
+                B,
+                nb,
+                bs,
+                cfgd.num_key_value_heads,
+                cfgd.head_dim,
+                T,
+                device=dev,
+                dtype=w.dtype,
+            )
             self._table = np.zeros((B, per_row), dtype=np.int32)  # host mirror of the block table
             self._free_blocks = list(range(nb - 1, 0, -1))  # block 0 is the trash block
             self._row_blocks: dict[int, list[int]] = {}
@@ -224,9 +240,16 @@ class Engine:
         self.ng_w = torch.full((B,), c.ngram_window, dtype=torch.long, device=dev)
         self._ng_max = (max(c.ngram_max_size, c.ngram_size), max(c.ngram_max_window, c.ngram_window))
         self._admit_min = min(c.admit_min, max(1, B // 8))  # free rows before a group is admitted
-        self._flash = (not self.paged) and dev.type == "cuda" and self.cache.use_flash and dec.embed_tokens.weight.dtype in (
-            torch.float16, torch.bfloat16)
-        self._n_out, self._sum_out = 0, 0  # finished unforced pages: count, output tokens (admission estimate)
+        self._flash = (
+            (not self.paged)
+            and dev.type == "cuda"
+            and self.cache.use_flash
+            and dec.embed_tokens.weight.dtype in (torch.float16, torch.bfloat16)
+        )
+        self._n_out, self._sum_out = (
+            0,
+            0,
+        )  # finished unforced pages: count, output tokens (admission estimate)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool: Any = None
 
@@ -236,8 +259,16 @@ class Engine:
         """Pick the next token of every `active` row from fp32 `logits` (B, V); update state."""
         c = self.cfg
         if self._ng_max[0] >= 2:
-            banned = no_repeat_ngram_mask(self.out, self.n, self.ng_n, self.ng_w, self.whitelist, self.vocab,
-                                          max_ngram=self._ng_max[0], max_window=self._ng_max[1])
+            banned = no_repeat_ngram_mask(
+                self.out,
+                self.n,
+                self.ng_n,
+                self.ng_w,
+                self.whitelist,
+                self.vocab,
+                max_ngram=self._ng_max[0],
+                max_window=self._ng_max[1],
+            )
             logits = logits.masked_fill(banned, float("-inf"))
         no_eos = self.force & (self.n + 1 < self.max_new)  # forced rows: EOS banned until the end
         logits[:, c.eos_id] = torch.where(no_eos, float("-inf"), logits[:, c.eos_id])
@@ -300,7 +331,9 @@ class Engine:
         """Encode, prefill and take the first token of `reqs` into cache rows `rows`."""
         t0 = time.perf_counter()
         views = [r.views for r in reqs if r.views is not None]
-        embeds = self.model.vision.image_embeddings_batch(views, max_batch=self.cfg.vision_batch) if views else []
+        embeds = (
+            self.model.vision.image_embeddings_batch(views, max_batch=self.cfg.vision_batch) if views else []
+        )
         self._sync()
         t1 = time.perf_counter()
         it = iter(embeds)
@@ -309,25 +342,33 @@ class Engine:
         order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].input_ids))  # similar lengths together
         group: list[int] = []
         for i in order + [-1]:
-            longest = max([len(reqs[j].input_ids) for j in group] + ([len(reqs[i].input_ids)] if i >= 0 else []))
+            longest = max(
+                [len(reqs[j].input_ids) for j in group] + ([len(reqs[i].input_ids)] if i >= 0 else [])
+            )
             if group and (i < 0 or longest * (len(group) + 1) > self.cfg.prefill_tokens):
-                self._prefill([rows[j] for j in group], [reqs[j] for j in group], [per_req[j] for j in group], logits)
+                self._prefill(
+                    [rows[j] for j in group], [reqs[j] for j in group], [per_req[j] for j in group], logits
+                )
                 group = []
             if i >= 0:
                 group.append(i)
         c = self.cfg
         idx = torch.tensor(rows, device=self.device)
         plen = torch.tensor([len(r.input_ids) for r in reqs], device=self.device)
-        cap = [min(r.max_new_tokens or c.max_new_tokens, c.max_new_tokens, c.max_model_len - len(r.input_ids))
-               for r in reqs]
+        cap = [
+            min(r.max_new_tokens or c.max_new_tokens, c.max_new_tokens, c.max_model_len - len(r.input_ids))
+            for r in reqs
+        ]
         cap = [min(r.force_len, m) if r.force_len else m for r, m in zip(reqs, cap)]
         self.prompt_len[idx] = plen
         self.max_new[idx] = torch.tensor(cap, device=self.device)
         self.force[idx] = torch.tensor([bool(r.force_len) for r in reqs], device=self.device)
-        self.ng_n[idx] = torch.tensor([c.ngram_size if r.ngram_size is None else r.ngram_size for r in reqs],
-                                      device=self.device)
-        self.ng_w[idx] = torch.tensor([c.ngram_window if r.ngram_window is None else r.ngram_window for r in reqs],
-                                      device=self.device)
+        self.ng_n[idx] = torch.tensor(
+            [c.ngram_size if r.ngram_size is None else r.ngram_size for r in reqs], device=self.device
+        )
+        self.ng_w[idx] = torch.tensor(
+            [c.ngram_window if r.ngram_window is None else r.ngram_window for r in reqs], device=self.device
+        )
         self.n[idx] = 0
         self.done[idx] = False
         self.reason[idx] = 0
@@ -338,7 +379,9 @@ class Engine:
         self.stats.vision_s += t1 - t0
         self.stats.prefill_s += time.perf_counter() - t1
 
-    def _prefill(self, rows: list[int], reqs: list[Request], embeds: list[Tensor | None], logits: Tensor) -> None:
+    def _prefill(
+        self, rows: list[int], reqs: list[Request], embeds: list[Tensor | None], logits: Tensor
+    ) -> None:
         """One right-padded prefill forward; last-position logits land in `logits[rows]`."""
         T = max(len(r.input_ids) for r in reqs)
         ids = torch.zeros(len(reqs), T, dtype=torch.long)
@@ -383,8 +426,13 @@ class Engine:
                 free = []  # keep decoding; admit a group later (see EngineConfig.admit_min)
             new_rows: list[int] = []
             new_reqs: list[Request] = []
-            reserve = sum(max(0, self._expected_blocks(q) - len(self._row_blocks[r])) for r, (q, *_) in live.items()) \
-                if self.paged else 0
+            reserve = (
+                sum(
+                    max(0, self._expected_blocks(q) - len(self._row_blocks[r])) for r, (q, *_) in live.items()
+                )
+                if self.paged
+                else 0
+            )
             while free and len(new_reqs) < c.admit_max:
                 if waiting:
                     req = waiting.popleft()
@@ -406,7 +454,9 @@ class Engine:
                     need = self._blocks_for(len(req.input_ids))
                     grow = max(0, self._expected_blocks(req) - need)
                     watermark = int(c.kv_watermark * self.cache.num_blocks)
-                    short = len(self._free_blocks) - need < (reserve + grow + watermark if live or new_reqs else 0)
+                    short = len(self._free_blocks) - need < (
+                        reserve + grow + watermark if live or new_reqs else 0
+                    )
                     if short:
                         waiting.appendleft(req)  # admission is limited by free blocks
                         break
@@ -447,8 +497,9 @@ class Engine:
             self.stats.decode_steps += c.sync_every
             self.stats.occupancy.append((time.perf_counter() - self._t0, len(live)))
             if self.paged:
-                self.stats.blocks_used.append((time.perf_counter() - self._t0,
-                                               self.cache.num_blocks - 1 - len(self._free_blocks)))
+                self.stats.blocks_used.append(
+                    (time.perf_counter() - self._t0, self.cache.num_blocks - 1 - len(self._free_blocks))
+                )
             out_rows = [r for r in live if bool(done[r])]
             if out_rows:
                 toks = self.out[out_rows].cpu()
@@ -462,8 +513,13 @@ class Engine:
                 if not req.force_len:
                     self._n_out += 1
                     self._sum_out += len(ids)
-                yield Result(req.tag, ids, FINISH_REASONS[int(reason[row])], len(req.input_ids),
-                             ms=(time.perf_counter() - t_admit) * 1000.0)
+                yield Result(
+                    req.tag,
+                    ids,
+                    FINISH_REASONS[int(reason[row])],
+                    len(req.input_ids),
+                    ms=(time.perf_counter() - t_admit) * 1000.0,
+                )
 
     # ------------------------------------------------------------------ paged KV bookkeeping (host)
 
@@ -514,7 +570,9 @@ class Engine:
             if row not in live:
                 continue
             req, _, steps, _ = live[row]
-            need = self._blocks_for(len(req.input_ids) + steps + c.sync_every - 1) - len(self._row_blocks[row])
+            need = self._blocks_for(len(req.input_ids) + steps + c.sync_every - 1) - len(
+                self._row_blocks[row]
+            )
             while need > len(self._free_blocks):
                 victim = max(live, key=lambda r: live[r][3])
                 waiting.appendleft(live.pop(victim)[0])

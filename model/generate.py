@@ -56,7 +56,9 @@ def greedy_generate(
         from model.sampling import no_repeat_ngram_mask  # noqa: PLC0415 - optional dependency, lazy
 
     positions = torch.arange(L, device=dev)[None]  # (1, L)
-    logits = model(ids, positions, image_embeds, cache, logits_index=torch.tensor([L - 1], device=dev))  # (1, V)
+    logits = model(
+        ids, positions, image_embeds, cache, logits_index=torch.tensor([L - 1], device=dev)
+    )  # (1, V)
     result = GenerationResult([], "length", L)
     for step in range(max_new_tokens):
         if return_logits:

@@ -54,13 +54,27 @@ def flash_decode_works(device: torch.device | str, dtype: torch.dtype) -> bool:
             used = torch.tensor([1, 17, 64], device=device)
             cu = torch.arange(B + 1, device=device, dtype=torch.int32)
             out = torch.ops.aten._flash_attention_forward(
-                q[:, :, 0].contiguous(), k.view(B * L, H, hd), v.view(B * L, H, hd), cu, cu * L, 1, L, 0.0,
-                False, False, seqused_k=used.to(torch.int32))[0]
+                q[:, :, 0].contiguous(),
+                k.view(B * L, H, hd),
+                v.view(B * L, H, hd),
+                cu,
+                cu * L,
+                1,
+                L,
+                0.0,
+                False,
+                False,
+                seqused_k=used.to(torch.int32),
+            )[0]
             mask = (torch.arange(L, device=device)[None, :] < used[:, None])[:, None, None]  # (B, 1, 1, L)
-            ref = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)[:, :, 0]
+            ref = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)[
+                :, :, 0
+            ]
             ok = bool((out.float() - ref.float()).abs().max() < 2e-2)
         except Exception as e:  # noqa: BLE001 - any failure means: do not use this path
-            warnings.warn(f"flash varlen decode unavailable ({type(e).__name__}: {e}); using SDPA", stacklevel=2)
+            warnings.warn(
+                f"flash varlen decode unavailable ({type(e).__name__}: {e}); using SDPA", stacklevel=2
+            )
         if not ok:
             warnings.warn("flash varlen decode disagrees with SDPA or failed; using SDPA", stacklevel=2)
         _FLASH_CHECKED[key] = ok
@@ -129,8 +143,16 @@ class KVCache:
         if T == 1 and self.use_flash and _flash_ok(q) and kb.dtype == q.dtype:
             L = self.max_len
             out = torch.ops.aten._flash_attention_forward(
-                q[:, :, 0].contiguous(), kb.view(B * L, H, hd), vb.view(B * L, H, hd),
-                self._cu_q[: B + 1], self._cu_k[: B + 1], 1, L, 0.0, False, False,
+                q[:, :, 0].contiguous(),
+                kb.view(B * L, H, hd),
+                vb.view(B * L, H, hd),
+                self._cu_q[: B + 1],
+                self._cu_k[: B + 1],
+                1,
+                L,
+                0.0,
+                False,
+                False,
                 seqused_k=(positions[:, 0] + 1).to(torch.int32),
             )[0]  # (B, H, hd)
             return out[:, :, None]
@@ -178,11 +200,23 @@ class PagedKVCache:
       `attend_len // block_size` blocks and runs masked SDPA (slots > position hidden).
     """
 
-    def __init__(self, num_layers: int, rows: int, num_blocks: int, block_size: int, num_heads: int,
-                 head_dim: int, max_len: int, *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        rows: int,
+        num_blocks: int,
+        block_size: int,
+        num_heads: int,
+        head_dim: int,
+        max_len: int,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         if num_blocks < 2 or block_size & (block_size - 1):
-            raise ValueError("a paged KV pool needs >= 2 blocks (block 0 is the trash block) of a power-of-2 size")
+            raise ValueError(
+                "a paged KV pool needs >= 2 blocks (block 0 is the trash block) of a power-of-2 size"
+            )
         shape = (num_blocks, block_size, num_heads, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
@@ -217,8 +251,9 @@ class PagedKVCache:
         if T == 1 and self.use_kernel and q.dtype == self.k[layer_idx].dtype and hd & (hd - 1) == 0:
             from model.paged_attention import paged_decode  # noqa: PLC0415
 
-            return paged_decode(q[:, :, 0], self.k[layer_idx], self.v[layer_idx], self.block_table[:B],
-                                positions[:, 0] + 1)[:, :, None]
+            return paged_decode(
+                q[:, :, 0], self.k[layer_idx], self.v[layer_idx], self.block_table[:B], positions[:, 0] + 1
+            )[:, :, None]
         return self.reference(layer_idx, q, positions)
 
     def reference(self, layer_idx: int, q: Tensor, positions: Tensor) -> Tensor:

@@ -23,15 +23,32 @@ SPLIT = 512  # tokens per split (a multiple of the block size)
 
 
 def kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    return triton is not None and torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return (
+        triton is not None
+        and torch.device(device).type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_ptr, lse_ptr, scale,
-                      stride_tb, H: tl.constexpr, HD: tl.constexpr, BS: tl.constexpr,
-                      BLOCKS_PER_SPLIT: tl.constexpr, NSPLIT: tl.constexpr):
+    def _split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        table_ptr,
+        lens_ptr,
+        o_ptr,
+        lse_ptr,
+        scale,
+        stride_tb,
+        H: tl.constexpr,
+        HD: tl.constexpr,
+        BS: tl.constexpr,
+        BLOCKS_PER_SPLIT: tl.constexpr,
+        NSPLIT: tl.constexpr,
+    ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -39,7 +56,7 @@ if triton is not None:
         start = s * BLOCKS_PER_SPLIT * BS
         d = tl.arange(0, HD)
         t = tl.arange(0, BS)
-        out_off = ((b * H + h) * NSPLIT + s)
+        out_off = (b * H + h) * NSPLIT + s
         if start >= length:
             tl.store(lse_ptr + out_off, float("-inf"))
             tl.store(o_ptr + out_off * HD + d, tl.zeros([HD], dtype=tl.float32))
@@ -91,9 +108,23 @@ def paged_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens:
     o = torch.empty(B, H, nsplit, hd, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, H, nsplit, device=q.device, dtype=torch.float32)
     lens32 = lens.to(torch.int32)
-    _split_kernel[(B, H, nsplit)](q, k_pool, v_pool, table, lens32, o, lse, hd ** -0.5, table.stride(0),
-                                  H=H, HD=hd, BS=bs, BLOCKS_PER_SPLIT=split // bs, NSPLIT=nsplit,
-                                  num_warps=4)
+    _split_kernel[(B, H, nsplit)](
+        q,
+        k_pool,
+        v_pool,
+        table,
+        lens32,
+        o,
+        lse,
+        hd**-0.5,
+        table.stride(0),
+        H=H,
+        HD=hd,
+        BS=bs,
+        BLOCKS_PER_SPLIT=split // bs,
+        NSPLIT=nsplit,
+        num_warps=4,
+    )
     out = torch.empty_like(q)
     _merge_kernel[(B * H,)](o, lse, out, HD=hd, NSPLIT=nsplit, num_warps=1)
     return out

@@ -54,9 +54,7 @@ class ModeSpec:
             if side <= 0 or side % PATCHES_PER_QUERY:
                 raise ValueError(f"view side {side} must be a positive multiple of 64")
         if self.crop_mode and not 1 <= self.min_crops <= self.max_crops:
-            raise ValueError(
-                f"need 1 <= min_crops <= max_crops, got {self.min_crops}/{self.max_crops}"
-            )
+            raise ValueError(f"need 1 <= min_crops <= max_crops, got {self.min_crops}/{self.max_crops}")
 
 
 MODES: dict[str, ModeSpec] = {
@@ -126,9 +124,7 @@ def _count(spec: ModeSpec, grid: tuple[int, int]) -> int:
     return total
 
 
-def num_image_tokens(
-    width: int, height: int, mode: str | ModeSpec, max_crops: int | None = None
-) -> int:
+def num_image_tokens(width: int, height: int, mode: str | ModeSpec, max_crops: int | None = None) -> int:
     """Number of ``<image>`` positions for a W×H image in ``mode`` (spec §3.2 / §3.5)."""
     spec = get_mode(mode, max_crops)
     check_size(width, height, max_pixels=None)
@@ -244,8 +240,9 @@ def preprocess_image(
     )
 
 
-def to_pixel_tensor(views: np.ndarray | torch.Tensor | list[np.ndarray],
-                    device: torch.device | str | None = None) -> torch.Tensor:
+def to_pixel_tensor(
+    views: np.ndarray | torch.Tensor | list[np.ndarray], device: torch.device | str | None = None
+) -> torch.Tensor:
     """uint8 view(s) (S,S,3) / (N,S,S,3) / list of (S,S,3) -> float32 (N,3,S,S) in [-1, 1].
 
     Same arithmetic as the reference (ToTensor then Normalize): x/255 in float32, then

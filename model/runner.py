@@ -14,10 +14,10 @@ architecture, random weights by the same rule drawn on the device) for GPU bench
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator
 import queue
 import threading
+import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,8 +39,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0,
-               device: torch.device | str | None = None) -> tuple[OcrModel, OcrTokenizer]:
+def load_model(
+    name: str,
+    source: str = "",
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[OcrModel, OcrTokenizer]:
     """(model in eval mode on `device`, tokenizer) for `deepseek_ocr` (from `source`), `tiny_random`
     or `full_random` (full size, built and filled on `device`: meaningless text, for benchmarks)."""
     from model.checkpoint import init_random, load_checkpoint, random_model, resolve_source
@@ -87,8 +92,13 @@ class OcrOutput:
 
 
 class PageOcr:
-    def __init__(self, model: OcrModel, tokenizer: OcrTokenizer, engine_cfg: EngineConfig | None = None,
-                 prompt: str = "document") -> None:
+    def __init__(
+        self,
+        model: OcrModel,
+        tokenizer: OcrTokenizer,
+        engine_cfg: EngineConfig | None = None,
+        prompt: str = "document",
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, engine_cfg)
         self.prompt = PROMPTS.get(prompt, prompt)
@@ -98,8 +108,16 @@ class PageOcr:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, name: str, source: str = "", dtype: str = "bfloat16", seed: int = 0, prompt: str = "document",
-             device: str | None = None, **engine: Any) -> PageOcr:
+    def load(
+        cls,
+        name: str,
+        source: str = "",
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        prompt: str = "document",
+        device: str | None = None,
+        **engine: Any,
+    ) -> PageOcr:
         model, tok = load_model(name, source, dtype, seed, device)
         if not engine.get("max_batch"):  # None (or 0): auto, as many KV rows as the device holds
             if engine.get("engine", EngineConfig.engine) == "paged":  # rows are cheap; the block pool limits
@@ -107,26 +125,40 @@ class PageOcr:
                     raise ValueError("max_batch=None (fit to the device) needs a CUDA model")
                 engine["max_batch"] = PAGED_AUTO_ROWS
             else:
-                engine["max_batch"] = fit_max_batch(model, engine.get("max_model_len", EngineConfig.max_model_len))
+                engine["max_batch"] = fit_max_batch(
+                    model, engine.get("max_model_len", EngineConfig.max_model_len)
+                )
         return cls(model, tok, EngineConfig(**engine), prompt)
 
     def _request(self, x: OcrInput) -> Request:
         dev = self.engine.device
         g = to_pixel_tensor(x.global_view, dev).to(self._dtype)  # uint8 copied, normalised on the device
-        tiles = to_pixel_tensor(x.tiles, dev).to(self._dtype) if x.tiles is not None and len(x.tiles) else None
+        tiles = (
+            to_pixel_tensor(x.tiles, dev).to(self._dtype) if x.tiles is not None and len(x.tiles) else None
+        )
         ids = self.tokenizer.build_prompt_ids(self.prompt, x.num_image_tokens)
-        return Request(ids, PageViews(g, tiles, tuple(x.grid)), force_len=x.force_len,
-                       ngram_size=x.ngram_size, ngram_window=x.ngram_window,
-                       tag=(x.tag, x.num_image_tokens, time.perf_counter()))
+        return Request(
+            ids,
+            PageViews(g, tiles, tuple(x.grid)),
+            force_len=x.force_len,
+            ngram_size=x.ngram_size,
+            ngram_window=x.ngram_window,
+            tag=(x.tag, x.num_image_tokens, time.perf_counter()),
+        )
 
     def stream(self, inputs: Iterable[OcrInput]) -> Iterator[OcrOutput]:
         """OCR pages as they come; outputs are yielded as pages finish (not in input order)."""
         for res in self.engine.generate(self._request(x) for x in inputs):
             tag, n_img, t0 = res.tag
             yield OcrOutput(
-                tag=tag, raw_output=self.tokenizer.decode(res.ids), ids=res.ids,
-                num_output_tokens=res.num_output_tokens, num_vision_tokens=n_img, finish_reason=res.finish_reason,
-                ocr_ms=(time.perf_counter() - t0) * 1000.0, error=res.error,
+                tag=tag,
+                raw_output=self.tokenizer.decode(res.ids),
+                ids=res.ids,
+                num_output_tokens=res.num_output_tokens,
+                num_vision_tokens=n_img,
+                finish_reason=res.finish_reason,
+                ocr_ms=(time.perf_counter() - t0) * 1000.0,
+                error=res.error,
             )
 
     def run(self, inputs: list[OcrInput]) -> list[OcrOutput]:
@@ -175,10 +207,18 @@ class PageOcr:
             try:
                 for res in self.engine.generate(requests()):
                     (key, tag), n_img, t0 = res.tag
-                    pending.pop(key).set_result(OcrOutput(
-                        tag=tag, raw_output=self.tokenizer.decode(res.ids), ids=res.ids,
-                        num_output_tokens=res.num_output_tokens, num_vision_tokens=n_img,
-                        finish_reason=res.finish_reason, ocr_ms=(time.perf_counter() - t0) * 1000.0, error=res.error))
+                    pending.pop(key).set_result(
+                        OcrOutput(
+                            tag=tag,
+                            raw_output=self.tokenizer.decode(res.ids),
+                            ids=res.ids,
+                            num_output_tokens=res.num_output_tokens,
+                            num_vision_tokens=n_img,
+                            finish_reason=res.finish_reason,
+                            ocr_ms=(time.perf_counter() - t0) * 1000.0,
+                            error=res.error,
+                        )
+                    )
             except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
                 for fut in pending.values():
                     fut.set_exception(e)

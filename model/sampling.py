@@ -52,7 +52,11 @@ def no_repeat_ngram_mask(
     if N < 2 or C <= 0:  # n == 1: the official no-op quirk; no window: nothing to ban
         return mask[:, :vocab_size]
     L = lengths.to(device=dev, dtype=torch.long).view(B, 1)
-    n = ngram_size.to(dev).long().view(B, 1) if isinstance(ngram_size, torch.Tensor) else torch.full_like(L, N)
+    n = (
+        ngram_size.to(dev).long().view(B, 1)
+        if isinstance(ngram_size, torch.Tensor)
+        else torch.full_like(L, N)
+    )
     w = window.to(dev).long().view(B, 1) if isinstance(window, torch.Tensor) else torch.full_like(L, W)
     k = torch.arange(N - 1, device=dev)  # (K,) offsets back from the end of a gram
     c = torch.arange(C, device=dev)  # (C,)

@@ -108,9 +108,7 @@ class OcrTokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
-    def build_prompt_ids(
-        self, prompt: str, num_image_tokens: int, strip: bool = False
-    ) -> list[int]:
+    def build_prompt_ids(self, prompt: str, num_image_tokens: int, strip: bool = False) -> list[int]:
         """Prompt ids exactly as spec §3.6; ``prompt`` must contain ``<image>`` exactly once.
 
         ``strip=True`` mimics the HF ``infer`` path (conversation template strips the prompt);
@@ -120,9 +118,7 @@ class OcrTokenizer:
             prompt = prompt.strip()
         n = prompt.count(IMAGE_TOKEN)
         if n != 1:
-            raise ValueError(
-                f"prompt must contain {IMAGE_TOKEN!r} exactly once, found {n}: {prompt!r}"
-            )
+            raise ValueError(f"prompt must contain {IMAGE_TOKEN!r} exactly once, found {n}: {prompt!r}")
         if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int):
             raise ValueError(f"num_image_tokens must be an int, got {num_image_tokens!r}")
         if num_image_tokens < 1:

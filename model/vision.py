@@ -16,7 +16,8 @@ Key decisions:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -98,9 +99,7 @@ class DeepEncoder(nn.Module):
         parts.append(self.view_seperator.to(global_feats.dtype)[None])
         return torch.cat(parts, dim=0)  # (N_img, D)
 
-    def image_embeddings(
-        self, global_view: Tensor, tiles: Tensor | None, grid: tuple[int, int]
-    ) -> Tensor:
+    def image_embeddings(self, global_view: Tensor, tiles: Tensor | None, grid: tuple[int, int]) -> Tensor:
         """Vectors for the <image> positions of one image: (N_img, D) (spec 3.5)."""
         return self.image_embeddings_batch([PageViews(global_view, tiles, grid)])[0]
 

@@ -20,7 +20,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipeline.run", "run the job: PDFs -> one Parquet row per page (Hydra overrides: key=value ...)"),
     "report": ("pipeline.report", "HTML report with plots of an output (-> OUTPUT/_report/index.html)"),
-    "inspect": ("pipeline.inspect", "one page of an output: layout boxes drawn, markdown and quality signals"),
+    "inspect": (
+        "pipeline.inspect",
+        "one page of an output: layout boxes drawn, markdown and quality signals",
+    ),
     "documents": ("pipeline.documents", "rebuild documents/ from pages/, or --export DIR as markdown files"),
     "export": ("pipeline.export", "hand-off shards: --format dolma|jsonl|webdataset --dest URI (Ray Data)"),
 }
@@ -28,9 +31,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="pagemill", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="pagemill",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="PDF collections -> DeepSeek-OCR markdown + layout Parquet, on Ray.",
-        epilog="'pagemill COMMAND --help' shows a command's options ('pagemill run --help': the Hydra config).")
+        epilog="'pagemill COMMAND --help' shows a command's options ('pagemill run --help': the Hydra config).",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, text) in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)

@@ -55,7 +55,8 @@ def check_paths(cfg: PipelineConfig) -> None:
             raise ConfigValueError(
                 f"invalid config value {key}={uri!r}: this Ray cluster has {len(alive_nodes())} nodes, so "
                 f"{key} must be shared storage every node reaches (s3://, gs://, abfs://, … any fsspec URI), "
-                f"or set ray.shared_fs=true if the path is on a filesystem every node mounts (NFS, Lustre)")
+                f"or set ray.shared_fs=true if the path is on a filesystem every node mounts (NFS, Lustre)"
+            )
 
 
 def ocr_resource_name(cfg: PipelineConfig) -> str:
@@ -93,9 +94,12 @@ def wait_for_ocr_resources(cfg: PipelineConfig, poll_s: float = 2.0) -> int:
             raise NoGpuError(
                 f"no {want} joined the cluster within ray.gpu_wait_s={cfg.ray.gpu_wait_s:g}s: start GPU "
                 f"workers (or let the autoscaler add them), raise ray.gpu_wait_s, or run the model on "
-                f"CPU on purpose with model.device=cpu")
+                f"CPU on purpose with model.device=cpu"
+            )
         if not announced:
-            log.info("waiting up to %gs for %s in the cluster (OCR actors need one each)", cfg.ray.gpu_wait_s, res)
+            log.info(
+                "waiting up to %gs for %s in the cluster (OCR actors need one each)", cfg.ray.gpu_wait_s, res
+            )
             announced = True
         time.sleep(poll_s)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from model.engine import EngineConfig
 from model.preprocess import MODES
@@ -75,8 +75,12 @@ class OutputConfig:
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", self.uri, "a directory or fsspec URI")
         _check(self.target_file_mb > 0, "output.target_file_mb", self.target_file_mb, "> 0 (MB)")
-        _check(0 < self.row_group_mb <= self.target_file_mb, "output.row_group_mb", self.row_group_mb,
-               "> 0 and <= output.target_file_mb (MB)")
+        _check(
+            0 < self.row_group_mb <= self.target_file_mb,
+            "output.row_group_mb",
+            self.row_group_mb,
+            "> 0 and <= output.target_file_mb (MB)",
+        )
         _check(self.row_group_rows >= 1, "output.row_group_rows", self.row_group_rows, ">= 1")
 
 
@@ -165,15 +169,32 @@ class GenerationConfig:
             "1024..8192",
         )
         _check(self.ngram_size >= 0, "generation.ngram_size", self.ngram_size, ">= 0")
-        _check(self.ngram_window >= self.ngram_size, "generation.ngram_window", self.ngram_window, ">= ngram_size")
+        _check(
+            self.ngram_window >= self.ngram_size,
+            "generation.ngram_window",
+            self.ngram_window,
+            ">= ngram_size",
+        )
         _check(self.loop_min_span >= 8, "generation.loop_min_span", self.loop_min_span, ">= 8")
-        _check(self.max_batch is None or self.max_batch >= 1, "generation.max_batch", self.max_batch,
-               ">= 1, or null: as many as fit the GPU")
+        _check(
+            self.max_batch is None or self.max_batch >= 1,
+            "generation.max_batch",
+            self.max_batch,
+            ">= 1, or null: as many as fit the GPU",
+        )
         _check(self.fallback in ("none", "ngram"), "generation.fallback", self.fallback, "none | ngram")
-        _check(2 <= self.fallback_ngram_size <= self.fallback_ngram_window, "generation.fallback_ngram_size",
-               self.fallback_ngram_size, "2..fallback_ngram_window")
-        _check(self.force_length in FORCE_LENGTHS, "generation.force_length", self.force_length,
-               " | ".join(FORCE_LENGTHS))
+        _check(
+            2 <= self.fallback_ngram_size <= self.fallback_ngram_window,
+            "generation.fallback_ngram_size",
+            self.fallback_ngram_size,
+            "2..fallback_ngram_window",
+        )
+        _check(
+            self.force_length in FORCE_LENGTHS,
+            "generation.force_length",
+            self.force_length,
+            " | ".join(FORCE_LENGTHS),
+        )
 
 
 @dataclass
@@ -188,19 +209,26 @@ class RayConfig:
     namespace: str = "pagemill"
     # -- ux: console and cluster behaviour
     verbose: bool = False  # Ray's own INFO/WARNING logs on the console (off: only ours, errors, summary)
-    log_to_driver: Optional[bool] = None  # worker logs on the driver; None: on when joined to a cluster
+    log_to_driver: bool | None = None  # worker logs on the driver; None: on when joined to a cluster
     # OCR actor pool [min, max] (Ray Data autoscales between them); empty: one actor per GPU seen
     ocr_concurrency: list[int] = field(default_factory=list)
     accelerator_type: str = ""  # e.g. H100, A100: OCR actors only on nodes of this type
     gpu_wait_s: float = 900.0  # how long to wait for the first GPU node (autoscaling) before failing
-    shared_fs: bool = False  # local paths are a filesystem every node mounts (NFS, Lustre): allowed on a cluster
+    shared_fs: bool = (
+        False  # local paths are a filesystem every node mounts (NFS, Lustre): allowed on a cluster
+    )
 
     def __post_init__(self) -> None:
         _check(self.ocr_actors >= 0, "ray.ocr_actors", self.ocr_actors, ">= 0")
         _check(self.ocr_batch_size >= 1, "ray.ocr_batch_size", self.ocr_batch_size, ">= 1")
         _check(self.write_batch_size >= 1, "ray.write_batch_size", self.write_batch_size, ">= 1")
         c = self.ocr_concurrency
-        _check(not c or (len(c) == 2 and 1 <= c[0] <= c[1]), "ray.ocr_concurrency", c, "[] or [min, max], 1 <= min <= max")
+        _check(
+            not c or (len(c) == 2 and 1 <= c[0] <= c[1]),
+            "ray.ocr_concurrency",
+            c,
+            "[] or [min, max], 1 <= min <= max",
+        )
         _check(self.gpu_wait_s >= 0, "ray.gpu_wait_s", self.gpu_wait_s, ">= 0 (seconds)")
 
 
@@ -222,16 +250,23 @@ class PipelineConfig:
     def output_affecting(self) -> dict[str, Any]:
         """The settings that change what a page's row contains (not where or how fast)."""
         return {
-            "model": {"name": self.model.name, "source": self.model.source, "seed": self.model.seed,
-                      "dtype": self.model.dtype},
+            "model": {
+                "name": self.model.name,
+                "source": self.model.source,
+                "seed": self.model.seed,
+                "dtype": self.model.dtype,
+            },
             "mode": asdict(self.mode),
             "dpi": self.render.dpi,
             "max_side_px": self.render.max_side_px,
             "max_pixels": self.render.max_pixels,
             # max_batch only changes how many pages decode together, not what they produce;
             # force_length only when set, so configurations from before it keep their hash (ledger)
-            "generation": {k: v for k, v in asdict(self.generation).items()
-                           if k != "max_batch" and not (k == "force_length" and v == "none")},
+            "generation": {
+                k: v
+                for k, v in asdict(self.generation).items()
+                if k != "max_batch" and not (k == "force_length" and v == "none")
+            },
             "include_images": self.output.include_images,
             "model_revision": self.model.revision,
             "code_version": OUTPUT_CODE_VERSION,

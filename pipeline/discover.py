@@ -20,7 +20,9 @@ def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
 
     lister = ray.remote(num_cpus=0.5)(expand_input)
     try:
-        uris = ray.get(lister.remote(cfg.input.uri, cfg.input.storage_options, suffixes=list(cfg.input.suffixes)))
+        uris = ray.get(
+            lister.remote(cfg.input.uri, cfg.input.storage_options, suffixes=list(cfg.input.suffixes))
+        )
     except ray.exceptions.RayTaskError as e:  # bad input spec: surface the InputError itself
         if isinstance(e.cause, InputError):
             raise e.cause from None
@@ -48,7 +50,10 @@ class ProbeDocuments:
         from pipeline.sources import read_passwords
 
         self.cfg = cfg
-        self.passwords = {**read_passwords(cfg.input.passwords_file, cfg.input.storage_options), **cfg.input.passwords}
+        self.passwords = {
+            **read_passwords(cfg.input.passwords_file, cfg.input.storage_options),
+            **cfg.input.passwords,
+        }
         # MuPDF runs in a killable child here too: a file that hangs the parser costs one
         # doc_error row (probe_error), not the discovery of the whole collection
         self.worker = RenderWorker(recycle_after=cfg.render.recycle_after * 20)
@@ -59,8 +64,14 @@ class ProbeDocuments:
 
         out = []
         for uri in batch.column("source_uri").to_pylist():
-            row: dict[str, Any] = {"source_uri": uri, "doc_id": "", "page_count": 0, "error_code": "",
-                                   "error": "", "password": ""}
+            row: dict[str, Any] = {
+                "source_uri": uri,
+                "doc_id": "",
+                "page_count": 0,
+                "error_code": "",
+                "error": "",
+                "password": "",
+            }
             try:
                 data = read_document(uri, self.cfg.input.storage_options)
             except Exception as e:  # missing / unreadable object: a doc_error row, not a crash

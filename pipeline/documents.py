@@ -49,16 +49,24 @@ def _config_filter(config_hash: str | None) -> Any:
 
 
 def _new_doc() -> dict[str, Any]:
-    return {"source_uri": "", "page_count": 0, "error_code": None, "model_id": None,
-            "counts": Counter(), "ok": {}}
+    return {
+        "source_uri": "",
+        "page_count": 0,
+        "error_code": None,
+        "model_id": None,
+        "counts": Counter(),
+        "ok": {},
+    }
 
 
 def _scan_keys(pages: ds.Dataset, config_hash: str | None) -> dict[str, dict[str, Any]]:
     """Pass 1: per document, status counts and the markdown size of each `ok` page (no text)."""
     docs: dict[str, dict[str, Any]] = {}
     seen: set[tuple[str, int]] = set()
-    columns = {n: pc.field(n) for n in ("doc_id", "source_uri", "page_index", "page_count", "status",
-                                        "error_code", "model_id")}
+    columns = {
+        n: pc.field(n)
+        for n in ("doc_id", "source_uri", "page_index", "page_count", "status", "error_code", "model_id")
+    }
     columns["md_bytes"] = pc.binary_length(pc.field("markdown"))
     for batch in pages.to_batches(columns=columns, filter=_config_filter(config_hash)):
         for r in batch.to_pylist():
@@ -95,8 +103,14 @@ def join_pages(pages: dict[int, str]) -> tuple[str, list[dict[str, int]]]:
     return "".join(parts), spans
 
 
-def assemble_documents(store: OutputStore, config_hash: str | None, *, target_file_mb: float = 256.0,
-                       row_group_mb: float = 32.0, budget_mb: float = 256.0) -> int:
+def assemble_documents(
+    store: OutputStore,
+    config_hash: str | None,
+    *,
+    target_file_mb: float = 256.0,
+    row_group_mb: float = 32.0,
+    budget_mb: float = 256.0,
+) -> int:
     """Build `documents/` for `config_hash` (None: every row, e.g. outputs of one configuration)
     from `pages/`; returns the number of documents written."""
     pages = pages_dataset(store)
@@ -112,8 +126,11 @@ def assemble_documents(store: OutputStore, config_hash: str | None, *, target_fi
         nonlocal pending_bytes
         name = f"part-{tag}-{len(written):05d}.parquet"
         table = pa.Table.from_pylist(pending, schema=DOCUMENT_SCHEMA)
-        written.append(store.write_parquet(DOCUMENTS_DIR, table, name=name,
-                                           row_group_bytes=int(row_group_mb * MB), row_group_rows=1000))
+        written.append(
+            store.write_parquet(
+                DOCUMENTS_DIR, table, name=name, row_group_bytes=int(row_group_mb * MB), row_group_rows=1000
+            )
+        )
         pending.clear()
         pending_bytes = 0
 
@@ -126,16 +143,25 @@ def assemble_documents(store: OutputStore, config_hash: str | None, *, target_fi
             if config_hash is not None:
                 flt = flt & (pc.field("config_hash") == config_hash)
             for batch in pages.to_batches(columns=["doc_id", "page_index", "markdown"], filter=flt):
-                for d, i, md in zip(*(batch.column(n).to_pylist() for n in ("doc_id", "page_index", "markdown"))):
+                for d, i, md in zip(
+                    *(batch.column(n).to_pylist() for n in ("doc_id", "page_index", "markdown"))
+                ):
                     text[d].setdefault(i, md or "")
         for d in ids:
             info, (markdown, spans) = docs[d], join_pages(text[d])
             row = {
-                "id": d, "doc_id": d, "source_uri": info["source_uri"], "page_count": info["page_count"],
-                "text": markdown, "page_spans": spans, "pages_included": sorted(text[d]),
+                "id": d,
+                "doc_id": d,
+                "source_uri": info["source_uri"],
+                "page_count": info["page_count"],
+                "text": markdown,
+                "page_spans": spans,
+                "pages_included": sorted(text[d]),
                 **{f"pages_{s}": info["counts"].get(s, 0) for s in STATUSES},
-                "error_code": info["error_code"], "num_figures": markdown.count("](figures/"),
-                "model_id": info["model_id"], "config_hash": config_hash,
+                "error_code": info["error_code"],
+                "num_figures": markdown.count("](figures/"),
+                "model_id": info["model_id"],
+                "config_hash": config_hash,
             }
             size = len(markdown.encode()) + len(d) + len(info["source_uri"]) + 128
             if pending and pending_bytes + size > target_file_mb * MB:
@@ -163,13 +189,16 @@ def has_documents(store: OutputStore, config_hash: str) -> bool:
     """Whether `documents/` already holds this configuration's parts."""
     path = store.join(DOCUMENTS_DIR)
     return store.fs.exists(path) and any(
-        p.rsplit("/", 1)[-1].startswith(f"part-{config_hash}-") for p in store.fs.ls(path, detail=False))
+        p.rsplit("/", 1)[-1].startswith(f"part-{config_hash}-") for p in store.fs.ls(path, detail=False)
+    )
 
 
 def build_for_run(store: OutputStore, cfg: Any) -> int:
     """The end-of-run step of `pipeline.run`: documents of this run's configuration."""
     o = cfg.output
-    return assemble_documents(store, cfg.config_hash(), target_file_mb=o.target_file_mb, row_group_mb=o.row_group_mb)
+    return assemble_documents(
+        store, cfg.config_hash(), target_file_mb=o.target_file_mb, row_group_mb=o.row_group_mb
+    )
 
 
 # ----------------------------------------------------------------------------- reading / export
@@ -211,7 +240,8 @@ def export_documents(store: OutputStore, dest: str, doc_id: str | None = None) -
             if doc["config_hash"]:
                 flt = flt & (pc.field("config_hash") == doc["config_hash"])
             figs = ds.dataset(fig_path, filesystem=store.fs, format="parquet").to_table(
-                columns=["name", "image"], filter=flt)
+                columns=["name", "image"], filter=flt
+            )
             for name, image in zip(figs.column("name").to_pylist(), figs.column("image").to_pylist()):
                 out = os.path.join(dest, name)
                 with open(out, "wb") as f:
@@ -223,8 +253,11 @@ def export_documents(store: OutputStore, dest: str, doc_id: str | None = None) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.documents", description=__doc__.split("\n\n")[0])
     p.add_argument("output", help="the run's output.uri")
-    p.add_argument("--config-hash", default=None,
-                   help="rows of this configuration (default: the last run's, from _summary.json; 'all': every row)")
+    p.add_argument(
+        "--config-hash",
+        default=None,
+        help="rows of this configuration (default: the last run's, from _summary.json; 'all': every row)",
+    )
     p.add_argument("--export", metavar="DIR", help="write DOC_ID.md files and their figures into DIR")
     p.add_argument("--doc", help="with --export: only this document")
     args = p.parse_args(argv)

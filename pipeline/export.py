@@ -74,25 +74,41 @@ def page_quality(store: OutputStore, config_hash: str | None) -> dict[str, dict[
     if config_hash:
         flt = flt & (pc.field("config_hash") == config_hash)
     t = pds.dataset(path, filesystem=store.fs, format="parquet").to_table(
-        columns=["doc_id", "page_index", *QUALITY], filter=flt)
+        columns=["doc_id", "page_index", *QUALITY], filter=flt
+    )
     for r in t.to_pylist():
         out.setdefault(r["doc_id"], {})[r["page_index"]] = {q: r[q] for q in QUALITY if r[q] is not None}
     return out
 
 
-def dolma_record(doc: dict[str, Any], meta: dict[str, Any], quality: dict[int, dict[str, float]]) -> dict[str, Any]:
+def dolma_record(
+    doc: dict[str, Any], meta: dict[str, Any], quality: dict[int, dict[str, float]]
+) -> dict[str, Any]:
     spans = doc["page_spans"] or []
     statuses = {s: int(doc.get(f"pages_{s}") or 0) for s in STATUSES}  # every status: one JSON shape
-    attributes: dict[str, Any] = {"pdf_page_numbers": [[s["start"], s["end"], s["page_index"] + 1] for s in spans]}
+    attributes: dict[str, Any] = {
+        "pdf_page_numbers": [[s["start"], s["end"], s["page_index"] + 1] for s in spans]
+    }
     for q in QUALITY:
-        attributes[f"pagemill_{q}"] = [[s["start"], s["end"], quality.get(s["page_index"], {}).get(q)] for s in spans]
+        attributes[f"pagemill_{q}"] = [
+            [s["start"], s["end"], quality.get(s["page_index"], {}).get(q)] for s in spans
+        ]
     return {
-        "id": doc["id"], "text": doc["text"] or "", "source": "pagemill",
-        "added": meta["added"], "created": meta["created"],
-        "metadata": {"source_uris": [doc["source_uri"]], "model_id": doc["model_id"],
-                     "model_source": meta["model_source"], "model_revision": meta["model_revision"],
-                     "config_hash": doc["config_hash"], "pagemill_version": meta["version"],
-                     "page_count": doc["page_count"], "pages_by_status": statuses},
+        "id": doc["id"],
+        "text": doc["text"] or "",
+        "source": "pagemill",
+        "added": meta["added"],
+        "created": meta["created"],
+        "metadata": {
+            "source_uris": [doc["source_uri"]],
+            "model_id": doc["model_id"],
+            "model_source": meta["model_source"],
+            "model_revision": meta["model_revision"],
+            "config_hash": doc["config_hash"],
+            "pagemill_version": meta["version"],
+            "page_count": doc["page_count"],
+            "pages_by_status": statuses,
+        },
         "attributes": attributes,
     }
 
@@ -105,7 +121,9 @@ def _names(prefix: str, ext: str) -> Any:
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return f"{prefix}-{task_index:05d}.{ext}"
 
-        def get_filename_for_block(self, block: Any, write_uuid: str, task_index: int, block_index: int) -> str:
+        def get_filename_for_block(
+            self, block: Any, write_uuid: str, task_index: int, block_index: int
+        ) -> str:
             return f"{prefix}-{task_index:05d}-{block_index:05d}.{ext}"
 
     return Names()
@@ -140,8 +158,15 @@ def _to_wds(batch: pa.Table) -> list[dict[str, Any]] | dict[str, Any]:
     return out
 
 
-def export(output: str, fmt: str, dest: str, *, config_hash: str | None = None, shard_mb: float = 256.0,
-           storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def export(
+    output: str,
+    fmt: str,
+    dest: str,
+    *,
+    config_hash: str | None = None,
+    shard_mb: float = 256.0,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write `fmt` shards of `output` to `dest`; returns {"format", "dest", "records", "shards"}."""
     import fsspec
     import ray
@@ -167,7 +192,13 @@ def export(output: str, fmt: str, dest: str, *, config_hash: str | None = None, 
         if os.environ.get("RAY_ADDRESS", "local") != "local":
             ray.init(logging_level="ERROR")
         else:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+            )
     n_shards = max(1, math.ceil(table.nbytes / (shard_mb * MB)))
     ds = ray.data.from_arrow(table).repartition(n_shards)
     fs, root = fsspec.core.url_to_fs(dest, **(storage_options or {}))
@@ -175,19 +206,37 @@ def export(output: str, fmt: str, dest: str, *, config_hash: str | None = None, 
     pafs = PyFileSystem(FSSpecHandler(fs))
     if fmt == "dolma":
         cfg = summary.get("config", {}).get("model", {})
-        meta = {"added": dt.datetime.now(dt.timezone.utc).isoformat(), "created": _run_time(summary),
-                "model_source": cfg.get("source"), "model_revision": cfg.get("revision"), "version": pagemill_version()}
-        ds = ds.map_batches(_to_dolma, batch_format="pyarrow", batch_size=None,
-                            fn_kwargs={"meta": meta, "quality": page_quality(store, config_hash)})
+        meta = {
+            "added": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "created": _run_time(summary),
+            "model_source": cfg.get("source"),
+            "model_revision": cfg.get("revision"),
+            "version": pagemill_version(),
+        }
+        ds = ds.map_batches(
+            _to_dolma,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"meta": meta, "quality": page_quality(store, config_hash)},
+        )
     if fmt in ("dolma", "jsonl"):
         if fmt == "jsonl":
             ds = ds.map_batches(_to_page_json, batch_format="pyarrow", batch_size=None)
-        ds.write_json(root, filesystem=pafs, filename_provider=_names(fmt, "jsonl.gz"),
-                      arrow_open_stream_args={"compression": "gzip"})
+        ds.write_json(
+            root,
+            filesystem=pafs,
+            filename_provider=_names(fmt, "jsonl.gz"),
+            arrow_open_stream_args={"compression": "gzip"},
+        )
     else:
         ds.map_batches(_to_wds, batch_format="pyarrow", batch_size=None).write_webdataset(
-            root, filesystem=pafs, filename_provider=_names("pages", "tar"), encoder=None)  # already bytes
-    shards = [p for p in fs.ls(root, detail=False) if p.rsplit("/", 1)[-1].startswith(("dolma-", "jsonl-", "pages-"))]
+            root, filesystem=pafs, filename_provider=_names("pages", "tar"), encoder=None
+        )  # already bytes
+    shards = [
+        p
+        for p in fs.ls(root, detail=False)
+        if p.rsplit("/", 1)[-1].startswith(("dolma-", "jsonl-", "pages-"))
+    ]
     return {"format": fmt, "dest": dest, "records": table.num_rows, "shards": len(shards)}
 
 

@@ -28,7 +28,9 @@ def cap_forced_length(target: int, prompt_len: int, max_model_len: int) -> int:
     return max(1, min(target, max_model_len - prompt_len))
 
 
-def forced_from_text(text: str | None, blocks: int, tokenizer: Any, prompt_len: int, max_model_len: int) -> int:
+def forced_from_text(
+    text: str | None, blocks: int, tokenizer: Any, prompt_len: int, max_model_len: int
+) -> int:
     """The forced length of a page from its text layer and text-block count; `tokenizer` has
     `.encode(str) -> ids`."""
     text = text or ""
@@ -39,7 +41,9 @@ def forced_from_text(text: str | None, blocks: int, tokenizer: Any, prompt_len: 
     return cap_forced_length(target, prompt_len, max_model_len)
 
 
-def forced_length(page: Any, tokenizer: Any, prompt_len: int, max_model_len: int, text: str | None = None) -> int:
+def forced_length(
+    page: Any, tokenizer: Any, prompt_len: int, max_model_len: int, text: str | None = None
+) -> int:
     """The forced length of a PyMuPDF page (`text`: its `get_text("text")` if the caller has it)."""
     text = page.get_text("text") if text is None else text
     return forced_from_text(text, text_blocks(page), tokenizer, prompt_len, max_model_len)

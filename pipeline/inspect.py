@@ -25,9 +25,15 @@ import pyarrow.compute as pc
 from pipeline.outputs import OutputStore, figure_box_px
 
 PALETTE = {
-    "title": (220, 20, 60), "sub_title": (255, 140, 0), "text": (30, 144, 255), "table": (34, 139, 34),
-    "table_caption": (46, 139, 87), "table_footnote": (107, 142, 35), "image": (148, 0, 211),
-    "image_caption": (199, 21, 133), "equation": (0, 139, 139),
+    "title": (220, 20, 60),
+    "sub_title": (255, 140, 0),
+    "text": (30, 144, 255),
+    "table": (34, 139, 34),
+    "table_caption": (46, 139, 87),
+    "table_footnote": (107, 142, 35),
+    "image": (148, 0, 211),
+    "image_caption": (199, 21, 133),
+    "equation": (0, 139, 139),
 }
 
 
@@ -66,8 +72,7 @@ def draw_layout(image: Any, layout: list[dict[str, Any]] | None, labels: bool = 
     if labels:
         for x1, y1, label, colour in boxes:
             ty = max(0, y1 - size - 4)
-            l, t, r, b = draw.textbbox((x1, ty), label, font=font)
-            draw.rectangle([l, t, r, b], fill=(255, 255, 255, 220))
+            draw.rectangle(draw.textbbox((x1, ty), label, font=font), fill=(255, 255, 255, 220))
             draw.text((x1, ty), label, font=font, fill=(*colour, 255))
     return Image.alpha_composite(base, overlay).convert("RGB")
 
@@ -115,8 +120,15 @@ def page_image(row: dict[str, Any], password: str | None = None) -> Any:
     from pipeline.sources import read_document
 
     data = read_document(row["source_uri"])
-    (res,) = render_pages(data, password, [row["page_index"]], dpi=row["dpi"], max_pixels=None, max_side_px=None,
-                          extract_text=False)
+    (res,) = render_pages(
+        data,
+        password,
+        [row["page_index"]],
+        dpi=row["dpi"],
+        max_pixels=None,
+        max_side_px=None,
+        extract_text=False,
+    )
     if isinstance(res, PageError):
         raise InspectError(f"cannot render page {row['page_index']} of {row['source_uri']}: {res.message}")
     img = Image.fromarray(res.pixels)
@@ -124,9 +136,17 @@ def page_image(row: dict[str, Any], password: str | None = None) -> Any:
     return img if img.size == size else img.resize(size)
 
 
-def inspect_page(output: str, doc: str, page: int, out: str | None = None, *, max_side: int = 1600,
-                 labels: bool = True, password: str | None = None,
-                 config_hash: str | None = None) -> tuple[str, dict[str, Any]]:
+def inspect_page(
+    output: str,
+    doc: str,
+    page: int,
+    out: str | None = None,
+    *,
+    max_side: int = 1600,
+    labels: bool = True,
+    password: str | None = None,
+    config_hash: str | None = None,
+) -> tuple[str, dict[str, Any]]:
     """Write the annotated page PNG; returns (its path, the row)."""
     store = OutputStore(output)
     row = find_row(store, doc, page, config_hash)
@@ -139,8 +159,17 @@ def inspect_page(output: str, doc: str, page: int, out: str | None = None, *, ma
     return path, row
 
 
-SIGNALS = ("status", "finish_reason", "num_output_tokens", "num_vision_tokens", "num_text_tokens",
-           "compression_ratio", "repetition_score", "text_layer_agreement", "text_layer_chars")
+SIGNALS = (
+    "status",
+    "finish_reason",
+    "num_output_tokens",
+    "num_vision_tokens",
+    "num_text_tokens",
+    "compression_ratio",
+    "repetition_score",
+    "text_layer_agreement",
+    "text_layer_chars",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,14 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", required=True, help="doc_id, a unique prefix of it, or the file name")
     p.add_argument("--page", type=int, required=True, help="0-based page index")
     p.add_argument("--out", help="PNG path (default: inspect-<doc>-p<N>.png in the current directory)")
-    p.add_argument("--max-side", type=int, default=1600, help="shrink the PNG to this longest side (0: full size)")
+    p.add_argument(
+        "--max-side", type=int, default=1600, help="shrink the PNG to this longest side (0: full size)"
+    )
     p.add_argument("--no-labels", action="store_true", help="boxes only")
     p.add_argument("--password", help="user password, to re-render an encrypted document")
     p.add_argument("--config-hash", help="which configuration's row (default: the last run's)")
     args = p.parse_args(argv)
     try:
-        path, row = inspect_page(args.output, args.doc, args.page, args.out, max_side=args.max_side,
-                                 labels=not args.no_labels, password=args.password, config_hash=args.config_hash)
+        path, row = inspect_page(
+            args.output,
+            args.doc,
+            args.page,
+            args.out,
+            max_side=args.max_side,
+            labels=not args.no_labels,
+            password=args.password,
+            config_hash=args.config_hash,
+        )
     except InspectError as e:
         print(f"pagemill inspect: {e}", file=sys.stderr)
         return 2

@@ -34,17 +34,25 @@ LEDGER_DIR = "_ledger"
 SOURCES_DIR = "_sources"
 SIDE_DIRS = ("figures",)  # per-batch outputs named like their pages part (deleted with it)
 
-LEDGER_SCHEMA = pa.schema([
-    pa.field("doc_id", pa.string(), nullable=False),
-    pa.field("page_index", pa.int32(), nullable=False),
-    pa.field("config_hash", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("file", pa.string(), nullable=False),  # relative to the output root: pages/part-….parquet
-])
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("page_index", pa.int32(), nullable=False),
+        pa.field("config_hash", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("file", pa.string(), nullable=False),  # relative to the output root: pages/part-….parquet
+    ]
+)
 SOURCES_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("source_uri", pa.string())])
 FAILURES_DIR = "_failures"
-FAILURES_SCHEMA = pa.schema([pa.field("doc_id", pa.string()), pa.field("config_hash", pa.string()),
-                             pa.field("run_id", pa.string()), pa.field("reason", pa.string())])
+FAILURES_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("config_hash", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("reason", pa.string()),
+    ]
+)
 
 Key = tuple[str, int]
 
@@ -52,13 +60,16 @@ Key = tuple[str, int]
 def ledger_table(pages: pa.Table, file: str) -> pa.Table:
     """Ledger rows for one committed pages part."""
     n = pages.num_rows
-    return pa.table({
-        "doc_id": pages.column("doc_id").cast(pa.string()),
-        "page_index": pages.column("page_index").cast(pa.int32()),
-        "config_hash": pages.column("config_hash").cast(pa.string()),
-        "status": pages.column("status").cast(pa.string()),
-        "file": pa.array([file] * n, pa.string()),
-    }, schema=LEDGER_SCHEMA)
+    return pa.table(
+        {
+            "doc_id": pages.column("doc_id").cast(pa.string()),
+            "page_index": pages.column("page_index").cast(pa.int32()),
+            "config_hash": pages.column("config_hash").cast(pa.string()),
+            "status": pages.column("status").cast(pa.string()),
+            "file": pa.array([file] * n, pa.string()),
+        },
+        schema=LEDGER_SCHEMA,
+    )
 
 
 def commit_entry(store: Any, pages: pa.Table, file: str) -> None:
@@ -73,8 +84,11 @@ def _names(store: Any, sub: str) -> dict[str, str]:
     store.fs.invalidate_cache(path)  # other processes wrote here: never trust a cached listing
     if not store.fs.exists(path):
         return {}
-    return {p.rsplit("/", 1)[-1]: p for p in store.fs.ls(path, detail=False)
-            if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")}
+    return {
+        p.rsplit("/", 1)[-1]: p
+        for p in store.fs.ls(path, detail=False)
+        if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(".")
+    }
 
 
 def _remove_temporaries(store: Any) -> int:
@@ -119,8 +133,9 @@ class Ledger:
             rows = pq.read_metadata(pages[name], filesystem=store.fs).num_rows
             if name in entries and pq.read_metadata(entries[name], filesystem=store.fs).num_rows == rows:
                 continue
-            table = pq.read_table(pages[name], filesystem=store.fs,
-                                  columns=["doc_id", "page_index", "config_hash", "status"])
+            table = pq.read_table(
+                pages[name], filesystem=store.fs, columns=["doc_id", "page_index", "config_hash", "status"]
+            )
             commit_entry(store, table, f"{PAGES_DIR}/{name}")
             led.reconciled += 1
         for sub in SIDE_DIRS:  # side outputs of a batch whose pages part never committed
@@ -143,7 +158,9 @@ class Ledger:
             src = store.read_table(SOURCES_DIR)
             led.sources = set(zip(src.column("doc_id").to_pylist(), src.column("source_uri").to_pylist()))
         if led.reconciled or led.dropped:
-            log.info("ledger: indexed %d orphan part(s), dropped %d stale entr(ies)", led.reconciled, led.dropped)
+            log.info(
+                "ledger: indexed %d orphan part(s), dropped %d stale entr(ies)", led.reconciled, led.dropped
+            )
         return led
 
     def forget(self, store: Any, keys: set[Key]) -> int:
@@ -162,8 +179,10 @@ class Ledger:
                 if not store.fs.exists(path):
                     continue
                 t = pq.read_table(path, filesystem=store.fs)
-                keep = [(d, int(p)) not in drop for d, p in zip(t.column("doc_id").to_pylist(),
-                                                               t.column("page_index").to_pylist())]
+                keep = [
+                    (d, int(p)) not in drop
+                    for d, p in zip(t.column("doc_id").to_pylist(), t.column("page_index").to_pylist())
+                ]
                 if not any(keep):
                     store.fs.rm(path)
                 else:
@@ -178,8 +197,15 @@ class Ledger:
         if not reasons:
             return
         docs = sorted(reasons)
-        table = pa.table({"doc_id": docs, "config_hash": [self.config_hash] * len(docs), "run_id": [run_id] * len(docs),
-                          "reason": [reasons[d] for d in docs]}, schema=FAILURES_SCHEMA)
+        table = pa.table(
+            {
+                "doc_id": docs,
+                "config_hash": [self.config_hash] * len(docs),
+                "run_id": [run_id] * len(docs),
+                "reason": [reasons[d] for d in docs],
+            },
+            schema=FAILURES_SCHEMA,
+        )
         store.write_parquet(FAILURES_DIR, table, name=f"part-{run_id}-{self.config_hash}.parquet")
         for d in docs:
             self.failures.setdefault(d, []).append(reasons[d])
@@ -190,7 +216,9 @@ class Ledger:
         if new:
             blob = "\n".join(f"{d}\t{u}" for d, u in new).encode()
             name = f"part-{hashlib.sha256(blob).hexdigest()[:20]}.parquet"
-            table = pa.table({"doc_id": [d for d, _ in new], "source_uri": [u for _, u in new]}, schema=SOURCES_SCHEMA)
+            table = pa.table(
+                {"doc_id": [d for d, _ in new], "source_uri": [u for _, u in new]}, schema=SOURCES_SCHEMA
+            )
             store.write_parquet(SOURCES_DIR, table, name=name)
             self.sources.update(new)
         return len(new)

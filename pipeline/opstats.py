@@ -24,12 +24,17 @@ def operator_stats(ds: Any) -> list[dict[str, Any]]:
             rows = int(op.output_num_rows.sum) if op.output_num_rows else 0
             nbytes = int(op.output_size_bytes.sum) if op.output_size_bytes else 0
             cpu = float(op.cpu_time.sum) if op.cpu_time else 0.0
-            out.append({
-                "name": op.operator_name, "output_rows": rows, "output_bytes": nbytes,
-                "bytes_per_row": round(nbytes / rows) if rows else 0,
-                "cpu_s": round(cpu, 3), "cpu_s_per_row": round(cpu / rows, 4) if rows else 0.0,
-                "wall_s": round(float(op.wall_time.sum), 3) if op.wall_time else 0.0,
-            })
+            out.append(
+                {
+                    "name": op.operator_name,
+                    "output_rows": rows,
+                    "output_bytes": nbytes,
+                    "bytes_per_row": round(nbytes / rows) if rows else 0,
+                    "cpu_s": round(cpu, 3),
+                    "cpu_s_per_row": round(cpu / rows, 4) if rows else 0.0,
+                    "wall_s": round(float(op.wall_time.sum), 3) if op.wall_time else 0.0,
+                }
+            )
 
     walk(ds._get_stats_summary())
     return out

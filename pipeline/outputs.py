@@ -78,8 +78,16 @@ class OutputStore:
         blob = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
         return self._atomic_write(rel, lambda f: f.write(blob))
 
-    def write_parquet(self, subdir: str, table: pa.Table, key: str | None = None, name: str | None = None,
-                      *, row_group_bytes: int | None = None, row_group_rows: int = 256) -> str:
+    def write_parquet(
+        self,
+        subdir: str,
+        table: pa.Table,
+        key: str | None = None,
+        name: str | None = None,
+        *,
+        row_group_bytes: int | None = None,
+        row_group_rows: int = 256,
+    ) -> str:
         """Write `table` as one part file named `name`, or from `key` (default: the table's
         (config_hash, doc_id, page_index) row keys, so a redo of the same rows has the same name).
         Row groups hold at most `row_group_rows` rows and, if given, ~`row_group_bytes` bytes."""
@@ -103,7 +111,11 @@ def part_name(table: pa.Table, key: str | None = None) -> str:
     if key is None:
         ids = table.column("doc_id").to_pylist()
         pages = table.column("page_index").to_pylist()
-        conf = table.column("config_hash").to_pylist() if "config_hash" in table.column_names else [""] * len(ids)
+        conf = (
+            table.column("config_hash").to_pylist()
+            if "config_hash" in table.column_names
+            else [""] * len(ids)
+        )
         key = "\n".join(sorted(f"{c}:{d}:{p}" for c, d, p in zip(conf, ids, pages)))
     return f"part-{hashlib.sha256(key.encode()).hexdigest()[:20]}.parquet"
 
@@ -127,7 +139,12 @@ def row_nbytes(table: pa.Table) -> list[int]:
     def add(arr: pa.ChunkedArray) -> None:
         nonlocal var_total
         t = arr.type
-        if pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        if (
+            pa.types.is_string(t)
+            or pa.types.is_binary(t)
+            or pa.types.is_large_string(t)
+            or pa.types.is_large_binary(t)
+        ):
             lengths = pc.fill_null(pc.binary_length(arr), 0).to_pylist()
             for i, v in enumerate(lengths):
                 var[i] += v
@@ -224,12 +241,21 @@ def figure_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for block_index, box_norm, name in figures:
         x1, y1, x2, y2 = figure_box_px(box_norm, (w, h))
-        out.append({
-            "doc_id": row["doc_id"], "page_index": row["page_index"], "block_index": block_index, "name": name,
-            "label": "image", "bbox_norm": list(box_norm), "bbox_px": [x1, y1, x2, y2],
-            "width_px": x2 - x1, "height_px": y2 - y1, "config_hash": row.get("config_hash"),
-            "image": {"bytes": encode_png(page[y1:y2, x1:x2]), "path": name},
-        })
+        out.append(
+            {
+                "doc_id": row["doc_id"],
+                "page_index": row["page_index"],
+                "block_index": block_index,
+                "name": name,
+                "label": "image",
+                "bbox_norm": list(box_norm),
+                "bbox_px": [x1, y1, x2, y2],
+                "width_px": x2 - x1,
+                "height_px": y2 - y1,
+                "config_hash": row.get("config_hash"),
+                "image": {"bytes": encode_png(page[y1:y2, x1:x2]), "path": name},
+            }
+        )
     return out
 
 

@@ -36,8 +36,12 @@ def _missing_ranges(missing: list[int], per_task: int) -> list[range]:
     return out
 
 
-def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[str, int]] | None = None,
-               failures: dict[str, list[str]] | None = None) -> Plan:
+def plan_pages(
+    cfg: PipelineConfig,
+    docs: list[dict[str, Any]],
+    done: set[tuple[str, int]] | None = None,
+    failures: dict[str, list[str]] | None = None,
+) -> Plan:
     """Work items for the rows not yet final (`done` keys from the ledger are skipped), page
     ranges of at most `render.pages_per_task`; each distinct doc_id is planned once. A document
     that failed in `quarantine_after` earlier runs gets `quarantined` error rows instead."""
@@ -57,8 +61,15 @@ def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[
             plan.expected_keys.add(key)
             plan.doc_error_rows += 1
             if key not in done:
-                plan.tasks.append({**common, "page_index": -1, "status": "doc_error",
-                                   "error_code": d["error_code"], "error": d["error"]})
+                plan.tasks.append(
+                    {
+                        **common,
+                        "page_index": -1,
+                        "status": "doc_error",
+                        "error_code": d["error_code"],
+                        "error": d["error"],
+                    }
+                )
             continue
         keys = [(d["doc_id"], i) for i in range(d["page_count"])]
         plan.expected_keys.update(keys)
@@ -66,13 +77,22 @@ def plan_pages(cfg: PipelineConfig, docs: list[dict[str, Any]], done: set[tuple[
         past = failures.get(d["doc_id"], [])
         if missing and len(past) >= cfg.quarantine_after:
             why = f"quarantined after {len(past)} runs that could not process it (last: {past[-1]})"
-            plan.tasks.extend({**common, "page_index": i, "status": "ocr_error", "error_code": "quarantined",
-                               "error": why} for i in missing)
+            plan.tasks.extend(
+                {**common, "page_index": i, "status": "ocr_error", "error_code": "quarantined", "error": why}
+                for i in missing
+            )
             plan.quarantined += 1
             continue
         for r in _missing_ranges(missing, cfg.render.pages_per_task):
-            plan.tasks.append({**common, "page_index": r.start, "status": "pending",
-                               "_range_start": r.start, "_range_stop": r.stop})
+            plan.tasks.append(
+                {
+                    **common,
+                    "page_index": r.start,
+                    "status": "pending",
+                    "_range_start": r.start,
+                    "_range_stop": r.stop,
+                }
+            )
     plan.expected_rows = len(plan.expected_keys)
     plan.done_keys = plan.expected_keys & done
     return plan

@@ -47,7 +47,9 @@ def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
     return max(1, -(-2 * rows // cfg.ray.ocr_batch_size))
 
 
-AUTO_ROWS_GUESS = 128  # `generation.max_batch=null` on a GPU: rows are fitted in the actor; ~121 on an 80 GB H100
+AUTO_ROWS_GUESS = (
+    128  # `generation.max_batch=null` on a GPU: rows are fitted in the actor; ~121 on an 80 GB H100
+)
 
 
 def ocr_rows(cfg: PipelineConfig, on_gpu: bool) -> int | None:
@@ -65,5 +67,3 @@ def ocr_resources(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
     if cfg.ray.ocr_resource:
         return {"num_gpus": 0, "resources": {cfg.ray.ocr_resource: 1}, **acc}
     return {"num_gpus": 1, **acc}
-
-

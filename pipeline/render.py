@@ -31,9 +31,20 @@ from pipeline import forced
 from pipeline.forced import MIN_TEXT_CHARS
 
 __all__ = [
-    "DocError", "DocInfo", "PageProbe", "PageImage", "PageError", "probe_document", "render_pages",
-    "iter_render_pages", "page_ranges", "fit_zoom", "DEFAULT_DPI", "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MAX_SIDE_PX", "MIN_TEXT_CHARS",
+    "DocError",
+    "DocInfo",
+    "PageProbe",
+    "PageImage",
+    "PageError",
+    "probe_document",
+    "render_pages",
+    "iter_render_pages",
+    "page_ranges",
+    "fit_zoom",
+    "DEFAULT_DPI",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE_PX",
+    "MIN_TEXT_CHARS",
 ]
 
 DEFAULT_DPI = 144.0
@@ -140,7 +151,11 @@ def _open(data: bytes, password: str | None) -> tuple[pymupdf.Document | None, D
     offset = bytes(data[:HEADER_WINDOW]).find(b"%PDF-")
     if offset < 0:
         head = bytes(data[:16])
-        return None, DocError("not_a_pdf", f"no %PDF- header in the first {HEADER_WINDOW} bytes (starts {head!r})"), -1
+        return (
+            None,
+            DocError("not_a_pdf", f"no %PDF- header in the first {HEADER_WINDOW} bytes (starts {head!r})"),
+            -1,
+        )
     pymupdf.TOOLS.mupdf_warnings(reset=True)
     try:
         doc = pymupdf.open(stream=data, filetype="pdf")
@@ -155,7 +170,11 @@ def _open(data: bytes, password: str | None) -> tuple[pymupdf.Document | None, D
             return None, DocError("needs_password", "document needs a user password; none given"), offset
         if not doc.authenticate(password):
             doc.close()
-            return None, DocError("needs_password", "document needs a user password; the given one is wrong"), offset
+            return (
+                None,
+                DocError("needs_password", "document needs a user password; the given one is wrong"),
+                offset,
+            )
     return doc, None, offset
 
 
@@ -190,8 +209,17 @@ def probe_document(
                 if extract_text:
                     text = page.get_text("text")
                     chars = len("".join(text.split()))
-                pages.append(PageProbe(i, float(rect.width), float(rect.height), int(page.rotation),
-                                       chars, chars >= min_text_chars, text if keep_text else None))
+                pages.append(
+                    PageProbe(
+                        i,
+                        float(rect.width),
+                        float(rect.height),
+                        int(page.rotation),
+                        chars,
+                        chars >= min_text_chars,
+                        text if keep_text else None,
+                    )
+                )
             except Exception as e:  # a broken page is recorded, never dropped
                 pages.append(PageProbe(i, 0.0, 0.0, 0, -1, False, None, f"{type(e).__name__}: {e}"))
         return DocInfo(
@@ -215,8 +243,9 @@ def _px(length_pt: float, zoom: float) -> int:
     return max(1, math.ceil(length_pt * zoom - 1e-3))
 
 
-def fit_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int | None,
-             max_side_px: int | None) -> float:
+def fit_zoom(
+    width_pt: float, height_pt: float, dpi: float, max_pixels: int | None, max_side_px: int | None
+) -> float:
     """Zoom for `dpi`, lowered just enough that the pixmap fits both pixel bounds."""
     if not (width_pt > 0 and height_pt > 0):
         raise ValueError(f"empty page rectangle {width_pt}x{height_pt} pt")
@@ -224,7 +253,9 @@ def fit_zoom(width_pt: float, height_pt: float, dpi: float, max_pixels: int | No
 
     def fits(z: float) -> bool:
         w, h = _px(width_pt, z), _px(height_pt, z)
-        return (max_side_px is None or max(w, h) <= max_side_px) and (max_pixels is None or w * h <= max_pixels)
+        return (max_side_px is None or max(w, h) <= max_side_px) and (
+            max_pixels is None or w * h <= max_pixels
+        )
 
     if fits(zoom):
         return zoom
@@ -293,7 +324,9 @@ def iter_render_pages(
                 page = doc.load_page(i)
                 rect = page.rect
                 zoom = fit_zoom(rect.width, rect.height, dpi, max_pixels, max_side_px)
-                pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB)
+                pix = page.get_pixmap(
+                    matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB
+                )
                 pixels = png = None
                 if output in ("array", "both"):
                     assert pix.n == 3 and pix.stride == pix.width * 3, (pix.n, pix.stride)
@@ -303,11 +336,20 @@ def iter_render_pages(
                 text = page.get_text("text") if extract_text else None
                 blocks = forced.text_blocks(page) if count_blocks else -1
                 img = PageImage(
-                    page_index=i, width_px=pix.width, height_px=pix.height, dpi=zoom * 72.0,
-                    width_pt=float(rect.width), height_pt=float(rect.height), rotation=int(page.rotation),
-                    scaled_down=zoom < dpi / 72.0, render_ms=(time.perf_counter() - t0) * 1000.0,
-                    text_chars=len("".join(text.split())) if text is not None else -1, text=text,
-                    pixels=pixels, png=png, text_blocks=blocks,
+                    page_index=i,
+                    width_px=pix.width,
+                    height_px=pix.height,
+                    dpi=zoom * 72.0,
+                    width_pt=float(rect.width),
+                    height_pt=float(rect.height),
+                    rotation=int(page.rotation),
+                    scaled_down=zoom < dpi / 72.0,
+                    render_ms=(time.perf_counter() - t0) * 1000.0,
+                    text_chars=len("".join(text.split())) if text is not None else -1,
+                    text=text,
+                    pixels=pixels,
+                    png=png,
+                    text_blocks=blocks,
                 )
                 del pix, page
             except Exception as e:
@@ -335,13 +377,27 @@ def render_pages(
 
     extract_text=True also returns each page's text layer (PageImage.text / text_chars).
     """
-    return list(iter_render_pages(data, password, page_indices, dpi=dpi, max_pixels=max_pixels,
-                                  max_side_px=max_side_px, output=output, extract_text=extract_text,
-                                  count_blocks=count_blocks, _test_fault=_test_fault))
+    return list(
+        iter_render_pages(
+            data,
+            password,
+            page_indices,
+            dpi=dpi,
+            max_pixels=max_pixels,
+            max_side_px=max_side_px,
+            output=output,
+            extract_text=extract_text,
+            count_blocks=count_blocks,
+            _test_fault=_test_fault,
+        )
+    )
 
 
 def page_ranges(page_count: int, max_pages_per_task: int) -> list[range]:
     """Split [0, page_count) into consecutive ranges of at most `max_pages_per_task` pages."""
     if max_pages_per_task < 1:
         raise ValueError("max_pages_per_task must be >= 1")
-    return [range(s, min(s + max_pages_per_task, page_count)) for s in range(0, max(page_count, 0), max_pages_per_task)]
+    return [
+        range(s, min(s + max_pages_per_task, page_count))
+        for s in range(0, max(page_count, 0), max_pages_per_task)
+    ]

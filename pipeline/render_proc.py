@@ -31,7 +31,14 @@ from typing import Any, Literal
 
 from pipeline import render as _render
 from pipeline.render import (
-    DEFAULT_DPI, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE_PX, FAULT_ENV, DocError, DocInfo, PageError, PageImage,
+    DEFAULT_DPI,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE_PX,
+    FAULT_ENV,
+    DocError,
+    DocInfo,
+    PageError,
+    PageImage,
 )
 
 __all__ = ["RenderWorker", "render_in_subprocess", "probe_in_subprocess"]
@@ -40,7 +47,9 @@ __all__ = ["RenderWorker", "render_in_subprocess", "probe_in_subprocess"]
 def _context(start_method: str | None) -> mp.context.BaseContext:
     method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if method == "fork":
-        raise ValueError("start_method='fork' is unsafe in multi-threaded (Ray) workers; use forkserver or spawn")
+        raise ValueError(
+            "start_method='fork' is unsafe in multi-threaded (Ray) workers; use forkserver or spawn"
+        )
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload([_render.__name__])  # no effect once the server runs; harmless
@@ -117,8 +126,13 @@ class RenderWorker:
     max_rss_mb: replace the child after a task that leaves it above this resident size.
     """
 
-    def __init__(self, *, recycle_after: int = 50, max_rss_mb: float | None = 2048,
-                 start_method: Literal["forkserver", "spawn"] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        recycle_after: int = 50,
+        max_rss_mb: float | None = 2048,
+        start_method: Literal["forkserver", "spawn"] | None = None,
+    ) -> None:
         if recycle_after < 1:
             raise ValueError("recycle_after must be >= 1")
         self.recycle_after, self.max_rss_mb, self.start_method = recycle_after, max_rss_mb, start_method
@@ -176,8 +190,9 @@ class RenderWorker:
         except Exception:
             pass
 
-    def _call(self, op: str, kwargs: dict[str, Any], deadline: float, timeout_s: float,
-              page_timeout_s: float | None) -> tuple[list[Any], str | None]:
+    def _call(
+        self, op: str, kwargs: dict[str, Any], deadline: float, timeout_s: float, page_timeout_s: float | None
+    ) -> tuple[list[Any], str | None]:
         """Run one request; return (items received, None) or (items received before failure, why)."""
         if self._proc is None or not self._proc.is_alive():
             self._stop(kill=True)
@@ -243,16 +258,29 @@ class RenderWorker:
         indices = list(page_indices)
         # "" (not None) when unset: the child must not fall back to its own, possibly stale, env.
         fault = (_test_fault if _test_fault is not None else os.environ.get(FAULT_ENV)) or ""
-        opts = dict(data=data, password=password, dpi=dpi, max_pixels=max_pixels, max_side_px=max_side_px,
-                    output=output, extract_text=extract_text, count_blocks=count_blocks,
-                    _test_fault=fault)
+        opts = dict(
+            data=data,
+            password=password,
+            dpi=dpi,
+            max_pixels=max_pixels,
+            max_side_px=max_side_px,
+            output=output,
+            extract_text=extract_text,
+            count_blocks=count_blocks,
+            _test_fault=fault,
+        )
         out: list[PageImage | PageError] = []
         failures = 0
         with self._lock:
             deadline = time.monotonic() + timeout_s
             while len(out) < len(indices):
-                items, failure = self._call("render", {**opts, "page_indices": indices[len(out):]},
-                                            deadline, timeout_s, page_timeout_s)
+                items, failure = self._call(
+                    "render",
+                    {**opts, "page_indices": indices[len(out) :]},
+                    deadline,
+                    timeout_s,
+                    page_timeout_s,
+                )
                 out.extend(items)
                 if failure is None:
                     break
@@ -262,22 +290,33 @@ class RenderWorker:
                 if failures >= max_failures and len(out) < len(indices):
                     # the document keeps killing renderers: quarantine the rest of this range
                     why = f"quarantined after {failures} renderer crashes/timeouts (last: {failure})"
-                    out.extend(PageError(i, "quarantined", why) for i in indices[len(out):])
+                    out.extend(PageError(i, "quarantined", why) for i in indices[len(out) :])
                 if not retry_after_failure or time.monotonic() >= deadline:
-                    out.extend(PageError(i, "render_error", failure) for i in indices[len(out):])
+                    out.extend(PageError(i, "render_error", failure) for i in indices[len(out) :])
                 # The fault hook counts pages per child call; re-based so a retry doesn't fire it again.
                 opts["_test_fault"] = _shift_fault(fault, len(out))
         if len(out) != len(indices):  # protocol invariant; never silently drop a page
             raise RuntimeError(f"renderer returned {len(out)} results for {len(indices)} pages")
         return out
 
-    def probe(self, data: bytes, password: str | None = None, *, extract_text: bool = True,
-              keep_text: bool = True, timeout_s: float = 60.0) -> DocInfo | DocError:
+    def probe(
+        self,
+        data: bytes,
+        password: str | None = None,
+        *,
+        extract_text: bool = True,
+        keep_text: bool = True,
+        timeout_s: float = 60.0,
+    ) -> DocInfo | DocError:
         """`probe_document` in the child; a timeout or crash becomes DocError('probe_error')."""
         with self._lock:
             items, failure = self._call(
-                "probe", dict(data=data, password=password, extract_text=extract_text, keep_text=keep_text),
-                time.monotonic() + timeout_s, timeout_s, None)
+                "probe",
+                dict(data=data, password=password, extract_text=extract_text, keep_text=keep_text),
+                time.monotonic() + timeout_s,
+                timeout_s,
+                None,
+            )
         return items[0] if items else DocError("probe_error", failure or "no result")
 
 
@@ -295,13 +334,26 @@ def render_in_subprocess(
 ) -> list[PageImage | PageError]:
     """One-shot `RenderWorker.render` in a fresh child (see there for kwargs and failure rules)."""
     with RenderWorker(recycle_after=1, start_method=start_method) as w:
-        return w.render(data, password, page_indices, dpi=dpi, max_pixels=max_pixels,
-                        max_side_px=max_side_px, timeout_s=timeout_s, **kwargs)
+        return w.render(
+            data,
+            password,
+            page_indices,
+            dpi=dpi,
+            max_pixels=max_pixels,
+            max_side_px=max_side_px,
+            timeout_s=timeout_s,
+            **kwargs,
+        )
 
 
-def probe_in_subprocess(data: bytes, password: str | None = None, *, timeout_s: float = 60.0,
-                        start_method: Literal["forkserver", "spawn"] | None = None,
-                        **kwargs: Any) -> DocInfo | DocError:
+def probe_in_subprocess(
+    data: bytes,
+    password: str | None = None,
+    *,
+    timeout_s: float = 60.0,
+    start_method: Literal["forkserver", "spawn"] | None = None,
+    **kwargs: Any,
+) -> DocInfo | DocError:
     """One-shot `RenderWorker.probe` in a fresh child."""
     with RenderWorker(recycle_after=1, start_method=start_method) as w:
         return w.probe(data, password, timeout_s=timeout_s, **kwargs)

@@ -25,13 +25,35 @@ from pipeline.outputs import OutputStore
 from pipeline.quality import OCR_STATUSES
 from pipeline.schema import STATUSES
 
-COLUMNS = ("doc_id", "source_uri", "page_index", "status", "error_code", "finish_reason", "num_output_tokens",
-           "num_vision_tokens", "num_text_tokens", "compression_ratio", "repetition_score",
-           "text_layer_agreement", "text_layer_chars", "render_ms", "ocr_ms", "written_at", "config_hash")
+COLUMNS = (
+    "doc_id",
+    "source_uri",
+    "page_index",
+    "status",
+    "error_code",
+    "finish_reason",
+    "num_output_tokens",
+    "num_vision_tokens",
+    "num_text_tokens",
+    "compression_ratio",
+    "repetition_score",
+    "text_layer_agreement",
+    "text_layer_chars",
+    "render_ms",
+    "ocr_ms",
+    "written_at",
+    "config_hash",
+)
 TEXT_COLUMNS = ("doc_id", "source_uri", "status", "error_code", "finish_reason", "config_hash")
 PLOTS = ("status", "throughput", "tokens", "compression", "agreement")
-STATUS_COLOURS = {"ok": "#2e8b57", "truncated": "#e6a700", "repetition": "#d2691e", "render_error": "#b22222",
-                  "ocr_error": "#8b0000", "doc_error": "#708090"}
+STATUS_COLOURS = {
+    "ok": "#2e8b57",
+    "truncated": "#e6a700",
+    "repetition": "#d2691e",
+    "render_error": "#b22222",
+    "ocr_error": "#8b0000",
+    "doc_error": "#708090",
+}
 # DeepSeek-OCR paper (Fox benchmark): ~97% decoding precision below 10x, ~60% at 20x.
 PAPER_RATIOS = ((10.0, "10x: ~97% precision"), (20.0, "20x: ~60%"))
 
@@ -50,8 +72,10 @@ def load_rows(store: OutputStore, config_hash: str | None) -> dict[str, np.ndarr
     flt = None if config_hash is None else pc.field("config_hash") == config_hash
     table = pages.to_table(columns=list(COLUMNS), filter=flt)
     if table.num_rows == 0:
-        raise ReportError(f"no rows{'' if config_hash is None else f' of configuration {config_hash}'} "
-                          f"under {store.root}/pages")
+        raise ReportError(
+            f"no rows{'' if config_hash is None else f' of configuration {config_hash}'} "
+            f"under {store.root}/pages"
+        )
     out: dict[str, np.ndarray] = {}
     for name in COLUMNS:
         col = table.column(name)
@@ -120,8 +144,13 @@ def plot_throughput(rows: dict[str, np.ndarray]) -> bytes:
     ax.set_xlabel(f"time since first row ({unit})", fontsize=8)
     ax.set_ylabel(f"rows / {unit}", fontsize=8)
     ax2 = ax.twinx()
-    ax2.step(np.append(rel / scale, span / scale), np.append(np.arange(1, t.size + 1), t.size), where="post",
-             color="#222", linewidth=1)
+    ax2.step(
+        np.append(rel / scale, span / scale),
+        np.append(np.arange(1, t.size + 1), t.size),
+        where="post",
+        color="#222",
+        linewidth=1,
+    )
     ax2.set_ylabel("cumulative rows", fontsize=8)
     ax2.tick_params(labelsize=8)
     ax2.set_ylim(0, t.size * 1.05)
@@ -141,8 +170,16 @@ def _hist(title: str, values: np.ndarray, xlabel: str, empty: str, log: bool = F
         ax.set_yscale("log")
     med = float(np.median(v))
     ax.axvline(med, color="#222", linestyle=":", linewidth=1)
-    ax.text(0.98, 0.95, f"n={v.size}  median={med:.3g}  p95={np.percentile(v, 95):.3g}", transform=ax.transAxes,
-            ha="right", va="top", fontsize=8, bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"})
+    ax.text(
+        0.98,
+        0.95,
+        f"n={v.size}  median={med:.3g}  p95={np.percentile(v, 95):.3g}",
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=8,
+        bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "none"},
+    )
     return fig, ax
 
 
@@ -151,15 +188,23 @@ def _ocr(rows: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 
 def plot_tokens(rows: dict[str, np.ndarray]) -> bytes:
-    fig, _ = _hist("output tokens per page", _ocr(rows, "num_output_tokens"), "generated tokens (EOS excluded)",
-                   "no pages with model output")
+    fig, _ = _hist(
+        "output tokens per page",
+        _ocr(rows, "num_output_tokens"),
+        "generated tokens (EOS excluded)",
+        "no pages with model output",
+    )
     return _png(fig)
 
 
 def plot_compression(rows: dict[str, np.ndarray]) -> bytes:
     v = _ocr(rows, "compression_ratio")
-    fig, ax = _hist("optical compression: text tokens / vision tokens", v, "compression ratio",
-                    "no pages with model output")
+    fig, ax = _hist(
+        "optical compression: text tokens / vision tokens",
+        v,
+        "compression ratio",
+        "no pages with model output",
+    )
     v = v[~np.isnan(v)]
     if v.size and v.max() >= 5:
         for x, label in PAPER_RATIOS:
@@ -169,8 +214,12 @@ def plot_compression(rows: dict[str, np.ndarray]) -> bytes:
 
 
 def plot_agreement(rows: dict[str, np.ndarray]) -> bytes:
-    fig, ax = _hist("agreement with the PDF text layer (1 - normalised edit distance)",
-                    _ocr(rows, "text_layer_agreement"), "agreement", "no OCR pages with a PDF text layer")
+    fig, ax = _hist(
+        "agreement with the PDF text layer (1 - normalised edit distance)",
+        _ocr(rows, "text_layer_agreement"),
+        "agreement",
+        "no OCR pages with a PDF text layer",
+    )
     if _ocr(rows, "text_layer_agreement").size:
         ax.set_xlim(-0.02, 1.02)
     return _png(fig)
@@ -193,32 +242,60 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return html.escape(str(v))
 
 
-def render_html(rows: dict[str, np.ndarray], summary: dict[str, Any] | None, worst: list[dict[str, Any]],
-                output: str, config_hash: str | None) -> str:
+def render_html(
+    rows: dict[str, np.ndarray],
+    summary: dict[str, Any] | None,
+    worst: list[dict[str, Any]],
+    output: str,
+    config_hash: str | None,
+) -> str:
     n = rows["status"].size
     ocr = np.isin(rows["status"], OCR_STATUSES)
-    facts = [("output", output), ("configuration", config_hash or "all"), ("rows", n),
-             ("documents", len(set(rows["doc_id"]))), ("pages with model output", int(ocr.sum()))]
+    facts = [
+        ("output", output),
+        ("configuration", config_hash or "all"),
+        ("rows", n),
+        ("documents", len(set(rows["doc_id"]))),
+        ("pages with model output", int(ocr.sum())),
+    ]
     if summary:
-        facts += [("model", summary.get("config", {}).get("model", {}).get("name")),
-                  ("mode", summary.get("config", {}).get("mode", {}).get("name")),
-                  ("last run: wall time (s)", summary.get("wall_time_s")),
-                  ("last run: pages/s", summary.get("pages_per_s")),
-                  ("last run: accounting", "ok" if summary.get("accounting_ok") else "FAILED")]
+        facts += [
+            ("model", summary.get("config", {}).get("model", {}).get("name")),
+            ("mode", summary.get("config", {}).get("mode", {}).get("name")),
+            ("last run: wall time (s)", summary.get("wall_time_s")),
+            ("last run: pages/s", summary.get("pages_per_s")),
+            ("last run: accounting", "ok" if summary.get("accounting_ok") else "FAILED"),
+        ]
     for name, label in (("render_ms", "median render ms/page"), ("ocr_ms", "median OCR ms/page")):
         v = rows[name][~np.isnan(rows[name])]
         facts.append((label, f"{np.median(v):.1f}" if v.size else "–"))
-    status_rows = "".join(f"<tr><td>{s}</td><td>{int(np.sum(rows['status'] == s))}</td></tr>" for s in STATUSES)
-    worst_rows = "".join(
-        "<tr>" + "".join(f"<td>{c}</td>" for c in (
-            i + 1, _fmt(w["text_layer_agreement"]), _fmt(w["status"]), _fmt(w["finish_reason"]),
-            _fmt(w["repetition_score"]), _fmt(w["compression_ratio"]), _fmt(w["num_output_tokens"]),
-            html.escape(str(w["source_uri"]).rsplit("/", 1)[-1]), int(w["page_index"]),
-            f"<code>python -m pipeline.inspect {html.escape(output)} --doc {html.escape(str(w['doc_id']))} "
-            f"--page {int(w['page_index'])}</code>",
-        )) + "</tr>"
-        for i, w in enumerate(worst)
-    ) or '<tr><td colspan="10">no OCR pages with a PDF text layer</td></tr>'
+    status_rows = "".join(
+        f"<tr><td>{s}</td><td>{int(np.sum(rows['status'] == s))}</td></tr>" for s in STATUSES
+    )
+    worst_rows = (
+        "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{c}</td>"
+                for c in (
+                    i + 1,
+                    _fmt(w["text_layer_agreement"]),
+                    _fmt(w["status"]),
+                    _fmt(w["finish_reason"]),
+                    _fmt(w["repetition_score"]),
+                    _fmt(w["compression_ratio"]),
+                    _fmt(w["num_output_tokens"]),
+                    html.escape(str(w["source_uri"]).rsplit("/", 1)[-1]),
+                    int(w["page_index"]),
+                    f"<code>python -m pipeline.inspect {html.escape(output)} --doc {html.escape(str(w['doc_id']))} "
+                    f"--page {int(w['page_index'])}</code>",
+                )
+            )
+            + "</tr>"
+            for i, w in enumerate(worst)
+        )
+        or '<tr><td colspan="10">no OCR pages with a PDF text layer</td></tr>'
+    )
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in facts)
     img = "".join(f'<img src="{p}.png" alt="{p}">' for p in PLOTS[:4])
     return f"""<!doctype html>
@@ -239,7 +316,9 @@ code{{font-size:12px}}</style></head><body>
 """
 
 
-def write_report(output: str, out: str | None = None, *, worst: int = 20, config_hash: str | None = None) -> str:
+def write_report(
+    output: str, out: str | None = None, *, worst: int = 20, config_hash: str | None = None
+) -> str:
     """Write the report; returns the path of index.html. `config_hash`: None = the last run's
     configuration (from _summary.json, else every row), "all" = every row."""
     from pipeline.documents import last_config_hash
@@ -252,8 +331,13 @@ def write_report(output: str, out: str | None = None, *, worst: int = 20, config
     chosen = None if config_hash == "all" else (config_hash or last_config_hash(store))
     rows = load_rows(store, chosen)
     dest = OutputStore(out) if out else OutputStore(store.uri.rstrip("/") + "/_report", store.storage_options)
-    plots = {"status": plot_status, "throughput": plot_throughput, "tokens": plot_tokens,
-             "compression": plot_compression, "agreement": plot_agreement}
+    plots = {
+        "status": plot_status,
+        "throughput": plot_throughput,
+        "tokens": plot_tokens,
+        "compression": plot_compression,
+        "agreement": plot_agreement,
+    }
     for name in PLOTS:
         blob = plots[name](rows)
         dest.write_bytes(f"{name}.png", blob)
@@ -266,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", help="the run's output.uri")
     p.add_argument("--out", help="report directory (default: OUTPUT/_report)")
     p.add_argument("--worst", type=int, default=20, help="pages listed by lowest text-layer agreement")
-    p.add_argument("--config-hash", help="configuration to report (default: the last run's; 'all': every row)")
+    p.add_argument(
+        "--config-hash", help="configuration to report (default: the last run's; 'all': every row)"
+    )
     args = p.parse_args(argv)
     try:
         path = write_report(args.output, args.out, worst=args.worst, config_hash=args.config_hash)

@@ -84,7 +84,6 @@ def quiet_ray(verbose: bool) -> None:
     warnings.filterwarnings("ignore", module=r"ray(\..*)?")
     for name in ("ray", "ray._private", "ray.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    import ray.data  # configures its own logger: keep its file log (ray-data.log), quiet its console
 
     for h in logging.getLogger("ray.data").handlers:
         if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
@@ -107,13 +106,21 @@ def init_ray(cfg: PipelineConfig) -> bool:
         return bool(address)
     log_to_driver = cfg.ray.log_to_driver if cfg.ray.log_to_driver is not None else bool(address)
     if address:
-        ray.init(address=cfg.ray.address or None,  # None: Ray reads RAY_ADDRESS itself
-                 namespace=cfg.ray.namespace, log_to_driver=log_to_driver, logging_level=level)
+        ray.init(
+            address=cfg.ray.address or None,  # None: Ray reads RAY_ADDRESS itself
+            namespace=cfg.ray.namespace,
+            log_to_driver=log_to_driver,
+            logging_level=level,
+        )
         if not cfg.ray.verbose:
             logging.getLogger("ray").setLevel(logging.ERROR)
         return True
-    env = {"env_vars": {"PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                        **({} if cfg.ray.verbose else {"RAY_BACKEND_LOG_LEVEL": "fatal"})}}
+    env = {
+        "env_vars": {
+            "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            **({} if cfg.ray.verbose else {"RAY_BACKEND_LOG_LEVEL": "fatal"}),
+        }
+    }
     # Embedded local Ray. Logical CPUs are over-committed on small machines so the
     # long-lived render and OCR actors cannot starve the light per-batch tasks.
     ray.init(
@@ -170,8 +177,14 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
         plan = plan_pages(cfg, docs, ledger.done, ledger.failures)
     ledger.record_sources(store, plan.sources)
     todo = plan.expected_rows - len(plan.done_keys)
-    log.info("discovered %d documents (%d duplicate paths), %d rows: %d already final, %d to do",
-             len(docs), plan.duplicates, plan.expected_rows, len(plan.done_keys), todo)
+    log.info(
+        "discovered %d documents (%d duplicate paths), %d rows: %d already final, %d to do",
+        len(docs),
+        plan.duplicates,
+        plan.expected_rows,
+        len(plan.done_keys),
+        todo,
+    )
 
     counts: Counter[str] = ledger.counts(plan.expected_keys)  # rows final before this run
     written: set[tuple[str, int]] = set()
@@ -183,7 +196,9 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
         for receipt in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             statuses = receipt.column("status").to_pylist()
             new_counts.update(statuses)
-            written.update(zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist()))
+            written.update(
+                zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist())
+            )
             if bar is not None:
                 bar.update(len(statuses))
     if bar is not None:
@@ -197,9 +212,15 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     wall = time.time() - t0
     final = written | plan.done_keys
     missing = sorted(plan.expected_keys - final)
-    ledger.record_failures(store, run_id, {d: f"{sum(1 for x, _ in missing if x == d)} row(s) not produced in run "
-                                              f"{run_id} (OCR/render batch failed after its retries)"
-                                           for d in {d for d, p in missing if p >= 0}})
+    ledger.record_failures(
+        store,
+        run_id,
+        {
+            d: f"{sum(1 for x, _ in missing if x == d)} row(s) not produced in run "
+            f"{run_id} (OCR/render batch failed after its retries)"
+            for d in {d for d, p in missing if p >= 0}
+        },
+    )
     summary = {
         "run_id": run_id,
         "output_uri": store.root,

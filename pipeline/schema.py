@@ -20,8 +20,15 @@ SCHEMA_VERSION = 2  # 2: page_image became an Image struct; quality columns
 STATUSES = ("ok", "render_error", "ocr_error", "truncated", "repetition", "doc_error")
 
 # Document-level reason codes carried in `error_code` of doc_error rows.
-DOC_ERROR_CODES = ("empty_file", "not_a_pdf", "corrupt", "needs_password", "zero_pages", "read_error",
-                   "probe_error")  # probe_error: the parser hung or crashed on the file (killed)
+DOC_ERROR_CODES = (
+    "empty_file",
+    "not_a_pdf",
+    "corrupt",
+    "needs_password",
+    "zero_pages",
+    "read_error",
+    "probe_error",
+)  # probe_error: the parser hung or crashed on the file (killed)
 
 BOX = pa.list_(pa.float32(), 4)
 
@@ -43,9 +50,19 @@ def hf_feature(t: pa.DataType, name: str = "") -> Any:
         inner = hf_feature(t.value_type)
         return [inner] if pa.types.is_struct(t.value_type) else {"_type": "Sequence", "feature": inner}
     if pa.types.is_timestamp(t):
-        return {"_type": "Value", "dtype": f"timestamp[{t.unit}, tz={t.tz}]" if t.tz else f"timestamp[{t.unit}]"}
-    names = {pa.string(): "string", pa.binary(): "binary", pa.int32(): "int32", pa.int64(): "int64",
-             pa.float32(): "float32", pa.float64(): "float64", pa.bool_(): "bool"}
+        return {
+            "_type": "Value",
+            "dtype": f"timestamp[{t.unit}, tz={t.tz}]" if t.tz else f"timestamp[{t.unit}]",
+        }
+    names = {
+        pa.string(): "string",
+        pa.binary(): "binary",
+        pa.int32(): "int32",
+        pa.int64(): "int64",
+        pa.float32(): "float32",
+        pa.float64(): "float64",
+        pa.bool_(): "bool",
+    }
     if t not in names:
         raise TypeError(f"no datasets feature mapping for {t}")
     return {"_type": "Value", "dtype": names[t]}
@@ -141,8 +158,10 @@ DOCUMENT_SCHEMA = pa.schema(
         pa.field("text", pa.string()),  # `ok` pages' markdown in order, joined by PAGE_SEPARATOR, no markers
         # one span per included page: text[start:end] is exactly that page's markdown (olmOCR's
         # attributes.pdf_page_numbers: [start, end, page], page 1-based there, 0-based page_index here)
-        pa.field("page_spans", pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()),
-                                                   ("page_index", pa.int32())]))),
+        pa.field(
+            "page_spans",
+            pa.list_(pa.struct([("start", pa.int64()), ("end", pa.int64()), ("page_index", pa.int32())])),
+        ),
         pa.field("pages_included", pa.list_(pa.int32())),  # page indices whose markdown is in `text`
         *(pa.field(f"pages_{s}", pa.int32()) for s in STATUSES),  # rows by status
         pa.field("error_code", pa.string()),  # doc_error documents: the reason code

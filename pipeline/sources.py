@@ -88,7 +88,7 @@ def _read_list(fs: AbstractFileSystem, path: str, storage_options: dict[str, Any
         raise InputError(f"list file {fs.unstrip_protocol(path)} is not UTF-8 text: {e}") from e
     base = fs._parent(path)
     out: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for line in text.splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
@@ -219,7 +219,7 @@ def read_passwords(uri: str, storage_options: dict[str, Any] | None = None) -> d
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read passwords file {uri!r}: {e}") from e
     out: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for line in text.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         key, tab, pw = line.partition("\t")

@@ -60,8 +60,11 @@ def with_columns(batch: pa.Table, rows: Sequence[int], values: dict[str, list[An
         col = batch.column(name).to_pylist()
         for i, v in zip(rows, vals, strict=True):
             col[i] = v
-        batch = batch.set_column(batch.schema.get_field_index(name), WORK_SCHEMA.field(name),
-                                 pa.array(col, WORK_SCHEMA.field(name).type))
+        batch = batch.set_column(
+            batch.schema.get_field_index(name),
+            WORK_SCHEMA.field(name),
+            pa.array(col, WORK_SCHEMA.field(name).type),
+        )
     return batch
 
 
@@ -108,19 +111,34 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
     ds = ray.data.from_arrow(to_batch(plan.tasks))
     ds = ds.repartition(max(1, min(len(plan.tasks), 1024)))
     ds = ds.map_batches(
-        RenderStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="pyarrow",
+        RenderStage,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_size=1,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpu_count() - n_ocr)),
         num_cpus=cfg.ray.render_cpus,
     )
     ds = ds.map_batches(
-        OcrStage, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.ray.ocr_batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(
-            min_size=min_ocr, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)),
-        num_cpus=1, max_restarts=-1, max_task_retries=cfg.ray.ocr_max_retries, **ocr_resources(cfg, gpus),
+        OcrStage,
+        fn_constructor_kwargs={"cfg": cfg},
+        batch_size=cfg.ray.ocr_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(
+            min_size=min_ocr, max_size=n_ocr, max_concurrent_calls_per_actor=ocr_calls_per_actor(cfg, gpus)
+        ),
+        num_cpus=1,
+        max_restarts=-1,
+        max_task_retries=cfg.ray.ocr_max_retries,
+        **ocr_resources(cfg, gpus),
     )
-    ds = ds.map_batches(WriteStage, fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
-                        batch_size=cfg.ray.write_batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4), num_cpus=0.25)
+    ds = ds.map_batches(
+        WriteStage,
+        fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
+        batch_size=cfg.ray.write_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
+        num_cpus=0.25,
+    )
     return ds
 
 
@@ -129,10 +147,33 @@ class RenderStage:
 
     The one stage that changes the row count: a task row (a page range) becomes its pages."""
 
-    READS = ("doc_id", "source_uri", "page_count", "mode", "config_hash", "model_id", "status",
-             "_range_start", "_range_stop")
-    WRITES = ("page_index", "status", "error_code", "error", "width_pt", "height_pt", "width_px",
-              "height_px", "dpi", "render_ms", "text_layer_chars", "_page_png", "_text_layer", "_text_blocks")
+    READS = (
+        "doc_id",
+        "source_uri",
+        "page_count",
+        "mode",
+        "config_hash",
+        "model_id",
+        "status",
+        "_range_start",
+        "_range_stop",
+    )
+    WRITES = (
+        "page_index",
+        "status",
+        "error_code",
+        "error",
+        "width_pt",
+        "height_pt",
+        "width_px",
+        "height_px",
+        "dpi",
+        "render_ms",
+        "text_layer_chars",
+        "_page_png",
+        "_text_layer",
+        "_text_blocks",
+    )
 
     def __init__(self, cfg: PipelineConfig):
         from pipeline.render_proc import RenderWorker
@@ -153,35 +194,63 @@ class RenderStage:
                 continue
             r = self.cfg.render
             pages = list(range(task["_range_start"], task["_range_stop"]))
-            base = {k: task[k] for k in ("doc_id", "source_uri", "page_count", "mode", "config_hash", "model_id")}
+            base = {
+                k: task[k] for k in ("doc_id", "source_uri", "page_count", "mode", "config_hash", "model_id")
+            }
             capped = [i for i in pages if i >= r.max_pages]
             todo = [i for i in pages if i < r.max_pages]
             try:
                 data = read_document(task["source_uri"], self.cfg.input.storage_options)
                 password = lookup_password(self.passwords, task["source_uri"], task["doc_id"])
-                results = self.worker.render(
-                    data, password, todo, dpi=r.dpi, max_pixels=r.max_pixels, output="png",
-                    max_side_px=r.max_side_px, timeout_s=r.timeout_s, max_failures=r.max_failures,
-                    count_blocks=self.count_blocks,
-                ) if todo else []
+                results = (
+                    self.worker.render(
+                        data,
+                        password,
+                        todo,
+                        dpi=r.dpi,
+                        max_pixels=r.max_pixels,
+                        output="png",
+                        max_side_px=r.max_side_px,
+                        timeout_s=r.timeout_s,
+                        max_failures=r.max_failures,
+                        count_blocks=self.count_blocks,
+                    )
+                    if todo
+                    else []
+                )
             except Exception as e:  # the bytes vanished between probe and render, etc.
-                results = [PageError(page_index=i, code="render_error", message=f"{type(e).__name__}: {e}")
-                           for i in todo]
+                results = [
+                    PageError(page_index=i, code="render_error", message=f"{type(e).__name__}: {e}")
+                    for i in todo
+                ]
             for res in results:
                 row = {**base, "page_index": res.page_index, "status": "pending"}
                 if isinstance(res, PageError):
                     row.update(status="render_error", error_code=res.code, error=res.message)
                 else:
                     row.update(
-                        width_pt=res.width_pt, height_pt=res.height_pt, width_px=res.width_px,
-                        height_px=res.height_px, dpi=res.dpi, render_ms=res.render_ms,
-                        _page_png=res.png, text_layer_chars=res.text_chars,
-                        _text_layer=res.text, _text_blocks=res.text_blocks,
+                        width_pt=res.width_pt,
+                        height_pt=res.height_pt,
+                        width_px=res.width_px,
+                        height_px=res.height_px,
+                        dpi=res.dpi,
+                        render_ms=res.render_ms,
+                        _page_png=res.png,
+                        text_layer_chars=res.text_chars,
+                        _text_layer=res.text,
+                        _text_blocks=res.text_blocks,
                     )
                 out.append(row)
             for i in capped:
-                out.append({**base, "page_index": i, "status": "render_error", "error_code": "too_many_pages",
-                            "error": f"page beyond render.max_pages={r.max_pages}"})
+                out.append(
+                    {
+                        **base,
+                        "page_index": i,
+                        "status": "render_error",
+                        "error_code": "too_many_pages",
+                        "error": f"page beyond render.max_pages={r.max_pages}",
+                    }
+                )
         return to_batch(out)
 
 
@@ -201,10 +270,17 @@ def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
 
     g = cfg.generation
     return PageOcr.load(
-        cfg.model.name, cfg.model.source, cfg.model.dtype, cfg.model.seed, prompt=g.prompt,
+        cfg.model.name,
+        cfg.model.source,
+        cfg.model.dtype,
+        cfg.model.seed,
+        prompt=g.prompt,
         max_batch=ocr_rows(cfg, on_gpu),
-        max_model_len=g.max_model_len, max_new_tokens=g.max_new_tokens, ngram_size=g.ngram_size,
-        ngram_window=g.ngram_window, loop_min_span=g.loop_min_span,
+        max_model_len=g.max_model_len,
+        max_new_tokens=g.max_new_tokens,
+        ngram_size=g.ngram_size,
+        ngram_window=g.ngram_window,
+        loop_min_span=g.loop_min_span,
         ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
         ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
     )
@@ -226,8 +302,19 @@ class OcrStage:
     (`generation.force_length`, benchmarks), which end `length` by design."""
 
     READS = ("status", "source_uri", "_page_png", "_text_layer", "_text_blocks")
-    WRITES = ("status", "error_code", "error", "raw_output", "num_output_tokens", "finish_reason", "ocr_ms",
-              "num_vision_tokens", "attempts", "fallback", "_page_png")
+    WRITES = (
+        "status",
+        "error_code",
+        "error",
+        "raw_output",
+        "num_output_tokens",
+        "finish_reason",
+        "ocr_ms",
+        "num_vision_tokens",
+        "attempts",
+        "fallback",
+        "_page_png",
+    )
 
     def __init__(self, cfg: PipelineConfig):
         import asyncio
@@ -242,11 +329,17 @@ class OcrStage:
         self.cfg, self.g = cfg, g
         self.faults = ocr_faults()
         self.keep_png = cfg.output.write_figures or cfg.output.include_images
-        self.views_pool = ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
-                                             thread_name_prefix="views")
+        self.views_pool = ThreadPoolExecutor(
+            max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)), thread_name_prefix="views"
+        )
         self.ocr = load_page_ocr(cfg, on_gpu=not on_cpu)
         ec = self.ocr.engine.cfg
-        log.info("OCR engine on %s: %d KV rows of %d tokens", self.ocr.engine.device, ec.max_batch, ec.max_model_len)
+        log.info(
+            "OCR engine on %s: %d KV rows of %d tokens",
+            self.ocr.engine.device,
+            ec.max_batch,
+            ec.max_model_len,
+        )
         self.fallback = g.fallback == "ngram"
         self._retry_lock: asyncio.Lock | None = None
         self.faults.die_once("ocr")
@@ -257,10 +350,16 @@ class OcrStage:
         from model.runner import OcrInput
 
         m = self.cfg.mode
-        prep = await asyncio.get_running_loop().run_in_executor(self.views_pool, page_views, png, m.name, m.max_crops)
-        return OcrInput(global_view=prep.global_view, tiles=prep.tiles, grid=prep.grid,
-                        num_image_tokens=prep.num_image_tokens,
-                        force_len=force_len)  # the engine caps it with this prompt's length
+        prep = await asyncio.get_running_loop().run_in_executor(
+            self.views_pool, page_views, png, m.name, m.max_crops
+        )
+        return OcrInput(
+            global_view=prep.global_view,
+            tiles=prep.tiles,
+            grid=prep.grid,
+            num_image_tokens=prep.num_image_tokens,
+            force_len=force_len,
+        )  # the engine caps it with this prompt's length
 
     def _forced(self, batch: pa.Table, todo: list[int]) -> list[int | None]:
         """`generation.force_length=text_layer`: each page's forced length (prompt length 0 here;
@@ -271,7 +370,10 @@ class OcrStage:
 
         texts = batch.column("_text_layer").take(todo).to_pylist()
         blocks = batch.column("_text_blocks").take(todo).to_pylist()
-        return [forced_from_text(t, b or 0, self.ocr.tokenizer, 0, self.g.max_model_len) for t, b in zip(texts, blocks)]
+        return [
+            forced_from_text(t, b or 0, self.ocr.tokenizer, 0, self.g.max_model_len)
+            for t, b in zip(texts, blocks)
+        ]
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         import asyncio
@@ -284,7 +386,9 @@ class OcrStage:
         forced = self._forced(batch, todo)
         self.faults.die_once("ocr_call")
         self.faults.poisoned(batch.column("source_uri").take(todo).to_pylist())
-        made = await asyncio.gather(*(self._input(p, f) for p, f in zip(pngs, forced)), return_exceptions=True)
+        made = await asyncio.gather(
+            *(self._input(p, f) for p, f in zip(pngs, forced)), return_exceptions=True
+        )
         bad = {k: str(x) for k, x in enumerate(made) if isinstance(x, ImageError)}
         for x in made:
             if isinstance(x, BaseException) and not isinstance(x, ImageError):
@@ -293,11 +397,22 @@ class OcrStage:
         inputs: list[Any] = [made[k] for k in ok]  # OcrInput (errors were split off above)
         results = await self._run(inputs)
         first = [r.finish_reason for r in results]
-        retry = [i for i, r in enumerate(results)
-                 if r.finish_reason in ("length", "repetition") and inputs[i].force_len is None]
+        retry = [
+            i
+            for i, r in enumerate(results)
+            if r.finish_reason in ("length", "repetition") and inputs[i].force_len is None
+        ]
         if retry and self.fallback:  # no EOS: once more with the stronger ban
-            again = await self._run([replace(inputs[i], ngram_size=self.g.fallback_ngram_size,
-                                             ngram_window=self.g.fallback_ngram_window) for i in retry])
+            again = await self._run(
+                [
+                    replace(
+                        inputs[i],
+                        ngram_size=self.g.fallback_ngram_size,
+                        ngram_window=self.g.fallback_ngram_window,
+                    )
+                    for i in retry
+                ]
+            )
             for i, res in zip(retry, again):
                 if res.finish_reason != "error":
                     res.ocr_ms += results[i].ocr_ms
@@ -309,16 +424,25 @@ class OcrStage:
         by_k = dict(zip(ok, range(len(ok))))
         for k in range(len(todo)):
             vals: dict[str, Any] = {c: None for c in self.WRITES}
-            vals.update(status=status[k], error_code=err_code[k], error=err[k],
-                        _page_png=pngs[k] if self.keep_png else None)
+            vals.update(
+                status=status[k],
+                error_code=err_code[k],
+                error=err[k],
+                _page_png=pngs[k] if self.keep_png else None,
+            )
             if k in bad:
                 vals.update(status="render_error", error_code="bad_image", error=bad[k], _page_png=None)
             else:
                 i = by_k[k]
                 res = results[i]
-                vals.update(raw_output=res.raw_output, num_output_tokens=res.num_output_tokens,
-                            finish_reason=res.finish_reason, ocr_ms=res.ocr_ms,
-                            num_vision_tokens=res.num_vision_tokens, attempts=1)
+                vals.update(
+                    raw_output=res.raw_output,
+                    num_output_tokens=res.num_output_tokens,
+                    finish_reason=res.finish_reason,
+                    ocr_ms=res.ocr_ms,
+                    num_vision_tokens=res.num_vision_tokens,
+                    attempts=1,
+                )
                 if self.fallback and i in retry:
                     vals.update(attempts=2, fallback=f"ngram:{first[i]}->{res.finish_reason}")
                 if res.error:
@@ -335,22 +459,32 @@ class OcrStage:
 
         from model.runner import OcrOutput
 
-        out = await asyncio.gather(*(asyncio.wrap_future(self.ocr.submit(x)) for x in inputs), return_exceptions=True)
+        out = await asyncio.gather(
+            *(asyncio.wrap_future(self.ocr.submit(x)) for x in inputs), return_exceptions=True
+        )
         if self._retry_lock is None:
             self._retry_lock = asyncio.Lock()
         for i, (x, res) in enumerate(zip(inputs, out)):
             if not isinstance(res, BaseException):
                 continue
-            log.warning("OCR failed with a page in flight (%s: %s); retrying it alone", type(res).__name__, res)
+            log.warning(
+                "OCR failed with a page in flight (%s: %s); retrying it alone", type(res).__name__, res
+            )
             async with self._retry_lock:
                 try:
                     out[i] = await asyncio.wrap_future(self.ocr.submit(x))
                 except Exception as e:  # noqa: BLE001 - this page's own failure: an ocr_error row
-                    out[i] = OcrOutput(tag=x.tag, raw_output="", ids=[], num_output_tokens=0,
-                                       num_vision_tokens=x.num_image_tokens, finish_reason="error", ocr_ms=0.0,
-                                       error=f"{type(e).__name__}: {e}")
+                    out[i] = OcrOutput(
+                        tag=x.tag,
+                        raw_output="",
+                        ids=[],
+                        num_output_tokens=0,
+                        num_vision_tokens=x.num_image_tokens,
+                        finish_reason="error",
+                        ocr_ms=0.0,
+                        error=f"{type(e).__name__}: {e}",
+                    )
         return list(out)
-
 
 
 STATUS_BY_FINISH = {"stop": "ok", "length": "truncated", "repetition": "repetition"}
@@ -368,13 +502,19 @@ def postprocess_row(row: dict[str, Any], quality: Any = None) -> dict[str, Any]:
         return row
     doc_id, page_index = row["doc_id"], row["page_index"]
     parsed = parse_grounding(
-        row["raw_output"] or "", (row["width_px"], row["height_px"]), (row["width_pt"], row["height_pt"]),
+        row["raw_output"] or "",
+        (row["width_px"], row["height_px"]),
+        (row["width_pt"], row["height_pt"]),
         figure_ref=lambda block, _k: figure_name(doc_id, page_index, block),
     )
     row["markdown"] = parsed.markdown
     row["layout"] = [
-        {"label": b.label, "bbox_norm": list(b.bbox_norm) if b.bbox_norm else None,
-         "bbox_pt": list(b.bbox_pt) if b.bbox_pt else None, "text": b.text}
+        {
+            "label": b.label,
+            "bbox_norm": list(b.bbox_norm) if b.bbox_norm else None,
+            "bbox_pt": list(b.bbox_pt) if b.bbox_pt else None,
+            "text": b.text,
+        }
         for b in parsed.blocks
     ]
     row["_figures"] = [(i, b.bbox_norm, b.figure_ref) for i, b in enumerate(parsed.blocks) if b.figure_ref]
@@ -404,7 +544,10 @@ class WriteStage:
         self.quality = PageQuality()
         o = cfg.output
         self.target_bytes = int(o.target_file_mb * MB)
-        self.sizing: dict[str, Any] = {"row_group_bytes": int(o.row_group_mb * MB), "row_group_rows": o.row_group_rows}
+        self.sizing: dict[str, Any] = {
+            "row_group_bytes": int(o.row_group_mb * MB),
+            "row_group_rows": o.row_group_rows,
+        }
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from datetime import datetime, timezone
@@ -425,20 +568,27 @@ class WriteStage:
             if r.get("_figures"):
                 r["_page_png"] = pngs[i].as_py()
             if self.cfg.output.include_images and r.get("page_image") is None and r["page_index"] >= 0:
-                r["page_image"] = {"bytes": pngs[i].as_py(), "path": page_image_name(r["doc_id"], r["page_index"])}
+                r["page_image"] = {
+                    "bytes": pngs[i].as_py(),
+                    "path": page_image_name(r["doc_id"], r["page_index"]),
+                }
         table = rows_to_table([{k: r.get(k) for k in COLUMNS} for r in rows])  # work fields dropped here
         files: list[str] = []
         for part in split_table(table, self.target_bytes) if rows else []:
             name = part_name(part)
             if self.cfg.output.write_figures:
-                figures = figure_table(rows[len(files):len(files) + part.num_rows])
+                figures = figure_table(rows[len(files) : len(files) + part.num_rows])
                 if figures.num_rows:  # before the pages part: a crash leaves no committed page without them
                     self.store.write_parquet("figures", figures, name=name, **self.sizing)
             path = self.store.write_parquet("pages", part, name=name, **self.sizing)
             commit_entry(self.store, part, path)  # after the pages part: the ledger never runs ahead
             files += [path] * part.num_rows
         return pa.table(
-            {"doc_id": [r["doc_id"] for r in rows], "page_index": [r["page_index"] for r in rows],
-             "status": [r["status"] for r in rows], "file": files},
+            {
+                "doc_id": [r["doc_id"] for r in rows],
+                "page_index": [r["page_index"] for r in rows],
+                "status": [r["status"] for r in rows],
+                "file": files,
+            },
             schema=RECEIPT_SCHEMA,
         )

@@ -92,12 +92,28 @@ def test_missing_directory_and_files(tmp_path: Path) -> None:
 
 def test_official_config_json_values() -> None:
     """The official config.json's top-level LM keys (spec 1.6) give the official decoder."""
-    official = {"hidden_size": 1280, "intermediate_size": 6848, "moe_intermediate_size": 896, "n_group": 1,
-                "n_routed_experts": 64, "n_shared_experts": 2, "num_attention_heads": 10, "num_experts_per_tok": 6,
-                "num_hidden_layers": 12, "num_key_value_heads": 10, "first_k_dense_replace": 1, "kv_lora_rank": None,
-                "q_lora_rank": None, "topk_method": "greedy", "use_mla": False, "vocab_size": 129280,
-                "bos_token_id": 0, "eos_token_id": 1, "max_position_embeddings": 8192,
-                "projector_config": {"input_dim": 2048, "n_embed": 1280, "projector_type": "linear"}}
+    official = {
+        "hidden_size": 1280,
+        "intermediate_size": 6848,
+        "moe_intermediate_size": 896,
+        "n_group": 1,
+        "n_routed_experts": 64,
+        "n_shared_experts": 2,
+        "num_attention_heads": 10,
+        "num_experts_per_tok": 6,
+        "num_hidden_layers": 12,
+        "num_key_value_heads": 10,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": None,
+        "q_lora_rank": None,
+        "topk_method": "greedy",
+        "use_mla": False,
+        "vocab_size": 129280,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "max_position_embeddings": 8192,
+        "projector_config": {"input_dim": 2048, "n_embed": 1280, "projector_type": "linear"},
+    }
     assert OcrConfig.from_hf_config(official) == OcrConfig.official()
     assert OcrConfig.from_hf_config(OcrConfig.official().to_hf_config()) == OcrConfig.official()
     assert "pagemill_vision" not in OcrConfig.official().to_hf_config()

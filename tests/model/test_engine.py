@@ -20,8 +20,14 @@ from model.preprocess import preprocess_image
 from model.tokenizer import DEFAULT_PROMPT, OcrTokenizer
 from model.vision import PageViews
 
-SIZES_MODES = [((900, 1200), "gundam"), ((500, 400), "gundam"), ((700, 300), "base"), ((800, 800), "tiny"),
-               ((1300, 600), "gundam"), ((640, 640), "small")]
+SIZES_MODES = [
+    ((900, 1200), "gundam"),
+    ((500, 400), "gundam"),
+    ((700, 300), "base"),
+    ((800, 800), "tiny"),
+    ((1300, 600), "gundam"),
+    ((640, 640), "small"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,9 @@ def requests_() -> list[tuple[list[int], PageViews]]:
         img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
         prep = preprocess_image(img, mode)
         g, tiles = prep.pixel_tensors()
-        out.append((tok.build_prompt_ids(DEFAULT_PROMPT, prep.num_image_tokens), PageViews(g, tiles, prep.grid)))
+        out.append(
+            (tok.build_prompt_ids(DEFAULT_PROMPT, prep.num_image_tokens), PageViews(g, tiles, prep.grid))
+        )
     return out
 
 
@@ -49,7 +57,9 @@ def _reference(model, reqs, max_new):
     res = []
     for ids, views in reqs:
         emb = model.image_embeddings(*views)
-        res.append(greedy_generate(model, ids, emb, max_new_tokens=max_new, eos_id=1, ngram_size=5, ngram_window=12))
+        res.append(
+            greedy_generate(model, ids, emb, max_new_tokens=max_new, eos_id=1, ngram_size=5, ngram_window=12)
+        )
     return res
 
 
@@ -57,8 +67,17 @@ def _reference(model, reqs, max_new):
 def test_engine_matches_one_at_a_time(tiny_model, requests_, max_batch: int, sync_every: int) -> None:
     max_new = 24
     ref = _reference(tiny_model, requests_, max_new)
-    cfg = EngineConfig(max_batch=max_batch, max_model_len=2048, max_new_tokens=max_new, ngram_size=5,
-                       ngram_window=12, loop_detect=False, sync_every=sync_every, len_bucket=64, prefill_tokens=2500)
+    cfg = EngineConfig(
+        max_batch=max_batch,
+        max_model_len=2048,
+        max_new_tokens=max_new,
+        ngram_size=5,
+        ngram_window=12,
+        loop_detect=False,
+        sync_every=sync_every,
+        len_bucket=64,
+        prefill_tokens=2500,
+    )
     got = Engine(tiny_model, cfg).run(Request(ids, views) for ids, views in requests_)
     assert [g.ids for g in got] == [r.ids for r in ref]
     assert [g.finish_reason for g in got] == [r.finish_reason for r in ref]
@@ -71,8 +90,17 @@ def test_grouped_admission_waits_for_free_rows_and_keeps_tokens(tiny_model, requ
     reqs = [(ids, views, 3 + 2 * i) for i, (ids, views) in enumerate(requests_ * 4)]
 
     def run(admit_min: int) -> tuple[list[list[int]], list[int]]:
-        cfg = EngineConfig(max_batch=16, max_model_len=2048, max_new_tokens=64, ngram_size=5, ngram_window=12,
-                           loop_detect=False, sync_every=2, len_bucket=64, admit_min=admit_min)
+        cfg = EngineConfig(
+            max_batch=16,
+            max_model_len=2048,
+            max_new_tokens=64,
+            ngram_size=5,
+            ngram_window=12,
+            loop_detect=False,
+            sync_every=2,
+            len_bucket=64,
+            admit_min=admit_min,
+        )
         engine = Engine(tiny_model, cfg)
         got = engine.run(Request(ids, views, force_len=n) for ids, views, n in reqs)
         return [g.ids for g in got], engine.stats.admissions
@@ -92,8 +120,17 @@ def test_eos_stops_a_row_and_frees_it(tiny_model, requests_) -> None:
     ref = _reference(tiny_model, [requests_[0]], 16)[0]
     eos = ref.ids[3]
     first = ref.ids.index(eos)
-    cfg = EngineConfig(max_batch=2, max_model_len=2048, max_new_tokens=16, ngram_size=5, ngram_window=12,
-                       loop_detect=False, eos_id=eos, sync_every=2, len_bucket=64)
+    cfg = EngineConfig(
+        max_batch=2,
+        max_model_len=2048,
+        max_new_tokens=16,
+        ngram_size=5,
+        ngram_window=12,
+        loop_detect=False,
+        eos_id=eos,
+        sync_every=2,
+        len_bucket=64,
+    )
     got = Engine(tiny_model, cfg).run([Request(ids, views), Request(ids, views), Request(ids, views)])
     for g in got:
         assert g.finish_reason == "stop"
@@ -104,8 +141,17 @@ def test_eos_stops_a_row_and_frees_it(tiny_model, requests_) -> None:
 def test_forced_length_ignores_eos_and_loops(tiny_model, requests_) -> None:
     ids, views = requests_[1]
     ref = _reference(tiny_model, [requests_[1]], 8)[0]
-    cfg = EngineConfig(max_batch=2, max_model_len=2048, max_new_tokens=100, ngram_size=5, ngram_window=12,
-                       eos_id=ref.ids[0], sync_every=4, len_bucket=64, loop_min_span=8)
+    cfg = EngineConfig(
+        max_batch=2,
+        max_model_len=2048,
+        max_new_tokens=100,
+        ngram_size=5,
+        ngram_window=12,
+        eos_id=ref.ids[0],
+        sync_every=4,
+        len_bucket=64,
+        loop_min_span=8,
+    )
     got = Engine(tiny_model, cfg).run([Request(ids, views, force_len=37), Request(ids, views, force_len=5)])
     assert [len(g.ids) for g in got] == [37, 5]
     assert all(g.finish_reason == "length" for g in got)
@@ -122,8 +168,11 @@ def _looping_copy(model: OcrModel) -> OcrModel:
         for layer in m.decoder.layers:
             layer.self_attn.o_proj.weight.zero_()
             mlp = layer.mlp
-            for p in ([mlp.experts.down_proj, mlp.shared_experts.down_proj.weight] if hasattr(mlp, "experts")
-                      else [mlp.down_proj.weight]):
+            for p in (
+                [mlp.experts.down_proj, mlp.shared_experts.down_proj.weight]
+                if hasattr(mlp, "experts")
+                else [mlp.down_proj.weight]
+            ):
                 p.zero_()
         m.decoder.lm_head.weight.copy_(m.decoder.embed_tokens.weight)
     return m
@@ -132,17 +181,34 @@ def _looping_copy(model: OcrModel) -> OcrModel:
 def test_loop_detector_stops_repetition(tiny_model, requests_) -> None:
     ids, views = requests_[2]
     looping = _looping_copy(tiny_model)
-    ref = greedy_generate(looping, ids, looping.image_embeddings(*views), max_new_tokens=300, eos_id=1, ngram_size=0)
+    ref = greedy_generate(
+        looping, ids, looping.image_embeddings(*views), max_new_tokens=300, eos_id=1, ngram_size=0
+    )
     assert len(set(ref.ids[1:])) == 1 and ref.finish_reason == "length"  # the fixture really loops
-    cfg = EngineConfig(max_batch=2, max_model_len=2048, max_new_tokens=300, ngram_size=0, sync_every=1,
-                       len_bucket=64, loop_min_span=32)
+    cfg = EngineConfig(
+        max_batch=2,
+        max_model_len=2048,
+        max_new_tokens=300,
+        ngram_size=0,
+        sync_every=1,
+        len_bucket=64,
+        loop_min_span=32,
+    )
     (got,) = Engine(looping, cfg).run([Request(ids, views)])
     assert got.finish_reason == "repetition"
     assert 32 <= len(got.ids) <= 40  # stopped once 32 tokens of exact loop were seen
     assert got.ids == ref.ids[: len(got.ids)]
     # with the n-gram ban on, the same model is pushed out of the period-1 loop by the ban
-    cfg_ban = EngineConfig(max_batch=2, max_model_len=2048, max_new_tokens=60, ngram_size=3, ngram_window=40,
-                           sync_every=1, len_bucket=64, loop_min_span=32)
+    cfg_ban = EngineConfig(
+        max_batch=2,
+        max_model_len=2048,
+        max_new_tokens=60,
+        ngram_size=3,
+        ngram_window=40,
+        sync_every=1,
+        len_bucket=64,
+        loop_min_span=32,
+    )
     (banned,) = Engine(looping, cfg_ban).run([Request(ids, views)])
     assert len(set(banned.ids)) > 1
 
@@ -158,15 +224,23 @@ def test_per_request_ngram_settings_in_one_batch(tiny_model, requests_) -> None:
     """Fallback pages (stronger ban) share the batch with normal pages: each gets what it would
     get from an engine configured with its own settings."""
     reqs = requests_[:4]
-    base = dict(max_batch=4, max_model_len=2048, max_new_tokens=30, loop_detect=False, sync_every=3, len_bucket=64)
+    base = dict(
+        max_batch=4, max_model_len=2048, max_new_tokens=30, loop_detect=False, sync_every=3, len_bucket=64
+    )
     weak = Engine(tiny_model, EngineConfig(ngram_size=8, ngram_window=20, **base)).run(
-        [Request(i, v) for i, v in reqs])
+        [Request(i, v) for i, v in reqs]
+    )
     strong = Engine(tiny_model, EngineConfig(ngram_size=3, ngram_window=30, **base)).run(
-        [Request(i, v) for i, v in reqs])
-    mixed = Engine(tiny_model, EngineConfig(ngram_size=8, ngram_window=20, ngram_max_size=8, ngram_max_window=30,
-                                            **base)).run(
-        [Request(i, v, ngram_size=3 if k % 2 else None, ngram_window=30 if k % 2 else None)
-         for k, (i, v) in enumerate(reqs)])
+        [Request(i, v) for i, v in reqs]
+    )
+    mixed = Engine(
+        tiny_model, EngineConfig(ngram_size=8, ngram_window=20, ngram_max_size=8, ngram_max_window=30, **base)
+    ).run(
+        [
+            Request(i, v, ngram_size=3 if k % 2 else None, ngram_window=30 if k % 2 else None)
+            for k, (i, v) in enumerate(reqs)
+        ]
+    )
     assert [m.ids for m in mixed] == [(strong if k % 2 else weak)[k].ids for k in range(len(reqs))]
     assert weak[1].ids != strong[1].ids  # the settings really differ in effect
 
@@ -183,9 +257,20 @@ def test_page_ocr_submit_from_concurrent_callers_equals_run(tiny_model, requests
     inputs = []
     for (w, h), mode in SIZES_MODES:
         prep = preprocess_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), mode)
-        inputs.append(OcrInput(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens, tag=len(inputs)))
-    cfg = EngineConfig(max_batch=3, max_model_len=2048, max_new_tokens=12, ngram_size=5, ngram_window=12,
-                       ngram_max_size=5, ngram_max_window=20, sync_every=2, len_bucket=64)
+        inputs.append(
+            OcrInput(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens, tag=len(inputs))
+        )
+    cfg = EngineConfig(
+        max_batch=3,
+        max_model_len=2048,
+        max_new_tokens=12,
+        ngram_size=5,
+        ngram_window=12,
+        ngram_max_size=5,
+        ngram_max_window=20,
+        sync_every=2,
+        len_bucket=64,
+    )
     ocr = PageOcr(tiny_model, OcrTokenizer.default(), cfg)
     ref = ocr.run(inputs)
     got: dict[int, object] = {}
@@ -214,19 +299,44 @@ def test_paged_engine_with_preemption_matches_one_at_a_time(tiny_model, requests
     for k, (ids, views) in enumerate(requests_):
         ng = (3, 30) if k in fallback else (5, 12)
         emb = tiny_model.image_embeddings(*views)
-        ref.append(greedy_generate(tiny_model, ids, emb, max_new_tokens=lens[k], eos_id=-1, ngram_size=ng[0],
-                                   ngram_window=ng[1]).ids)
+        ref.append(
+            greedy_generate(
+                tiny_model, ids, emb, max_new_tokens=lens[k], eos_id=-1, ngram_size=ng[0], ngram_window=ng[1]
+            ).ids
+        )
     longest = max(len(ids) for ids, _ in requests_) + max(lens)
     bs = 16
     per_row = -(-longest // bs)
-    cfg = EngineConfig(max_batch=6, max_model_len=longest, max_new_tokens=max(lens), ngram_size=5, ngram_window=12,
-                       ngram_max_size=5, ngram_max_window=30, loop_detect=False, sync_every=3, len_bucket=16,
-                       eos_id=-1, kv_block_size=bs, kv_blocks=per_row + 20, kv_watermark=0.0, expect_new_tokens=1,
-                       admit_min=1)
+    cfg = EngineConfig(
+        max_batch=6,
+        max_model_len=longest,
+        max_new_tokens=max(lens),
+        ngram_size=5,
+        ngram_window=12,
+        ngram_max_size=5,
+        ngram_max_window=30,
+        loop_detect=False,
+        sync_every=3,
+        len_bucket=16,
+        eos_id=-1,
+        kv_block_size=bs,
+        kv_blocks=per_row + 20,
+        kv_watermark=0.0,
+        expect_new_tokens=1,
+        admit_min=1,
+    )
     engine = Engine(tiny_model, cfg)
     assert engine.paged
-    got = engine.run(Request(ids, views, max_new_tokens=lens[k], ngram_size=3 if k in fallback else None,
-                             ngram_window=30 if k in fallback else None) for k, (ids, views) in enumerate(requests_))
+    got = engine.run(
+        Request(
+            ids,
+            views,
+            max_new_tokens=lens[k],
+            ngram_size=3 if k in fallback else None,
+            ngram_window=30 if k in fallback else None,
+        )
+        for k, (ids, views) in enumerate(requests_)
+    )
     assert [g.ids for g in got] == ref
     assert engine.stats.preemptions > 0  # the pool really ran dry
     assert max(n for _, n in engine.stats.blocks_used) <= cfg.kv_blocks - 1
@@ -238,9 +348,20 @@ def test_paged_admission_is_limited_by_free_blocks(tiny_model, requests_) -> Non
     ids, views = requests_[3]
     bs = 16
     per_row = -(-(len(ids) + 20) // bs)
-    cfg = EngineConfig(max_batch=8, max_model_len=len(ids) + 20, max_new_tokens=20, ngram_size=5, ngram_window=12,
-                       loop_detect=False, sync_every=2, len_bucket=16, kv_block_size=bs, kv_blocks=2 * per_row + 1,
-                       kv_watermark=0.0, admit_min=1)
+    cfg = EngineConfig(
+        max_batch=8,
+        max_model_len=len(ids) + 20,
+        max_new_tokens=20,
+        ngram_size=5,
+        ngram_window=12,
+        loop_detect=False,
+        sync_every=2,
+        len_bucket=16,
+        kv_block_size=bs,
+        kv_blocks=2 * per_row + 1,
+        kv_watermark=0.0,
+        admit_min=1,
+    )
     engine = Engine(tiny_model, cfg)
     got = engine.run([Request(ids, views, force_len=20) for _ in range(5)])
     assert [len(g.ids) for g in got] == [20] * 5 and len({tuple(g.ids) for g in got}) == 1
@@ -256,7 +377,16 @@ def test_paged_pool_smaller_than_one_row_is_refused(tiny_model) -> None:
 @pytest.mark.parametrize("engine", ["paged", "slotted"])
 def test_both_engines_give_the_same_tokens(tiny_model, requests_, engine: str) -> None:
     ref = _reference(tiny_model, requests_[:4], 16)
-    cfg = EngineConfig(max_batch=3, max_model_len=2048, max_new_tokens=16, ngram_size=5, ngram_window=12,
-                       loop_detect=False, sync_every=4, len_bucket=64, engine=engine)
+    cfg = EngineConfig(
+        max_batch=3,
+        max_model_len=2048,
+        max_new_tokens=16,
+        ngram_size=5,
+        ngram_window=12,
+        loop_detect=False,
+        sync_every=4,
+        len_bucket=64,
+        engine=engine,
+    )
     got = Engine(tiny_model, cfg).run(Request(ids, views) for ids, views in requests_[:4])
     assert [g.ids for g in got] == [r.ids for r in ref]

@@ -28,8 +28,10 @@ def test_flash_decode_equals_masked_sdpa() -> None:
         cache.use_flash = flash
         cache.k[0].normal_(generator=g.manual_seed(1))
         cache.v[0].normal_(generator=g.manual_seed(2))
-        q, k, v = (torch.randn(B, H, 1, hd, device="cuda", dtype=torch.bfloat16, generator=g.manual_seed(3 + i))
-                   for i in range(3))
+        q, k, v = (
+            torch.randn(B, H, 1, hd, device="cuda", dtype=torch.bfloat16, generator=g.manual_seed(3 + i))
+            for i in range(3)
+        )
         out[flash] = cache.attend(0, q, k, v, (lens - 1)[:, None]).float()
     assert (out[True] - out[False]).abs().max().item() < 2e-2
 
@@ -61,8 +63,15 @@ def test_engine_graphs_equal_eager() -> None:
     res = {}
     for engine in ("paged", "slotted"):
         for graphs in (True, False):
-            cfg = EngineConfig(max_batch=3, max_model_len=2048, max_new_tokens=40, cuda_graphs=graphs, sync_every=4,
-                               engine=engine, kv_blocks=3 * 32 + 1)
+            cfg = EngineConfig(
+                max_batch=3,
+                max_model_len=2048,
+                max_new_tokens=40,
+                cuda_graphs=graphs,
+                sync_every=4,
+                engine=engine,
+                kv_blocks=3 * 32 + 1,
+            )
             res[engine, graphs] = [r.ids for r in Engine(model, cfg).run(Request(i, v) for i, v in reqs)]
     assert res["paged", True] == res["paged", False]
     assert res["slotted", True] == res["slotted", False]
@@ -77,7 +86,9 @@ def test_pixels_normalised_on_the_device_equal_the_cpu_path() -> None:
     views = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     # the device may round (x/255 - mean)/std differently by 1 ulp (H200: max |d| 1.2e-7); values
     # lie in [-1, 1], so 1e-6 is a few ulps of fp32 and far below one bf16 step (7.8e-3)
-    torch.testing.assert_close(to_pixel_tensor(views, "cuda").cpu(), to_pixel_tensor(views), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        to_pixel_tensor(views, "cuda").cpu(), to_pixel_tensor(views), rtol=0, atol=1e-6
+    )
 
 
 @cuda

@@ -57,7 +57,12 @@ def test_box_mapping_pixels_and_points() -> None:
     assert b.bbox_pt == pytest.approx((0.0, 0.0, 500.0, 700.0))
     raw = "<|ref|>text<|/ref|><|det|>[[100, 200, 500, 750]]<|/det|>\nx"
     (b,) = parse_grounding(raw, (1224, 1584), (612.0, 792.0)).blocks
-    assert b.bbox_px == (int(100 / 999 * 1224), int(200 / 999 * 1584), int(500 / 999 * 1224), int(750 / 999 * 1584))
+    assert b.bbox_px == (
+        int(100 / 999 * 1224),
+        int(200 / 999 * 1584),
+        int(500 / 999 * 1224),
+        int(750 / 999 * 1584),
+    )
     assert b.bbox_px == (122, 317, 612, 1189)
     assert b.bbox_pt == pytest.approx((100 / 999 * 612, 200 / 999 * 792, 500 / 999 * 612, 750 / 999 * 792))
     (b,) = parse_grounding(raw, (1224, 1584), None).blocks
@@ -118,7 +123,10 @@ def test_malformed_never_raises(raw: str) -> None:
 
 def test_malformed_blocks_keep_text_and_warn() -> None:
     p = parse("<|ref|>text<|/ref|><|det|>[[a, b, c, d]]<|/det|>\nbody one\n\n<|ref|>title<|/ref|>no det")
-    assert [(b.label, b.bbox_norm, b.text) for b in p.blocks] == [("text", None, "body one"), ("title", None, "no det")]
+    assert [(b.label, b.bbox_norm, b.text) for b in p.blocks] == [
+        ("text", None, "body one"),
+        ("title", None, "no det"),
+    ]
     assert p.markdown == "body one\n\nno det" and len(p.warnings) == 2 and not p.eos
     p = parse("<|ref|>text<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\nok\n\n<|ref|>text<|/ref|><|det|>[[1, 2")
     assert [(b.bbox_norm, b.text) for b in p.blocks] == [((1, 2, 3, 4), "ok"), (None, "")]
@@ -132,7 +140,9 @@ def test_malformed_blocks_keep_text_and_warn() -> None:
 def test_plain_output_and_eos_detection() -> None:
     p = parse("Hello world.\n\n\n\nSecond \\coloneqq para." + EOS)
     assert p.eos and p.warnings == []
-    assert [(b.label, b.bbox_norm, b.text) for b in p.blocks] == [("text", None, "Hello world.\n\nSecond := para.")]
+    assert [(b.label, b.bbox_norm, b.text) for b in p.blocks] == [
+        ("text", None, "Hello world.\n\nSecond := para.")
+    ]
     assert p.markdown == "Hello world.\n\nSecond := para."
     p = parse("Hello world.")
     assert not p.eos and p.markdown == "Hello world."

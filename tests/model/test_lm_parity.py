@@ -61,8 +61,9 @@ def reduced(parity_dir: Path):
     assert len(shapes) == 690
     with params_on_meta():
         model = OcrModel(OcrConfig.official().with_layers(2))
-    loaded = load_official_state_dict(model, _ReferenceSynth(synth, shapes), strict=True, device="cpu",
-                                      dtype=torch.float32)
+    loaded = load_official_state_dict(
+        model, _ReferenceSynth(synth, shapes), strict=True, device="cpu", dtype=torch.float32
+    )
     assert loaded == set(shapes)  # exactly the 690 keys, nothing missing or extra
     model.eval()
     yield model
@@ -109,7 +110,10 @@ def test_lm_isolated_hidden_and_logits(reduced, golden, cases, mode: str) -> Non
     ids = torch.tensor(cases["cases"][f"page/{mode}"]["input_ids"])[None]  # (1, L)
     L = ids.shape[1]
     captured: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0, -1])) for layer in reduced.decoder.layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: captured.append(o[0, -1]))
+        for layer in reduced.decoder.layers
+    ]
     try:
         emb = reduced.embed(ids, golden[f"page.{mode}.image_embeds"])
         logits = reduced.decoder(emb, torch.arange(L)[None], logits_index=torch.tensor([L - 1]))[0]
@@ -129,8 +133,15 @@ def test_greedy_ids_and_step_logits(reduced, golden, cases, mode: str) -> None:
     """12 greedy steps over our KV cache: ids AND the logits at the golden top-64 ids per step
     (the ids alone are weak evidence: the random LM loops, README 'Weak spot')."""
     ids = cases["cases"][f"page/{mode}"]["input_ids"]
-    res = greedy_generate(reduced, ids, golden[f"page.{mode}.image_embeds"], max_new_tokens=12, eos_id=1,
-                          ngram_size=0, return_logits=True)
+    res = greedy_generate(
+        reduced,
+        ids,
+        golden[f"page.{mode}.image_embeds"],
+        max_new_tokens=12,
+        eos_id=1,
+        ngram_size=0,
+        return_logits=True,
+    )
     assert res.ids == cases["lm"][f"page/{mode}"]["greedy_new_ids"]
     top_ids = golden[f"page.{mode}.greedy_top64_ids"].long()  # (12, 64)
     got = torch.stack([s[t] for s, t in zip(res.step_logits, top_ids)])  # (12, 64)

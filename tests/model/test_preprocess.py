@@ -8,7 +8,7 @@ import io
 import json
 import struct
 import zlib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -40,18 +40,18 @@ def _case_ids() -> list[str]:
     return [c["id"] for c in json.loads(f.read_text())["cases"]] if f.exists() else []
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cases(parity: Path) -> dict[str, dict]:
     return {c["id"]: c for c in json.loads((parity / "cases.json").read_text())["cases"]}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _png(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tokenizer() -> OcrTokenizer:
     return OcrTokenizer.default()
 
@@ -66,9 +66,7 @@ def _mode_args(case: dict) -> tuple[str, int | None]:
 def test_all_cases_present(parity_dir: Path) -> None:
     cases = _cases(parity_dir)
     assert len(cases) == 20 and sorted(cases) == sorted(_case_ids())
-    assert {c["mode"] for c in cases.values()} == {
-        "tiny", "small", "base", "large", "gundam", "gundam_max6"
-    }
+    assert {c["mode"] for c in cases.values()} == {"tiny", "small", "base", "large", "gundam", "gundam_max6"}
 
 
 @pytest.mark.parity
@@ -81,7 +79,9 @@ def test_golden_views_pixel_exact(parity_dir: Path, case_id: str) -> None:
     mode, max_crops = _mode_args(case)
     spec = get_mode(mode, max_crops)
     assert (spec.base_size, spec.image_size, spec.crop_mode) == (
-        case["base_size"], case["image_size"], case["crop_mode"]
+        case["base_size"],
+        case["image_size"],
+        case["crop_mode"],
     )
     prep = preprocess_image(img, mode, max_crops=max_crops)
 
@@ -109,6 +109,7 @@ def test_golden_views_pixel_exact(parity_dir: Path, case_id: str) -> None:
 
 
 # --- token counts (spec 3.2 / 3.3 worked examples) -------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("size", "mode", "max_crops", "expected"),
@@ -168,12 +169,43 @@ def test_non_crop_modes_have_no_grid() -> None:
 
 def test_candidate_order_matches_spec() -> None:
     assert candidate_grids(2, 6) == [
-        (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (1, 4), (2, 2), (1, 5), (5, 1), (6, 1), (2, 3),
-        (1, 6), (3, 2),
+        (1, 2),
+        (2, 1),
+        (3, 1),
+        (1, 3),
+        (4, 1),
+        (1, 4),
+        (2, 2),
+        (1, 5),
+        (5, 1),
+        (6, 1),
+        (2, 3),
+        (1, 6),
+        (3, 2),
     ]
     assert candidate_grids(2, 9) == [
-        (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1),
-        (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1),
+        (1, 2),
+        (2, 1),
+        (3, 1),
+        (1, 3),
+        (2, 2),
+        (4, 1),
+        (1, 4),
+        (5, 1),
+        (1, 5),
+        (1, 6),
+        (6, 1),
+        (3, 2),
+        (2, 3),
+        (7, 1),
+        (1, 7),
+        (4, 2),
+        (2, 4),
+        (1, 8),
+        (8, 1),
+        (1, 9),
+        (3, 3),
+        (9, 1),
     ]
 
 
@@ -225,6 +257,7 @@ def test_to_pixel_tensor() -> None:
 
 
 # --- input validation ----------------------------------------------------------------------
+
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG whose valid IHDR claims width x height, with a tiny IDAT (no real pixel data)."""

@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from model.sampling import (
-    NGRAM_WHITELIST, TABLE_TOKEN_IDS, no_repeat_ngram_mask, no_repeat_ngram_mask_reference,
-    repetition_flags, repetition_score,
+    NGRAM_WHITELIST,
+    TABLE_TOKEN_IDS,
+    no_repeat_ngram_mask,
+    no_repeat_ngram_mask_reference,
+    repetition_flags,
+    repetition_score,
 )
 
 VOCAB = 129280  # DeepSeek-OCR's LM vocabulary; <td> </td> <tr> </tr> = 128821..128824
@@ -76,7 +80,9 @@ def test_ngram_mask_official_settings_on_a_loop() -> None:
     mask = no_repeat_ngram_mask(tokens, lens, 20, 50, wl, VOCAB)
     got = _banned(mask)
     assert got == no_repeat_ngram_mask_reference(seqs, 20, 50, NGRAM_WHITELIST, VOCAB)
-    assert got[0] == {period[(len(looping) - len(prose)) % 9]}  # exactly the token that would continue the loop
+    assert got[0] == {
+        period[(len(looping) - len(prose)) % 9]
+    }  # exactly the token that would continue the loop
     assert got[1] <= {TR, TR_END} and not got[1] & set(NGRAM_WHITELIST)
     assert got[2] == set() and got[3] == set()
     # n == 1 is a no-op in the official processor (`out[-0:]` quirk); window < n can hold no n-gram
@@ -87,7 +93,8 @@ def test_ngram_mask_official_settings_on_a_loop() -> None:
     t2, l2 = _batch([old], len(old))
     assert not no_repeat_ngram_mask(t2, l2, 5, 50, wl, VOCAB).any()
     assert no_repeat_ngram_mask(t2, l2, 5, len(old), wl, VOCAB).any() == bool(
-        no_repeat_ngram_mask_reference([old], 5, len(old), NGRAM_WHITELIST, VOCAB)[0])
+        no_repeat_ngram_mask_reference([old], 5, len(old), NGRAM_WHITELIST, VOCAB)[0]
+    )
 
 
 # ---------------------------------------------------------------- repetition_flags / score
@@ -126,8 +133,17 @@ def test_repetition_flags_real_cases() -> None:
         "cells_then_loop": prose + cells * 150 + (period7 * 50)[:300],
         "line_loop": prose + ([rng.randrange(0, 100000) for _ in range(100)] * 5),  # 100-token line x5
     }
-    want = {"loop300": True, "loop256": True, "loop255": False, "random": False, "short": False,
-            "empty": False, "cells300": False, "cells_then_loop": True, "line_loop": True}
+    want = {
+        "loop300": True,
+        "loop256": True,
+        "loop255": False,
+        "random": False,
+        "short": False,
+        "empty": False,
+        "cells300": False,
+        "cells_then_loop": True,
+        "line_loop": True,
+    }
     seqs = list(rows.values())
     tokens, lens = _batch(seqs, 1600, pad=period7[0])
     got = dict(zip(rows, repetition_flags(tokens, lens).tolist()))
@@ -140,7 +156,9 @@ def test_repetition_flags_real_cases() -> None:
     assert repetition_flags(tokens, lens, exempt_min_span=None).tolist()[6] is False
     # without exemptions a <td></td> run is just a period-2 loop; tensor ids behave like ints
     assert repetition_flags(tokens, lens, exempt_ids=()).tolist()[6] is True
-    assert repetition_flags(tokens, lens, exempt_ids=torch.tensor(TABLE_TOKEN_IDS)).tolist() == list(want.values())
+    assert repetition_flags(tokens, lens, exempt_ids=torch.tensor(TABLE_TOKEN_IDS)).tolist() == list(
+        want.values()
+    )
     with pytest.raises(ValueError):
         repetition_flags(tokens, lens, min_period=5, max_period=4)
     with pytest.raises(ValueError):

@@ -103,9 +103,7 @@ def test_golden_input_ids(tok: OcrTokenizer, parity_dir: Path) -> None:
     for case in cases:
         ids = tok.build_prompt_ids(DEFAULT_PROMPT, case["n_image_positions"])
         assert ids == case["input_ids"], case["id"]
-        assert tok.encode("\n<|grounding|>Convert the document to markdown.") == case[
-            "text_ids_after_image"
-        ]
+        assert tok.encode("\n<|grounding|>Convert the document to markdown.") == case["text_ids_after_image"]
         assert case["text_ids_before_image"] == []
 
 
@@ -122,9 +120,7 @@ def test_bundled_equals_parity_tokenizer(tok: OcrTokenizer, parity_dir: Path) ->
 def test_decode_special_tokens_verbatim(tok: OcrTokenizer) -> None:
     for tid, text in SPECIALS.items():
         assert tok.decode([tid]) == text
-    grounded = (
-        "<|ref|>title<|/ref|><|det|>[[12, 34, 560, 78]]<|/det|>\n# Hello 世界\n<tr><td>a</td></tr>"
-    )
+    grounded = "<|ref|>title<|/ref|><|det|>[[12, 34, 560, 78]]<|/det|>\n# Hello 世界\n<tr><td>a</td></tr>"
     ids = tok.encode(grounded)
     for tid in (128816, 128817, 128818, 128819, 128821, 128822, 128823, 128824):
         assert tid in ids

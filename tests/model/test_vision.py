@@ -189,7 +189,9 @@ def _check(name: str, got: torch.Tensor, ref: torch.Tensor, max_tol: float, mean
 def test_vision_keys_match_checkpoint(official_encoder, parity_dir: Path) -> None:
     enc, synth = official_encoder
     official = {
-        k: v for k, v in synth.load_keys_tsv(str(parity_dir / "keys.tsv")).items() if k.startswith(VISION_PREFIXES)
+        k: v
+        for k, v in synth.load_keys_tsv(str(parity_dir / "keys.tsv")).items()
+        if k.startswith(VISION_PREFIXES)
     }
     ours = {"model." + k: tuple(v.shape) for k, v in enc.state_dict().items()}
     assert set(ours) == set(official)

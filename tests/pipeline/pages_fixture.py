@@ -35,20 +35,43 @@ def render_paper(dpi: float = 72) -> PageImage:
     return page
 
 
-def ocr_row(raw_output: str = GROUNDING, *, page: PageImage | None = None, doc_id: str | None = None,
-            page_index: int = 0, finish_reason: str = "stop", config_hash: str = "cfg0",
-            source_uri: str | None = None, num_output_tokens: int = 60, num_vision_tokens: int = 273,
-            **extra: Any) -> dict[str, Any]:
+def ocr_row(
+    raw_output: str = GROUNDING,
+    *,
+    page: PageImage | None = None,
+    doc_id: str | None = None,
+    page_index: int = 0,
+    finish_reason: str = "stop",
+    config_hash: str = "cfg0",
+    source_uri: str | None = None,
+    num_output_tokens: int = 60,
+    num_vision_tokens: int = 273,
+    **extra: Any,
+) -> dict[str, Any]:
     """A row as the OCR stage hands it to the writer (status still `pending`)."""
     page = page or render_paper()
     row = {
-        "doc_id": doc_id or content_id(PAPER.read_bytes()), "source_uri": source_uri or PAPER.as_uri(),
-        "page_index": page_index, "page_count": 1, "width_pt": page.width_pt, "height_pt": page.height_pt,
-        "width_px": page.width_px, "height_px": page.height_px, "dpi": page.dpi, "mode": "base",
-        "status": "pending", "raw_output": raw_output, "num_vision_tokens": num_vision_tokens,
-        "num_output_tokens": num_output_tokens, "finish_reason": finish_reason,
-        "text_layer_chars": page.text_chars, "model_id": "test", "config_hash": config_hash,
-        "render_ms": 1.0, "ocr_ms": 2.0, "_page_png": encode_png(page.pixels),
+        "doc_id": doc_id or content_id(PAPER.read_bytes()),
+        "source_uri": source_uri or PAPER.as_uri(),
+        "page_index": page_index,
+        "page_count": 1,
+        "width_pt": page.width_pt,
+        "height_pt": page.height_pt,
+        "width_px": page.width_px,
+        "height_px": page.height_px,
+        "dpi": page.dpi,
+        "mode": "base",
+        "status": "pending",
+        "raw_output": raw_output,
+        "num_vision_tokens": num_vision_tokens,
+        "num_output_tokens": num_output_tokens,
+        "finish_reason": finish_reason,
+        "text_layer_chars": page.text_chars,
+        "model_id": "test",
+        "config_hash": config_hash,
+        "render_ms": 1.0,
+        "ocr_ms": 2.0,
+        "_page_png": encode_png(page.pixels),
         "_text_layer": page.text,
     }
     row.update(extra)

@@ -18,11 +18,19 @@ from pipeline.config import ConfigValueError
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-FAST = ["model=tiny_random", "progress=false", f"input.uri={REPO / 'tests' / 'data'}", "mode=tiny",
-        "generation.max_new_tokens=4", "ray.ocr_resource=ocr_slot"]
+FAST = [
+    "model=tiny_random",
+    "progress=false",
+    f"input.uri={REPO / 'tests' / 'data'}",
+    "mode=tiny",
+    "generation.max_new_tokens=4",
+    "ray.ocr_resource=ocr_slot",
+]
 
 
-def test_cluster_job_joins_waits_for_gpu_nodes_and_checks_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cluster_job_joins_waits_for_gpu_nodes_and_checks_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -38,7 +46,9 @@ def test_cluster_job_joins_waits_for_gpu_nodes_and_checks_paths(tmp_path: Path, 
         with pytest.raises(ConfigValueError, match="output.uri.*shared storage"):
             run(compose([*FAST, f"output.uri={out}", "input.uri=s3://bucket/in"]))
         assert not out.exists()
-        assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 2  # joined, not embedded
+        assert (
+            ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 2
+        )  # joined, not embedded
         ray.shutdown()
 
         # 2. no OCR resource ever: bounded wait, clear message (not a silent CPU fallback)
@@ -48,8 +58,15 @@ def test_cluster_job_joins_waits_for_gpu_nodes_and_checks_paths(tmp_path: Path, 
 
         # 3. the GPU-like node joins 5 s after the job started: the job waits for it and finishes.
         # The job runs in a thread (nodes can only be added from the main thread).
-        cfg = compose([*FAST, f"output.uri={tmp_path / 'out'}", "ray.shared_fs=true", "ray.gpu_wait_s=120",
-                       "ray.ocr_concurrency=[1,2]"])
+        cfg = compose(
+            [
+                *FAST,
+                f"output.uri={tmp_path / 'out'}",
+                "ray.shared_fs=true",
+                "ray.gpu_wait_s=120",
+                "ray.ocr_concurrency=[1,2]",
+            ]
+        )
         result: dict = {}
 
         def job() -> None:
@@ -90,20 +107,36 @@ def test_nightly_submission_id_from_root_and_date(tmp_path: Path) -> None:
 
     def submit(root: str, day: str) -> list[str]:
         log = tmp_path / f"args-{len(list(tmp_path.glob('args-*')))}"
-        env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RAY_ADDRESS="http://127.0.0.1:1",
-                   NIGHTLY_DATE=day, RAY_ARGS_LOG=str(log))
-        proc = subprocess.run(["bash", "jobs/nightly.sh", "input.uri=s3://c/pdfs", f"output.uri={root}"], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=60, check=False)
+        env = dict(
+            os.environ,
+            PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            RAY_ADDRESS="http://127.0.0.1:1",
+            NIGHTLY_DATE=day,
+            RAY_ARGS_LOG=str(log),
+        )
+        proc = subprocess.run(
+            ["bash", "jobs/nightly.sh", "input.uri=s3://c/pdfs", f"output.uri={root}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert proc.returncode == 0, proc.stderr
         return log.read_text().splitlines()
 
     args = submit("s3://corpus/nightly", "2026-12-01")
     sid = args[args.index("--submission-id") + 1]
     assert sid.startswith("pagemill-nightly-s3-corpus-nightly-") and sid.endswith("-2026-12-01")
-    entry = args[args.index("--") + 1:]
+    entry = args[args.index("--") + 1 :]
     assert entry[:4] == ["python", "-m", "pipeline.run", "+cluster=ray"] and "ray.address=auto" not in entry
     assert "output.uri=s3://corpus/nightly/2026-12-01" in entry
-    assert submit("s3://corpus/nightly", "2026-12-01")[args.index("--submission-id") + 1] == sid  # same night: same id
-    others = {submit("s3://corpus/nightly", "2026-12-02")[args.index("--submission-id") + 1],
-              submit("s3://corpus/other", "2026-12-01")[args.index("--submission-id") + 1]}
+    assert (
+        submit("s3://corpus/nightly", "2026-12-01")[args.index("--submission-id") + 1] == sid
+    )  # same night: same id
+    others = {
+        submit("s3://corpus/nightly", "2026-12-02")[args.index("--submission-id") + 1],
+        submit("s3://corpus/other", "2026-12-01")[args.index("--submission-id") + 1],
+    }
     assert sid not in others and len(others) == 2

@@ -111,9 +111,20 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.run", "render.dpi=5", f"output.uri={out}",
-         f"input.uri={REPO / 'tests' / 'data'}", "model=tiny_random"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "render.dpi=5",
+            f"output.uri={out}",
+            f"input.uri={REPO / 'tests' / 'data'}",
+            "model=tiny_random",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0, proc.stdout + proc.stderr
@@ -146,7 +157,9 @@ def test_fit_max_batch_needs_cuda() -> None:
 
     model = OcrModel(OcrConfig.tiny())
     c = model.decoder.config
-    assert kv_bytes_per_token(model) == c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4  # fp32
+    assert (
+        kv_bytes_per_token(model) == c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 4
+    )  # fp32
     with pytest.raises(ValueError, match="CUDA"):
         fit_max_batch(model, 2048)
 
@@ -161,8 +174,13 @@ def test_generation_defaults_are_the_engine_defaults() -> None:
 
     engine = {f.name: f.default for f in fields(EngineConfig)}
     shared = [f for f in fields(GenerationConfig) if f.name in engine and f.name != "max_batch"]
-    assert {f.name for f in shared} >= {"max_new_tokens", "max_model_len", "ngram_size", "ngram_window",
-                                        "loop_min_span"}
+    assert {f.name for f in shared} >= {
+        "max_new_tokens",
+        "max_model_len",
+        "ngram_size",
+        "ngram_window",
+        "loop_min_span",
+    }
     for f in shared:
         assert f.default == engine[f.name], f.name
     assert GenerationConfig().max_batch is None

@@ -22,19 +22,35 @@ def test_offline_demo_rows_and_quiet_console(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "model=tiny_random", f"output.uri={out}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.run", "model=tiny_random", f"output.uri={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pagemill run summary" in proc.stdout
     rows = ds.dataset(out / "pages", format="parquet").to_table().to_pylist()
     # tests/data: 3 one-page PDFs, one encrypted (needs_password) and one not a PDF
     assert len(rows) == 5
-    assert sorted(r["error_code"] or "" for r in rows if r["status"] == "doc_error") == ["needs_password", "not_a_pdf"]
+    assert sorted(r["error_code"] or "" for r in rows if r["status"] == "doc_error") == [
+        "needs_password",
+        "not_a_pdf",
+    ]
     pages = [r for r in rows if r["page_index"] >= 0]
     assert len(pages) == 3
     # the tiny model's group makes generation short: at most 64 tokens, one pass (no fallback)
     assert all(r["num_output_tokens"] <= 64 and r["attempts"] == 1 for r in pages)
     console = proc.stdout + proc.stderr
-    for noise in ("core_worker.cc", "ray_remote_args", "Token authentication", "streaming_executor",
-                  "RayDeprecationWarning", "Progress bars disabled"):
+    for noise in (
+        "core_worker.cc",
+        "ray_remote_args",
+        "Token authentication",
+        "streaming_executor",
+        "RayDeprecationWarning",
+        "Progress bars disabled",
+    ):
         assert noise not in console, noise

@@ -16,7 +16,9 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def test_discovery_is_distributed_and_driver_stays_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_discovery_is_distributed_and_driver_stays_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pymupdf
     import ray
 

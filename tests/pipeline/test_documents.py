@@ -10,8 +10,8 @@ import pyarrow.dataset as ds
 
 from pipeline.documents import assemble_documents, export_documents, join_pages, main
 from pipeline.outputs import OutputStore
-from pipeline.schema import DOCUMENT_SCHEMA, STATUSES, figure_name, rows_to_table
 from pipeline.run import compose
+from pipeline.schema import DOCUMENT_SCHEMA, STATUSES, figure_name, rows_to_table
 from pipeline.stages import WriteStage, to_batch
 from tests.pipeline.pages_fixture import ocr_row
 
@@ -19,22 +19,34 @@ A, B, C = "a" * 64, "b" * 64, "c" * 64
 
 
 def _page(doc: str, i: int, status: str, md: str | None, config_hash: str = "h1", **kw) -> dict:
-    return {"doc_id": doc, "source_uri": f"s3://bucket/{doc[0]}.pdf", "page_index": i, "page_count": kw.pop("n", 4),
-            "status": status, "markdown": md, "config_hash": config_hash, "model_id": "m", **kw}
+    return {
+        "doc_id": doc,
+        "source_uri": f"s3://bucket/{doc[0]}.pdf",
+        "page_index": i,
+        "page_count": kw.pop("n", 4),
+        "status": status,
+        "markdown": md,
+        "config_hash": config_hash,
+        "model_id": "m",
+        **kw,
+    }
 
 
 def _write_pages(store: OutputStore) -> None:
     rows = [
-        _page(A, 0, "ok", "# A zero"), _page(A, 1, "truncated", "A one (cut)"), _page(A, 2, "ok", "A two"),
+        _page(A, 0, "ok", "# A zero"),
+        _page(A, 1, "truncated", "A one (cut)"),
+        _page(A, 2, "ok", "A two"),
         _page(A, 3, "ok", "A three"),
         _page(B, -1, "doc_error", None, n=0, error_code="not_a_pdf"),
-        _page(C, 0, "truncated", "c0", n=2), _page(C, 1, "repetition", "c1", n=2),
+        _page(C, 0, "truncated", "c0", n=2),
+        _page(C, 1, "repetition", "c1", n=2),
         _page(A, 0, "ok", "OTHER CONFIG", config_hash="h2"),  # another configuration's row
         _page(A, 2, "ok", "A two"),  # a duplicate row of the same key: counted once
     ]
     random.Random(0).shuffle(rows)
     for k in range(0, len(rows), 3):  # several part files, pages out of order
-        store.write_parquet("pages", rows_to_table(rows[k:k + 3]), name=f"part-{k}.parquet")
+        store.write_parquet("pages", rows_to_table(rows[k : k + 3]), name=f"part-{k}.parquet")
 
 
 def _docs(out: Path, config_hash: str | None = None) -> dict[str, dict]:
@@ -50,9 +62,14 @@ def test_documents_join_ok_pages_with_markers_and_count_statuses(tmp_path: Path)
     docs = _docs(tmp_path)
     a = docs[A]
     assert a["text"] == "# A zero\n\nA two\n\nA three" and a["id"] == a["doc_id"]
-    assert [(sp["page_index"], a["text"][sp["start"]:sp["end"]]) for sp in a["page_spans"]] == [
-        (0, "# A zero"), (2, "A two"), (3, "A three")]
-    assert a["pages_included"] == [0, 2, 3] and a["page_count"] == 4 and a["source_uri"] == "s3://bucket/a.pdf"
+    assert [(sp["page_index"], a["text"][sp["start"] : sp["end"]]) for sp in a["page_spans"]] == [
+        (0, "# A zero"),
+        (2, "A two"),
+        (3, "A three"),
+    ]
+    assert (
+        a["pages_included"] == [0, 2, 3] and a["page_count"] == 4 and a["source_uri"] == "s3://bucket/a.pdf"
+    )
     assert (a["pages_ok"], a["pages_truncated"], a["pages_doc_error"]) == (3, 1, 0)
     assert a["config_hash"] == "h1" and a["model_id"] == "m" and a["error_code"] is None
     b = docs[B]
@@ -84,7 +101,9 @@ def test_join_pages_orders_by_page_index() -> None:
     text, spans = join_pages(pages)
     assert text == "zero\n\n\n\ntwo" and "<!--" not in text
     assert [sp["page_index"] for sp in spans] == [0, 1, 2]
-    assert all(text[sp["start"]:sp["end"]] == pages[sp["page_index"]] for sp in spans)  # spans slice back exactly
+    assert all(
+        text[sp["start"] : sp["end"]] == pages[sp["page_index"]] for sp in spans
+    )  # spans slice back exactly
     assert join_pages({}) == ("", [])
 
 
@@ -93,8 +112,10 @@ def test_figure_references_resolve_after_export(tmp_path: Path) -> None:
     them by name, and exporting the document puts each crop where its reference points."""
     out = tmp_path / "out"
     cfg = compose(["model=tiny_random", f"output.uri={out}"])
-    rows = [ocr_row(page_index=0, config_hash=cfg.config_hash()),
-            ocr_row("Second page text.<｜end▁of▁sentence｜>", page_index=1, config_hash=cfg.config_hash())]
+    rows = [
+        ocr_row(page_index=0, config_hash=cfg.config_hash()),
+        ocr_row("Second page text.<｜end▁of▁sentence｜>", page_index=1, config_hash=cfg.config_hash()),
+    ]
     for r in rows:
         r["page_count"] = 2
     WriteStage(cfg, str(out))(to_batch(rows))

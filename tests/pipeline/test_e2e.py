@@ -26,8 +26,12 @@ from pipeline.schema import COLUMNS, DOC_ERROR_CODES, STATUSES
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE_STATUSES = {"ok", "truncated", "repetition", "render_error", "ocr_error"}
-ERROR_CODE = {"error:empty-file": "empty_file", "error:not-a-pdf": "not_a_pdf", "error:no-pages": "zero_pages",
-              "error:password-required": "needs_password"}
+ERROR_CODE = {
+    "error:empty-file": "empty_file",
+    "error:not-a-pdf": "not_a_pdf",
+    "error:no-pages": "zero_pages",
+    "error:password-required": "needs_password",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +44,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_job(*overrides: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_job(
+    *overrides: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "pipeline.run", "model=tiny_random", "progress=false", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env={**_env(), **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=REPO, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_pages(out: Path) -> list[dict]:
@@ -61,8 +68,13 @@ def test_corpus_dev_end_to_end(corpus_dir: Path, tmp_path: Path) -> None:
     pw = tmp_path / "passwords.tsv"
     pw.write_text("# name or sha256 <TAB> password\nencrypted-needs-password-01.pdf\topenpassword\n")
     out = tmp_path / "out"
-    proc = run_job(f"input.uri={corpus_dir}", f"output.uri={out}", "mode=tiny", "generation.max_new_tokens=8",
-                   f"input.passwords_file={pw}")
+    proc = run_job(
+        f"input.uri={corpus_dir}",
+        f"output.uri={out}",
+        "mode=tiny",
+        "generation.max_new_tokens=8",
+        f"input.passwords_file={pw}",
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "pagemill run summary" in proc.stdout
 
@@ -110,10 +122,14 @@ def test_corpus_dev_end_to_end(corpus_dir: Path, tmp_path: Path) -> None:
     assert set(summary["rows_by_status"]) == set(STATUSES)
     assert summary["config"]["mode"]["name"] == "tiny"
     # vertical tall page: rendered with a lowered dpi so it fits the pixel bounds, not dropped
-    (tall,) = [r for r in rows if r["source_uri"].endswith("odd-page-very-tall-01.pdf") and r["page_index"] == 1]
+    (tall,) = [
+        r for r in rows if r["source_uri"].endswith("odd-page-very-tall-01.pdf") and r["page_index"] == 1
+    ]
     assert tall["status"] != "render_error" and tall["dpi"] < 144
     assert max(tall["width_px"], tall["height_px"]) <= 8192
-    assert all(code in DOC_ERROR_CODES for code in {r["error_code"] for r in rows if r["status"] == "doc_error"})
+    assert all(
+        code in DOC_ERROR_CODES for code in {r["error_code"] for r in rows if r["status"] == "doc_error"}
+    )
 
 
 def test_default_gundam_overrides_and_images(tmp_path: Path) -> None:
@@ -126,8 +142,12 @@ def test_default_gundam_overrides_and_images(tmp_path: Path) -> None:
     from pipeline.run import compose
 
     out = tmp_path / "out"
-    overrides = [f"output.uri={out}", "render.dpi=100", "output.include_images=true",
-                 "generation.max_new_tokens=6"]
+    overrides = [
+        f"output.uri={out}",
+        "render.dpi=100",
+        "output.include_images=true",
+        "generation.max_new_tokens=6",
+    ]
     proc = run_job(*overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_pages(out)
@@ -170,23 +190,67 @@ def test_ray_job_submit_on_local_cluster(tmp_path: Path) -> None:
     temp = Path("/tmp") / f"pm-ray-{os.getpid()}"  # short: unix socket paths are length-limited
     dash = _free_port()
     start = subprocess.run(
-        [str(ray_bin), "start", "--head", f"--temp-dir={temp}", f"--port={_free_port()}", "--num-cpus=4",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            f"--temp-dir={temp}",
+            f"--port={_free_port()}",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert start.returncode == 0, start.stderr[-3000:]
     try:
         out = tmp_path / "out"
         address = f"http://127.0.0.1:{dash}"
         for _ in range(60):  # the job server comes up a little after `ray start` returns
-            if subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
-                              capture_output=True, timeout=60).returncode == 0:
+            if (
+                subprocess.run(
+                    [str(ray_bin), "job", "list", "--address", address],
+                    env=env,
+                    capture_output=True,
+                    timeout=60,
+                ).returncode
+                == 0
+            ):
                 break
             time.sleep(1)
         sub = subprocess.run(
-            [str(ray_bin), "job", "submit", "--address", address, "--working-dir", ".", "--runtime-env",
-             "jobs/runtime_env.yaml", "--", "python", "-m", "pipeline.run", "ray.address=auto", "model=tiny_random",
-             "input.uri=tests/data", f"output.uri={out}", "generation.max_new_tokens=4", "mode=base"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            [
+                str(ray_bin),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                ".",
+                "--runtime-env",
+                "jobs/runtime_env.yaml",
+                "--",
+                "python",
+                "-m",
+                "pipeline.run",
+                "ray.address=auto",
+                "model=tiny_random",
+                "input.uri=tests/data",
+                f"output.uri={out}",
+                "generation.max_new_tokens=4",
+                "mode=base",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert sub.returncode == 0, sub.stdout[-6000:] + sub.stderr[-3000:]
         assert "succeeded" in (sub.stdout + sub.stderr).lower()
         rows = read_pages(out)
@@ -200,7 +264,13 @@ def test_ray_job_submit_on_local_cluster(tmp_path: Path) -> None:
 def test_unreachable_weights_name_the_offline_option(tmp_path: Path) -> None:
     """The default model with no weights in reach: one clear message naming model=tiny_random,
     exit code 3, before any Ray work or output."""
-    cmd = [sys.executable, "-m", "pipeline.run", f"model.source={tmp_path / 'no-weights'}", f"output.uri={tmp_path / 'o'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        f"model.source={tmp_path / 'no-weights'}",
+        f"output.uri={tmp_path / 'o'}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3
     assert "model=tiny_random" in proc.stderr and "does not exist" in proc.stderr

@@ -23,20 +23,39 @@ PAGES = {0: "# A zero\n\ncafé", 2: "A two", 3: "A three"}
 
 
 def _page(doc: str, i: int, status: str, md: str | None, **kw) -> dict:
-    return {"doc_id": doc, "source_uri": f"s3://bucket/{doc[0]}.pdf", "page_index": i, "page_count": kw.pop("n", 4),
-            "status": status, "markdown": md, "config_hash": "h1", "model_id": "m", **kw}
+    return {
+        "doc_id": doc,
+        "source_uri": f"s3://bucket/{doc[0]}.pdf",
+        "page_index": i,
+        "page_count": kw.pop("n", 4),
+        "status": status,
+        "markdown": md,
+        "config_hash": "h1",
+        "model_id": "m",
+        **kw,
+    }
 
 
 @pytest.fixture()
 def output(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     store = OutputStore(str(out))
-    rows = [*(_page(A, i, "ok", md, repetition_score=0.1 * i) for i, md in PAGES.items()),
-            _page(A, 1, "truncated", "cut"), _page(B, -1, "doc_error", None, n=0, error_code="not_a_pdf")]
+    rows = [
+        *(_page(A, i, "ok", md, repetition_score=0.1 * i) for i, md in PAGES.items()),
+        _page(A, 1, "truncated", "cut"),
+        _page(B, -1, "doc_error", None, n=0, error_code="not_a_pdf"),
+    ]
     store.write_parquet("pages", rows_to_table(rows), name="part-0.parquet")
     assemble_documents(store, "h1")
-    (out / "_summary.json").write_text(json.dumps({"config_hash": "h1", "run_id": "20261201T120000Z",
-                                                   "config": {"model": {"source": "deepseek-ai/DeepSeek-OCR"}}}))
+    (out / "_summary.json").write_text(
+        json.dumps(
+            {
+                "config_hash": "h1",
+                "run_id": "20261201T120000Z",
+                "config": {"model": {"source": "deepseek-ai/DeepSeek-OCR"}},
+            }
+        )
+    )
     return out
 
 
@@ -68,7 +87,9 @@ def test_dolma_export(output: Path, tmp_path: Path) -> None:
     assert m["source_uris"] == ["s3://bucket/a.pdf"] and m["config_hash"] == "h1" and m["pagemill_version"]
     assert m["model_source"] == "deepseek-ai/DeepSeek-OCR" and m["pages_by_status"]["ok"] == 3
     assert m["pages_by_status"]["truncated"] == 1
-    assert a["metadata"]["source"] == "pagemill" and a["metadata"]["created"].startswith("2026-12-01T12:00:00")
+    assert a["metadata"]["source"] == "pagemill" and a["metadata"]["created"].startswith(
+        "2026-12-01T12:00:00"
+    )
     assert docs[B]["text"] == "" and docs[B]["metadata"]["pages_by_status"]["doc_error"] == 1
 
 

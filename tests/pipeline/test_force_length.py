@@ -49,14 +49,19 @@ def test_forced_length_rule(corpus_dir: Path, tok: OcrTokenizer) -> None:
         with pymupdf.open(corpus_dir / name) as doc:
             for page in doc:
                 for prompt_len, max_len in ((0, 8192), (83, 1024), (900, 1024), (8191, 8192), (9000, 8192)):
-                    assert forced_length(page, tok, prompt_len, max_len) == _rule(page, tok, prompt_len, max_len)
+                    assert forced_length(page, tok, prompt_len, max_len) == _rule(
+                        page, tok, prompt_len, max_len
+                    )
     with pymupdf.open(corpus_dir / "scan-book-page-01.pdf") as doc:  # a scan: no text layer -> 1,000
         assert len("".join(doc[0].get_text("text").split())) < MIN_TEXT_CHARS
         assert forced_length(doc[0], tok, 10, 8192) == 1000 and forced_length(doc[0], tok, 8000, 8192) == 192
         assert forced_length(doc[0], tok, 9000, 8192) == 1  # at least 1
     # the pipeline caps in two steps (renderer: prompt 0; OCR stage: the real prompt); same value
-    assert all(cap_forced_length(cap_forced_length(t, 0, 1024), p, 1024) == cap_forced_length(t, p, 1024)
-               for t in (1, 50, 1000, 5000) for p in (0, 83, 1000, 1023, 2000))
+    assert all(
+        cap_forced_length(cap_forced_length(t, 0, 1024), p, 1024) == cap_forced_length(t, p, 1024)
+        for t in (1, 50, 1000, 5000)
+        for p in (0, 83, 1000, 1023, 2000)
+    )
     # the renderer counts the text blocks only when asked (no tokenizer there); the OCR stage's
     # length from that count and the text layer (prompt length 0) is the rule's
     data = (corpus_dir / SMALL[1]).read_bytes()
@@ -72,9 +77,21 @@ def test_bad_force_length_names_the_key(tmp_path: Path) -> None:
         compose(["model=tiny_random", "generation.force_length=bogus"])
     # the job stops before any work, with the key in its message
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "model=tiny_random", f"output.uri={out}",
-                           "generation.force_length=bogus"], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.run",
+            "model=tiny_random",
+            f"output.uri={out}",
+            "generation.force_length=bogus",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "generation.force_length" in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
 
@@ -91,20 +108,33 @@ def test_force_length_is_in_the_config_hash_only_when_set() -> None:
 
 
 @pytest.mark.slow
-def test_pipeline_forced_lengths_and_bench_smoke(tmp_path: Path, tok: OcrTokenizer,
-                                                 corpus_copy) -> None:
+def test_pipeline_forced_lengths_and_bench_smoke(tmp_path: Path, tok: OcrTokenizer, corpus_copy) -> None:
     """One pipeline run serves both checks (it costs ~30 s of a tight CI budget): `jobs/bench_pipeline.py
     --allow-cpu` runs the job in-process (`pipeline.run.run`, embedded Ray) with model=tiny_random and
     generation.force_length=text_layer; every page row then has exactly its forced length and one
     attempt, and the report JSON adds up. Without --allow-cpu it refuses at once."""
     src = corpus_copy(*SMALL)
     out, report = tmp_path / "out", tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "jobs.bench_pipeline", "--corpus", str(src), "--out", str(out),
-           "--json-out", str(report), "--no-engine-alone", "mode=tiny", f"generation.max_model_len={MAX_MODEL_LEN}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.bench_pipeline",
+        "--corpus",
+        str(src),
+        "--out",
+        str(out),
+        "--json-out",
+        str(report),
+        "--no-engine-alone",
+        "mode=tiny",
+        f"generation.max_model_len={MAX_MODEL_LEN}",
+    ]
     env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
     refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "CUDA" in refused.stderr and not out.exists()
-    proc = subprocess.run([*cmd, "--allow-cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*cmd, "--allow-cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     rows = read_pages(out)

@@ -74,14 +74,31 @@ def test_inspect_cli_writes_the_annotated_page_and_prints_markdown(tmp_path: Pat
     stored, rendered = tmp_path / "stored", tmp_path / "rendered"
     png = encode_png(page.pixels)
     row = ocr_row(GROUNDING, page=page)
-    _write(stored, [dict(row, page_image={"bytes": png, "path": page_image_name(row["doc_id"], 0)})],
-           "output.include_images=true")
+    _write(
+        stored,
+        [dict(row, page_image={"bytes": png, "path": page_image_name(row["doc_id"], 0)})],
+        "output.include_images=true",
+    )
     _write(rendered, [dict(row)])
     images = []
     for out in (stored, rendered):
         target = tmp_path / f"{out.name}.png"
-        assert inspect_main([str(out), "--doc", "paper-arxiv-math-01.pdf", "--page", "0", "--out", str(target),
-                             "--max-side", "0"]) == 0
+        assert (
+            inspect_main(
+                [
+                    str(out),
+                    "--doc",
+                    "paper-arxiv-math-01.pdf",
+                    "--page",
+                    "0",
+                    "--out",
+                    str(target),
+                    "--max-side",
+                    "0",
+                ]
+            )
+            == 0
+        )
         cap = capsys.readouterr()
         assert cap.out.startswith("# A known title") and "![](figures/" in cap.out
         assert "3 boxes" in cap.err and str(target) in cap.err and "status=ok" in cap.err
@@ -92,8 +109,22 @@ def test_inspect_cli_writes_the_annotated_page_and_prints_markdown(tmp_path: Pat
         images.append(img)
     assert np.array_equal(images[0], images[1])
     # a doc_id prefix works too; an unknown document is a clear error
-    assert inspect_main([str(stored), "--doc", row["doc_id"][:10], "--page", "0", "--out",
-                         str(tmp_path / "p.png"), "--max-side", "400"]) == 0
+    assert (
+        inspect_main(
+            [
+                str(stored),
+                "--doc",
+                row["doc_id"][:10],
+                "--page",
+                "0",
+                "--out",
+                str(tmp_path / "p.png"),
+                "--max-side",
+                "400",
+            ]
+        )
+        == 0
+    )
     assert max(Image.open(tmp_path / "p.png").size) == 400
     assert inspect_main([str(stored), "--doc", "nope", "--page", "0"]) == 2
     assert "no document matching 'nope'" in capsys.readouterr().err
@@ -102,15 +133,32 @@ def test_inspect_cli_writes_the_annotated_page_and_prints_markdown(tmp_path: Pat
 def test_report_renders_without_a_display_on_an_all_truncated_run(tmp_path: Path, page) -> None:
     """What the tiny model produces: every page `truncated`, plus a doc_error row."""
     out = tmp_path / "out"
-    rows = [ocr_row(text, page=page, doc_id=f"{i:064x}", finish_reason="length", num_output_tokens=8 + i)
-            for i, text in enumerate(["MajMajMaj", page.text[:400], "年以后年以后"])]
-    rows.append({**ocr_row(page=page, doc_id="e" * 64), "page_index": -1, "status": "doc_error",
-                 "error_code": "not_a_pdf", "error": "x"})
+    rows = [
+        ocr_row(text, page=page, doc_id=f"{i:064x}", finish_reason="length", num_output_tokens=8 + i)
+        for i, text in enumerate(["MajMajMaj", page.text[:400], "年以后年以后"])
+    ]
+    rows.append(
+        {
+            **ocr_row(page=page, doc_id="e" * 64),
+            "page_index": -1,
+            "status": "doc_error",
+            "error_code": "not_a_pdf",
+            "error": "x",
+        }
+    )
     _write(out, rows)
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
-    env.update(MPLBACKEND="TkAgg", PYTHONPATH=str(REPO))  # a GUI backend asked for, no display: must not matter
-    proc = subprocess.run([sys.executable, "-m", "pipeline.report", str(out), "--worst", "2"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env.update(
+        MPLBACKEND="TkAgg", PYTHONPATH=str(REPO)
+    )  # a GUI backend asked for, no display: must not matter
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", str(out), "--worst", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = out / "_report"
     assert proc.stdout.strip() == str(report / "index.html")
@@ -119,7 +167,9 @@ def test_report_renders_without_a_display_on_an_all_truncated_run(tmp_path: Path
         assert f'src="{name}.png"' in html
         with Image.open(report / f"{name}.png") as img:
             assert img.format == "PNG" and img.size[0] >= 400 and img.size[1] >= 200
-    assert re.search(r"<td>truncated</td><td>3</td>", html) and re.search(r"<td>doc_error</td><td>1</td>", html)
+    assert re.search(r"<td>truncated</td><td>3</td>", html) and re.search(
+        r"<td>doc_error</td><td>1</td>", html
+    )
     # worst pages: the two lowest agreements, ascending; the page that copied its text layer is best
     worst = re.findall(r"<tr><td>(\d)</td><td>([0-9.e-]+)</td>", html)
     assert [w[0] for w in worst] == ["1", "2"]

@@ -27,10 +27,23 @@ def test_node_removed_mid_run_every_page_accounted(tmp_path: Path, corpus_copy) 
     cluster.wait_for_nodes()
     try:
         ray.init(address=cluster.address)
-        cfg = compose(["model=tiny_random", "progress=false", f"input.uri={src}", f"output.uri={out}",
-                       f"ray.address={cluster.address}", "ray.ocr_resource=ocr_slot", "ray.shared_fs=true", "mode=tiny",
-                       "generation.max_new_tokens=4", "generation.fallback=none", "render.pages_per_task=4",
-                       "ray.ocr_batch_size=4", "ray.write_batch_size=4"])
+        cfg = compose(
+            [
+                "model=tiny_random",
+                "progress=false",
+                f"input.uri={src}",
+                f"output.uri={out}",
+                f"ray.address={cluster.address}",
+                "ray.ocr_resource=ocr_slot",
+                "ray.shared_fs=true",
+                "mode=tiny",
+                "generation.max_new_tokens=4",
+                "generation.fallback=none",
+                "render.pages_per_task=4",
+                "ray.ocr_batch_size=4",
+                "ray.write_batch_size=4",
+            ]
+        )
         removed: list[float] = []
 
         def remove_one() -> None:
@@ -66,9 +79,20 @@ def test_ocr_actor_sigkilled_through_ray_state_is_replaced(tmp_path: Path, corpu
 
     src = corpus_copy("slides-deck-26p-01.pdf", "report-ibm-redbook-18p-01.pdf")
     out = tmp_path / "out"
-    cfg = compose(["model=tiny_random", "progress=false", f"input.uri={src}", f"output.uri={out}", "mode=tiny",
-                   "generation.max_new_tokens=4", "generation.fallback=none", "render.pages_per_task=4",
-                   "ray.ocr_batch_size=4", "ray.write_batch_size=4"])
+    cfg = compose(
+        [
+            "model=tiny_random",
+            "progress=false",
+            f"input.uri={src}",
+            f"output.uri={out}",
+            "mode=tiny",
+            "generation.max_new_tokens=4",
+            "generation.fallback=none",
+            "render.pages_per_task=4",
+            "ray.ocr_batch_size=4",
+            "ray.write_batch_size=4",
+        ]
+    )
     killed: list[int] = []
 
     def kill_ocr_actor() -> None:
@@ -76,7 +100,11 @@ def test_ocr_actor_sigkilled_through_ray_state_is_replaced(tmp_path: Path, corpu
         while time.time() < deadline and not killed:
             if list((out / "_ledger").glob("part-*.parquet")):  # OCR is producing rows
                 for a in state.actors().values():
-                    if "OcrStage" in (a.get("ActorClassName") or "") and a.get("State") == "ALIVE" and a.get("Pid"):
+                    if (
+                        "OcrStage" in (a.get("ActorClassName") or "")
+                        and a.get("State") == "ALIVE"
+                        and a.get("Pid")
+                    ):
                         os.kill(a["Pid"], signal.SIGKILL)
                         killed.append(a["Pid"])
                         break

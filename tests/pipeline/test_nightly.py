@@ -27,13 +27,21 @@ from pipeline.outputs import OutputStore
 from tests.pipeline.test_e2e import REPO, _env, run_job
 
 pytestmark = pytest.mark.slow
-FAST = ["mode=tiny", "generation.max_new_tokens=4", "render.pages_per_task=4", "ray.ocr_batch_size=4",
-        "ray.write_batch_size=8"]
+FAST = [
+    "mode=tiny",
+    "generation.max_new_tokens=4",
+    "render.pages_per_task=4",
+    "ray.ocr_batch_size=4",
+    "ray.write_batch_size=8",
+]
 
 
 def rows(out: Path) -> list[dict]:
-    return ds.dataset(out / "pages", format="parquet").to_table(
-        columns=["doc_id", "page_index", "status", "config_hash", "source_uri"]).to_pylist()
+    return (
+        ds.dataset(out / "pages", format="parquet")
+        .to_table(columns=["doc_id", "page_index", "status", "config_hash", "source_uri"])
+        .to_pylist()
+    )
 
 
 def keyset(out: Path) -> set[tuple[str, int, str]]:
@@ -101,17 +109,35 @@ def test_incremental_rerun_add_change_duplicate_force(corpus_dir: Path, tmp_path
 
 
 def test_sigkill_driver_then_resume_equals_uninterrupted(tmp_path: Path, corpus_copy) -> None:
-    src = corpus_copy("book-math-chapter-48p-01.pdf", "slides-deck-26p-01.pdf", "encrypted-needs-password-02.pdf",
-                      "report-ibm-redbook-18p-01.pdf")
+    src = corpus_copy(
+        "book-math-chapter-48p-01.pdf",
+        "slides-deck-26p-01.pdf",
+        "encrypted-needs-password-02.pdf",
+        "report-ibm-redbook-18p-01.pdf",
+    )
     ref = tmp_path / "ref"
     full = run_job(f"input.uri={src}", f"output.uri={ref}", *FAST)
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.run", "model=tiny_random", "progress=false", f"input.uri={src}",
-           f"output.uri={out}", *FAST]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "model=tiny_random",
+        "progress=false",
+        f"input.uri={src}",
+        f"output.uri={out}",
+        *FAST,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(list((out / LEDGER_DIR).glob("part-*.parquet"))) < 3:
         assert proc.poll() is None, "the run finished before it could be killed"
@@ -140,15 +166,23 @@ def test_ledger_reconciles_a_crash_between_commits(tmp_path: Path) -> None:
     """Pages part committed but its ledger part not (crash in between): indexed on load. A ledger
     part whose pages part is gone: dropped (those rows get redone). Temporaries: removed."""
     store = OutputStore(str(tmp_path))
-    t = pa.table({"doc_id": ["a", "a"], "page_index": pa.array([0, 1], pa.int32()), "config_hash": ["h", "h"],
-                  "status": ["ok", "truncated"]})
+    t = pa.table(
+        {
+            "doc_id": ["a", "a"],
+            "page_index": pa.array([0, 1], pa.int32()),
+            "config_hash": ["h", "h"],
+            "status": ["ok", "truncated"],
+        }
+    )
     committed = store.write_parquet("pages", t)
     commit_entry(store, t, committed)
-    orphan_t = pa.table({"doc_id": ["b"], "page_index": pa.array([0], pa.int32()), "config_hash": ["h"],
-                         "status": ["ok"]})
+    orphan_t = pa.table(
+        {"doc_id": ["b"], "page_index": pa.array([0], pa.int32()), "config_hash": ["h"], "status": ["ok"]}
+    )
     orphan = store.write_parquet("pages", orphan_t)  # no ledger part: the crash window
-    gone_t = pa.table({"doc_id": ["c"], "page_index": pa.array([0], pa.int32()), "config_hash": ["h"],
-                       "status": ["ok"]})
+    gone_t = pa.table(
+        {"doc_id": ["c"], "page_index": pa.array([0], pa.int32()), "config_hash": ["h"], "status": ["ok"]}
+    )
     gone = store.write_parquet("pages", gone_t)
     commit_entry(store, gone_t, gone)
     (tmp_path / gone).unlink()
@@ -193,14 +227,28 @@ def test_pages_without_eos_get_one_fallback_pass(tmp_path: Path) -> None:
 def test_nightly_wrapper_dated_and_incremental_layouts(tmp_path: Path) -> None:
     env = {**_env(), "NIGHTLY_DATE": "2026-01-02"}
     common = ["model=tiny_random", "progress=false", "input.uri=tests/data", *FAST]
-    dated = subprocess.run(["bash", "jobs/nightly.sh", f"output.uri={tmp_path / 'n'}", *common], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=600)
+    dated = subprocess.run(
+        ["bash", "jobs/nightly.sh", f"output.uri={tmp_path / 'n'}", *common],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert dated.returncode == 0, dated.stderr[-3000:]
     assert summary(tmp_path / "n" / "2026-01-02")["rows_out"] == 5
-    inc = subprocess.run(["bash", "jobs/nightly.sh", f"output.uri={tmp_path / 'g'}", "NIGHTLY_LAYOUT=incremental",
-                          *common], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    inc = subprocess.run(
+        ["bash", "jobs/nightly.sh", f"output.uri={tmp_path / 'g'}", "NIGHTLY_LAYOUT=incremental", *common],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert inc.returncode == 0, inc.stderr[-3000:]
-    assert summary(tmp_path / "g")["rows_out"] == 5 and len(list((tmp_path / "g" / "_runs").glob("*.json"))) == 1
+    assert (
+        summary(tmp_path / "g")["rows_out"] == 5 and len(list((tmp_path / "g" / "_runs").glob("*.json"))) == 1
+    )
 
 
 def test_document_that_keeps_killing_the_ocr_worker_is_quarantined(corpus_dir: Path, tmp_path: Path) -> None:

@@ -19,8 +19,13 @@ import pytest
 from tests.pipeline.test_e2e import REPO, _env
 
 pytestmark = pytest.mark.slow
-FAST = ["mode=tiny", "generation.max_new_tokens=4", "render.pages_per_task=4", "ray.ocr_batch_size=4",
-        "ray.write_batch_size=8"]
+FAST = [
+    "mode=tiny",
+    "generation.max_new_tokens=4",
+    "render.pages_per_task=4",
+    "ray.ocr_batch_size=4",
+    "ray.write_batch_size=8",
+]
 DOCS = ("slides-deck-26p-01.pdf", "form-libreoffice-01.pdf", "not-a-pdf-01.pdf")
 COLUMNS = ["doc_id", "page_index", "status", "config_hash", "markdown", "error_code"]
 
@@ -39,17 +44,37 @@ def backend(request, tmp_path: Path, corpus_dir: Path):
         src.mkdir()
         for n in DOCS:
             (src / n).write_bytes((corpus_dir / n).read_bytes())
-        return f"file://{src}", f"file://{tmp_path / 'out'}", [], fsspec.filesystem("file"), str(tmp_path / "out")
+        return (
+            f"file://{src}",
+            f"file://{tmp_path / 'out'}",
+            [],
+            fsspec.filesystem("file"),
+            str(tmp_path / "out"),
+        )
     bucket, fs, so = request.getfixturevalue("s3_bucket")
     for n in DOCS:
         fs.pipe(f"{bucket}/in/{n}", (corpus_dir / n).read_bytes())
-    return (f"s3://{bucket}/in", f"s3://{bucket}/out", [*_opts("input", so), *_opts("output", so)], fs,
-            f"{bucket}/out")
+    return (
+        f"s3://{bucket}/in",
+        f"s3://{bucket}/out",
+        [*_opts("input", so), *_opts("output", so)],
+        fs,
+        f"{bucket}/out",
+    )
 
 
 def _cmd(src: str, out: str, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "pipeline.run", "model=tiny_random", "progress=false", f"input.uri={src}",
-            f"output.uri={out}", *FAST, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.run",
+        "model=tiny_random",
+        "progress=false",
+        f"input.uri={src}",
+        f"output.uri={out}",
+        *FAST,
+        *extra,
+    ]
 
 
 def _env_local() -> dict[str, str]:
@@ -57,8 +82,15 @@ def _env_local() -> dict[str, str]:
 
 
 def _run(src: str, out: str, extra: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(src, out, extra), check=False, cwd=REPO, env=_env_local(), capture_output=True, text=True,
-                          timeout=900)
+    return subprocess.run(
+        _cmd(src, out, extra),
+        check=False,
+        cwd=REPO,
+        env=_env_local(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _rows(fs: Any, path: str) -> list[tuple]:
@@ -81,8 +113,14 @@ _REFERENCE: dict[str, list[tuple]] = {}
 def test_backends_incremental_and_resume(backend, step: str) -> None:
     src, out, extra, fs, path = backend
     # 1. a run whose driver is SIGKILLed after its first commits
-    proc = subprocess.Popen(_cmd(src, out, extra), cwd=REPO, env=_env_local(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(src, out, extra),
+        cwd=REPO,
+        env=_env_local(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         assert proc.poll() is None, "the run finished before it could be killed"

@@ -17,9 +17,15 @@ def run_job(*overrides: str, env: dict[str, str] | None = None):  # type: ignore
     # embedded Ray even when another `ray start` cluster runs on this machine (shared CI hosts)
     return _run_job(*overrides, env={"RAY_ADDRESS": "local", **(env or {})})
 
+
 FAST = ["mode=tiny", "generation.max_new_tokens=8", "render.pages_per_task=4", "ray.ocr_batch_size=4"]
-SECRETS = {"opt_in": "S3CRET-input-storage-key", "opt_out": "S3CRET-output-token-9f",
-           "pw": "S3CRET-pdf-password-77", "pw_file": "S3CRET-password-in-file-42", "env": "S3CRET-from-env-xyz"}
+SECRETS = {
+    "opt_in": "S3CRET-input-storage-key",
+    "opt_out": "S3CRET-output-token-9f",
+    "pw": "S3CRET-pdf-password-77",
+    "pw_file": "S3CRET-password-in-file-42",
+    "env": "S3CRET-from-env-xyz",
+}
 
 
 def _grep_tree(root: Path, needles: list[str]) -> list[str]:
@@ -39,13 +45,16 @@ def test_planted_secrets_reach_no_output_file_and_no_log_line(corpus_dir: Path, 
     pw_file.write_text(f"form.pdf\t{SECRETS['pw_file']}\n")
     out = tmp_path / "out"
     proc = run_job(
-        f"input.uri={src}", f"output.uri={out}", *FAST,
+        f"input.uri={src}",
+        f"output.uri={out}",
+        *FAST,
         f"+input.storage_options.key={SECRETS['opt_in']}",
         f"+output.storage_options.token={SECRETS['opt_out']}",
         f"+input.passwords.otherdoc={SECRETS['pw']}",
         f"input.passwords_file={pw_file}",
         "+output.storage_options.password=${oc.env:PAGEMILL_TEST_SECRET}",
-        env={"PAGEMILL_TEST_SECRET": SECRETS["env"]})
+        env={"PAGEMILL_TEST_SECRET": SECRETS["env"]},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "_summary.json").exists() and list((out / "_runs").glob("*.json"))
     needles = list(SECRETS.values())
@@ -65,8 +74,13 @@ def test_exit_codes_config_error_vs_rows_missing(corpus_dir: Path, tmp_path: Pat
     src = tmp_path / "in"
     src.mkdir()
     shutil.copy(corpus_dir / "form-libreoffice-01.pdf", src / "poison-form.pdf")
-    lost = run_job(f"input.uri={src}", f"output.uri={tmp_path / 'out'}", *FAST, "ray.ocr_max_retries=0",
-                   env={"PAGEMILL_TEST_OCR_POISON": "poison-form"})
+    lost = run_job(
+        f"input.uri={src}",
+        f"output.uri={tmp_path / 'out'}",
+        *FAST,
+        "ray.ocr_max_retries=0",
+        env={"PAGEMILL_TEST_OCR_POISON": "poison-form"},
+    )
     assert lost.returncode == EXIT_ROWS_MISSING == 4, lost.stderr[-3000:]
     assert EXIT_ROWS_MISSING != EXIT_CONFIG
 

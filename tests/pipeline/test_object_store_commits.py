@@ -15,12 +15,14 @@ from pipeline.outputs import OutputStore
 
 
 def _table(doc: str) -> pa.Table:
-    return pa.table({"doc_id": [doc], "page_index": pa.array([0], pa.int32()), "config_hash": ["h"],
-                     "status": ["ok"]})
+    return pa.table(
+        {"doc_id": [doc], "page_index": pa.array([0], pa.int32()), "config_hash": ["h"], "status": ["ok"]}
+    )
 
 
-def test_s3_part_is_put_under_its_final_key(s3_bucket: tuple[str, Any, dict[str, Any]],
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_part_is_put_under_its_final_key(
+    s3_bucket: tuple[str, Any, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     bucket, fs, so = s3_bucket
     store = OutputStore(f"s3://{bucket}/out", so)
     assert not store.posix

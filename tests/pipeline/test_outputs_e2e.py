@@ -23,9 +23,16 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "out"
-    proc = run_job("input.uri=tests/data", f"output.uri={out}", "mode=tiny", "generation.max_new_tokens=8",
-                   "generation.fallback=none", "output.include_images=true", timeout=600,
-                   env={"RAY_ADDRESS": "local"})  # its own embedded Ray, even beside a running cluster
+    proc = run_job(
+        "input.uri=tests/data",
+        f"output.uri={out}",
+        "mode=tiny",
+        "generation.max_new_tokens=8",
+        "generation.fallback=none",
+        "output.include_images=true",
+        timeout=600,
+        env={"RAY_ADDRESS": "local"},
+    )  # its own embedded Ray, even beside a running cluster
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
 
@@ -38,7 +45,10 @@ def test_documents_and_quality_columns(run_output: Path) -> None:
     for name in ("paper-arxiv-math-01.pdf", "cjk-ja-vertical-01.pdf", "form-libreoffice-01.pdf"):
         d = docs[name]
         assert (d["page_count"], d["pages_truncated"], d["pages_ok"], d["text"]) == (1, 1, 0, "")
-    assert docs["not-a-pdf-01.pdf"]["error_code"] == "not_a_pdf" and docs["not-a-pdf-01.pdf"]["pages_doc_error"] == 1
+    assert (
+        docs["not-a-pdf-01.pdf"]["error_code"] == "not_a_pdf"
+        and docs["not-a-pdf-01.pdf"]["pages_doc_error"] == 1
+    )
 
     pages = [r for r in read_pages(run_output) if r["page_index"] >= 0]
     assert len(pages) == 3
@@ -58,19 +68,46 @@ def test_page_images_read_back_as_images_by_datasets(run_output: Path) -> None:
     rows = [r for r in pages if r["page_index"] >= 0]
     assert len(rows) == 3
     for r in rows:
-        assert isinstance(r["page_image"], Image.Image) and r["page_image"].size == (r["width_px"], r["height_px"])
+        assert isinstance(r["page_image"], Image.Image) and r["page_image"].size == (
+            r["width_px"],
+            r["height_px"],
+        )
 
 
 def test_report_and_inspect_on_the_run(run_output: Path, tmp_path: Path) -> None:
-    rep = subprocess.run([sys.executable, "-m", "pipeline.report", str(run_output), "--out", str(tmp_path / "rep")],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    rep = subprocess.run(
+        [sys.executable, "-m", "pipeline.report", str(run_output), "--out", str(tmp_path / "rep")],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rep.returncode == 0, rep.stderr[-3000:]
     html = (tmp_path / "rep" / "index.html").read_text()
     assert "<td>truncated</td><td>3</td>" in html and "paper-arxiv-math-01.pdf" in html
     png = tmp_path / "page.png"
-    ins = subprocess.run([sys.executable, "-m", "pipeline.inspect", str(run_output), "--doc", "paper-arxiv-math-01.pdf",
-                          "--page", "0", "--out", str(png), "--max-side", "0"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    ins = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.inspect",
+            str(run_output),
+            "--doc",
+            "paper-arxiv-math-01.pdf",
+            "--page",
+            "0",
+            "--out",
+            str(png),
+            "--max-side",
+            "0",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ins.returncode == 0, ins.stderr[-3000:]
     (row,) = [r for r in read_pages(run_output) if r["source_uri"].endswith("paper-arxiv-math-01.pdf")]
     assert ins.stdout == (row["markdown"] or "") + "\n"

@@ -41,8 +41,10 @@ def test_agreement_is_one_minus_normalised_edit_distance() -> None:
 def test_repetition_score_on_reencoded_output(quality: PageQuality) -> None:
     tok = OcrTokenizer.default()
     loop = "<td>1</td><td>2</td> the same line again\n" * 40
-    prose = ("Optical compression maps a page of text onto a few hundred vision tokens; the decoder then "
-             "reconstructs the text. This paragraph is ordinary prose without any repeated passage at all.")
+    prose = (
+        "Optical compression maps a page of text onto a few hundred vision tokens; the decoder then "
+        "reconstructs the text. This paragraph is ordinary prose without any repeated passage at all."
+    )
     assert quality.repetition(loop + EOS) == pytest.approx(repetition_score(tok.encode(loop)))
     assert quality.repetition(loop) > 0.9
     assert quality.repetition(prose) == 0.0
@@ -60,16 +62,22 @@ def test_postprocess_fills_signals(quality: PageQuality, page) -> None:
     assert row["repetition_score"] == 0.0
     # the page has a text layer (2085 chars); the OCR text is unrelated: low but defined agreement
     assert row["text_layer_chars"] > 0 and 0.0 <= row["text_layer_agreement"] < 0.2
-    same = postprocess_row(ocr_row("<|ref|>text<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>\n" + page.text + EOS,
-                                   page=page), quality)
+    same = postprocess_row(
+        ocr_row("<|ref|>text<|/ref|><|det|>[[0, 0, 999, 999]]<|/det|>\n" + page.text + EOS, page=page),
+        quality,
+    )
     assert same["text_layer_agreement"] == 1.0
 
 
 def test_signals_null_where_they_do_not_apply(quality: PageQuality, page) -> None:
-    no_layer = postprocess_row(ocr_row("Plain text." + EOS, page=page, text_layer_chars=0, _text_layer=""), quality)
+    no_layer = postprocess_row(
+        ocr_row("Plain text." + EOS, page=page, text_layer_chars=0, _text_layer=""), quality
+    )
     assert no_layer["text_layer_agreement"] is None and no_layer["compression_ratio"] is not None
     truncated = postprocess_row(ocr_row("Plain text", page=page, finish_reason="length"), quality)
     assert truncated["status"] == "truncated" and truncated["repetition_score"] is not None
     error = postprocess_row(ocr_row(page=page, status="ocr_error", error="boom"), quality)
     assert error["status"] == "ocr_error"
-    assert all(error.get(k) is None for k in ("repetition_score", "compression_ratio", "text_layer_agreement"))
+    assert all(
+        error.get(k) is None for k in ("repetition_score", "compression_ratio", "text_layer_agreement")
+    )

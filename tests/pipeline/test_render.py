@@ -19,8 +19,16 @@ import pytest
 from PIL import Image
 
 from pipeline.render import (
-    DEFAULT_MAX_SIDE_PX, FAULT_ENV, DocError, DocInfo, PageError, PageImage, fit_zoom, page_ranges,
-    probe_document, render_pages,
+    DEFAULT_MAX_SIDE_PX,
+    FAULT_ENV,
+    DocError,
+    DocInfo,
+    PageError,
+    PageImage,
+    fit_zoom,
+    page_ranges,
+    probe_document,
+    render_pages,
 )
 from pipeline.render_proc import RenderWorker, probe_in_subprocess, render_in_subprocess
 
@@ -102,7 +110,9 @@ def test_probe_every_corpus_file_matches_manifest(manifest, corpus_bytes) -> Non
                 problems.append(f"{name}: expected DocError({code!r}), got {err}")
             if password:  # encrypted-needs-password-*: the right password opens it
                 info = probe_document(data, password, extract_text=False)
-                if not (isinstance(info, DocInfo) and info.page_count == int(row["pages"]) and info.encrypted):
+                if not (
+                    isinstance(info, DocInfo) and info.page_count == int(row["pages"]) and info.encrypted
+                ):
                     problems.append(f"{name}: with password {password!r}: {info}")
     assert not problems, "\n".join(problems)
     assert (n_pages, n_errors) == (584 - 5, 5)  # README totals: 584 pages, 5 of them in password files
@@ -128,7 +138,9 @@ def test_probe_password_handling(corpus_bytes) -> None:
     data = corpus_bytes["encrypted-needs-password-02.pdf"]
     missing = probe_document(data)
     wrong = probe_document(data, "not-the-password")
-    assert isinstance(missing, DocError) and missing.code == "needs_password" and "none given" in missing.message
+    assert (
+        isinstance(missing, DocError) and missing.code == "needs_password" and "none given" in missing.message
+    )
     assert isinstance(wrong, DocError) and wrong.code == "needs_password" and "wrong" in wrong.message
     ok = probe_document(data, "test")
     assert isinstance(ok, DocInfo) and ok.page_count == 4 and ok.text_pages == 4
@@ -272,7 +284,11 @@ def test_render_outputs_text_and_errors(corpus_bytes) -> None:
     # a document that cannot be opened gives one render_error per requested page
     locked = corpus_bytes["encrypted-needs-password-01.pdf"]
     errs = render_pages(locked, None, [0, 1, 2])
-    assert [(e.page_index, e.code) for e in errs] == [(0, "render_error"), (1, "render_error"), (2, "render_error")]
+    assert [(e.page_index, e.code) for e in errs] == [
+        (0, "render_error"),
+        (1, "render_error"),
+        (2, "render_error"),
+    ]
     assert all(isinstance(e, PageError) and "needs_password" in e.message for e in errs)
     (ok,) = render_pages(locked, "openpassword", [0], dpi=36)
     assert isinstance(ok, PageImage) and ok.text_chars > 20
@@ -301,7 +317,12 @@ def test_worker_matches_in_process_render_and_probe(corpus_bytes) -> None:
     want = render_pages(data, None, [3, 0, 99], dpi=40)
     assert [type(r) for r in got] == [PageImage, PageImage, PageError]
     for g, e in zip(got[:2], want[:2]):
-        assert (g.page_index, g.width_px, g.height_px, g.text) == (e.page_index, e.width_px, e.height_px, e.text)
+        assert (g.page_index, g.width_px, g.height_px, g.text) == (
+            e.page_index,
+            e.width_px,
+            e.height_px,
+            e.text,
+        )
         assert np.array_equal(g.pixels, e.pixels)
     assert got[2] == want[2]
     assert isinstance(info, DocInfo) and info.pages == probe_document(data, extract_text=False).pages
@@ -321,7 +342,9 @@ def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
         out = w.render(data, None, [0, 1, 2], dpi=36, timeout_s=1.5, _test_fault="hang:0")
         elapsed = time.monotonic() - t0
         assert 1.4 < elapsed < 10, elapsed
-        assert [(type(r), r.page_index, r.code) for r in out] == [(PageError, i, "render_error") for i in (0, 1, 2)]
+        assert [(type(r), r.page_index, r.code) for r in out] == [
+            (PageError, i, "render_error") for i in (0, 1, 2)
+        ]
         assert all("timed out" in r.message for r in out)
         assert w.pid is None and not _alive(pid)  # the hung child was killed and reaped
         again = w.render(data, None, [2, 1], dpi=36)
@@ -330,10 +353,16 @@ def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
 
         # a per-page timeout kills only the page in flight; a fresh child does the rest
         t0 = time.monotonic()
-        out = w.render(data, None, [0, 1, 2, 3], dpi=36, timeout_s=30, page_timeout_s=1.0, _test_fault="hang:1")
+        out = w.render(
+            data, None, [0, 1, 2, 3], dpi=36, timeout_s=30, page_timeout_s=1.0, _test_fault="hang:1"
+        )
         assert time.monotonic() - t0 < 10
         assert [(type(r), r.page_index) for r in out] == [
-            (PageImage, 0), (PageError, 1), (PageImage, 2), (PageImage, 3)]
+            (PageImage, 0),
+            (PageError, 1),
+            (PageImage, 2),
+            (PageImage, 3),
+        ]
         assert "page render timed out" in out[1].message
         assert w.children_started == 3
 
@@ -344,7 +373,12 @@ def test_worker_crash_costs_only_the_page_in_flight(corpus_bytes, monkeypatch) -
     with RenderWorker() as w:
         out = w.render(data, None, pages, dpi=36, _test_fault="crash:1")
         assert [(type(r), r.page_index) for r in out] == [
-            (PageImage, 4), (PageError, 0), (PageImage, 7), (PageImage, 1), (PageImage, 2)]
+            (PageImage, 4),
+            (PageError, 0),
+            (PageImage, 7),
+            (PageImage, 1),
+            (PageImage, 2),
+        ]
         assert out[1].code == "render_error" and "crashed" in out[1].message and "SIGSEGV" in out[1].message
         assert w.children_started == 2
 
@@ -391,10 +425,18 @@ def test_document_that_keeps_crashing_renderers_is_quarantined(corpus_dir: Path)
 
     data = (corpus_dir / "slides-deck-26p-01.pdf").read_bytes()
     with RenderWorker(recycle_after=50) as w:
-        out = w.render(data, None, list(range(6)), dpi=36, timeout_s=60, max_failures=2, _test_fault="crashall")
+        out = w.render(
+            data, None, list(range(6)), dpi=36, timeout_s=60, max_failures=2, _test_fault="crashall"
+        )
         assert [r.page_index for r in out] == list(range(6))
-        assert [r.code for r in out] == ["render_error", "render_error", "quarantined", "quarantined",
-                                         "quarantined", "quarantined"]
+        assert [r.code for r in out] == [
+            "render_error",
+            "render_error",
+            "quarantined",
+            "quarantined",
+            "quarantined",
+            "quarantined",
+        ]
         assert "quarantined after 2 renderer crashes" in out[2].message and "SIGSEGV" in out[2].message
         again = w.render(data, None, [0], dpi=36, timeout_s=60)
         assert again[0].width_px > 0

@@ -11,7 +11,12 @@ import fsspec
 import pytest
 
 from pipeline.sources import (
-    DocumentTooLarge, InputError, content_id, expand_input, read_document, stat_size,
+    DocumentTooLarge,
+    InputError,
+    content_id,
+    expand_input,
+    read_document,
+    stat_size,
 )
 
 
@@ -35,7 +40,10 @@ def test_directory_is_recursive_and_suffix_filter_is_case_insensitive(tree: Path
     assert expand_input(str(tree)) == want
     assert expand_input(str(tree) + "/") == want
     assert expand_input(_uri(tree)) == want  # file:// URI of the same directory
-    assert expand_input(str(tree), suffixes=[".DOCX", ".txt"]) == [_uri(tree / "a/b/z.docx"), _uri(tree / "notes.txt")]
+    assert expand_input(str(tree), suffixes=[".DOCX", ".txt"]) == [
+        _uri(tree / "a/b/z.docx"),
+        _uri(tree / "notes.txt"),
+    ]
     everything = expand_input(str(tree), suffixes=None)
     assert len(everything) == 7 and all(u.startswith("file:///") for u in everything)
     # an explicitly named file is taken whatever its suffix; a list of specs is merged and de-duplicated
@@ -53,7 +61,8 @@ def test_relative_paths_become_absolute_uris(tree: Path, monkeypatch: pytest.Mon
 def test_glob_is_the_filter(tree: Path) -> None:
     assert expand_input(str(tree / "a" / "*")) == [_uri(tree / "a/w.Pdf"), _uri(tree / "a/x.pdf")]  # no dirs
     assert expand_input(str(tree / "**" / "*.pdf")) == sorted(
-        _uri(tree / r) for r in ("top.pdf", "a/x.pdf", "a/b/y.pdf"))
+        _uri(tree / r) for r in ("top.pdf", "a/x.pdf", "a/b/y.pdf")
+    )
     assert expand_input(str(tree / "a" / "b" / "*.docx")) == [_uri(tree / "a/b/z.docx")]
     with pytest.raises(InputError, match="matched no files"):
         expand_input(str(tree / "*.xyz"))
@@ -76,10 +85,15 @@ def test_list_file_relative_absolute_comments(tree: Path) -> None:
         encoding="utf-8",
     )
     got = expand_input(str(listing))
-    assert got == sorted([
-        _uri(tree / "a/x.pdf"), _uri(tree / "top.pdf"), _uri(tree / "a/b/y.pdf"),
-        _uri(lists / "not/there.pdf"), "memory:///bucket/elsewhere.pdf",
-    ])
+    assert got == sorted(
+        [
+            _uri(tree / "a/x.pdf"),
+            _uri(tree / "top.pdf"),
+            _uri(tree / "a/b/y.pdf"),
+            _uri(lists / "not/there.pdf"),
+            "memory:///bucket/elsewhere.pdf",
+        ]
+    )
     assert expand_input(_uri(listing)) == got
     # a list file inside an input directory is just a non-PDF there, not expanded
     with pytest.raises(InputError, match="contains no files"):

@@ -43,14 +43,32 @@ def _passwords(tmp_path: Path) -> str:
 
 
 def _cfg(tmp_path: Path, *extra: str) -> object:
-    return compose(["model=tiny_random", "mode=gundam", "generation.max_new_tokens=8", f"output.uri={tmp_path}",
-                    _passwords(tmp_path), *extra])
+    return compose(
+        [
+            "model=tiny_random",
+            "mode=gundam",
+            "generation.max_new_tokens=8",
+            f"output.uri={tmp_path}",
+            _passwords(tmp_path),
+            *extra,
+        ]
+    )
 
 
 def _task(path: Path, cfg: object, status: str = "pending", **extra: object) -> dict[str, object]:
-    return {"doc_id": content_id(path.read_bytes()), "source_uri": path.as_uri(), "page_index": 0,
-            "page_count": 1, "mode": "gundam", "config_hash": cfg.config_hash(), "model_id": "tiny",  # type: ignore[attr-defined]
-            "status": status, "_range_start": 0, "_range_stop": 1, **extra}
+    return {
+        "doc_id": content_id(path.read_bytes()),
+        "source_uri": path.as_uri(),
+        "page_index": 0,
+        "page_count": 1,
+        "mode": "gundam",
+        "config_hash": cfg.config_hash(),
+        "model_id": "tiny",  # type: ignore[attr-defined]
+        "status": status,
+        "_range_start": 0,
+        "_range_stop": 1,
+        **extra,
+    }
 
 
 def _unchanged_outside(before: pa.Table, after: pa.Table, writes: tuple[str, ...]) -> None:
@@ -69,8 +87,13 @@ def test_no_password_or_raw_pixel_column_in_rows() -> None:
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, pa.Table]:
     cfg = _cfg(tmp_path_factory.mktemp("render"))
-    tasks = to_batch([_task(PAPER, cfg), _task(LOCKED, cfg),
-                      _task(DATA / "not-a-pdf-01.pdf", cfg, status="doc_error", page_index=-1, error_code="not_a_pdf")])
+    tasks = to_batch(
+        [
+            _task(PAPER, cfg),
+            _task(LOCKED, cfg),
+            _task(DATA / "not-a-pdf-01.pdf", cfg, status="doc_error", page_index=-1, error_code="not_a_pdf"),
+        ]
+    )
     return cfg, RenderStage(cfg)(tasks)
 
 
@@ -120,19 +143,33 @@ def test_ocr_stage_contract(ocred) -> None:
     for r in rows[:2]:
         assert r["status"] == "pending" and r["finish_reason"] in ("stop", "length", "repetition")
         assert 0 < r["num_output_tokens"] <= 8 and r["num_vision_tokens"] > 273  # Gundam: tiles too
-        assert r["_page_png"] == before.column("_page_png")[0 if r is rows[0] else 1].as_py()  # figures need it
+        assert (
+            r["_page_png"] == before.column("_page_png")[0 if r is rows[0] else 1].as_py()
+        )  # figures need it
     assert rows[2]["status"] == "doc_error" and rows[2]["raw_output"] is None  # untouched
     # without figures and page images the PNG does not leave the actor
-    lean = OcrStage(compose(["model=tiny_random", "mode=gundam", "generation.max_new_tokens=8",
-                             "output.write_figures=false", "output.include_images=false"]))
+    lean = OcrStage(
+        compose(
+            [
+                "model=tiny_random",
+                "mode=gundam",
+                "generation.max_new_tokens=8",
+                "output.write_figures=false",
+                "output.include_images=false",
+            ]
+        )
+    )
     out = asyncio.run(lean(before.slice(0, 1)))
     assert out.column("_page_png").null_count == 1 and out.column("raw_output")[0].is_valid
 
 
 def test_ocr_stage_bad_image_is_an_error_row(ocred) -> None:
     cfg, before, _ = ocred
-    bad = before.slice(0, 1).set_column(WORK_SCHEMA.get_field_index("_page_png"), WORK_SCHEMA.field("_page_png"),
-                                        pa.array([b"not a png"], pa.binary()))
+    bad = before.slice(0, 1).set_column(
+        WORK_SCHEMA.get_field_index("_page_png"),
+        WORK_SCHEMA.field("_page_png"),
+        pa.array([b"not a png"], pa.binary()),
+    )
     out = asyncio.run(OcrStage(cfg)(bad)).to_pylist()
     assert len(out) == 1 and out[0]["status"] == "render_error" and out[0]["error_code"] == "bad_image"
 
@@ -156,9 +193,18 @@ def test_ray_job_bytes_per_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     from pipeline.run import run
 
     monkeypatch.setenv("RAY_ADDRESS", "local")  # a fresh embedded Ray, never another job's cluster
-    cfg = compose(["model=tiny_random", "mode=gundam", "render.dpi=144", "generation.max_new_tokens=8",
-                   "progress=false", f"input.uri={DATA}", f"output.uri={tmp_path / 'out'}",
-                   _passwords(tmp_path)])
+    cfg = compose(
+        [
+            "model=tiny_random",
+            "mode=gundam",
+            "render.dpi=144",
+            "generation.max_new_tokens=8",
+            "progress=false",
+            f"input.uri={DATA}",
+            f"output.uri={tmp_path / 'out'}",
+            _passwords(tmp_path),
+        ]
+    )
     try:
         summary = run(cfg, dataset_stats=True)
     finally:
@@ -189,12 +235,36 @@ def test_bench_pipeline_json(tmp_path: Path) -> None:
     src.mkdir()
     shutil.copy(DATA / "form-libreoffice-01.pdf", src)
     out, report = tmp_path / "out", tmp_path / "bench.json"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAY_ADDRESS": "local",
-           "PYTHONPATH": str(DATA.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "jobs.bench_pipeline", "--allow-cpu", "--corpus", str(src),
-                           "--out", str(out), "--min-pages", "3", "--json-out", str(report), "mode=tiny",
-                           "generation.max_model_len=1024", "progress=false"],
-                          cwd=DATA.parents[1], env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "RAY_ADDRESS": "local",
+        "PYTHONPATH": str(DATA.parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.bench_pipeline",
+            "--allow-cpu",
+            "--corpus",
+            str(src),
+            "--out",
+            str(out),
+            "--min-pages",
+            "3",
+            "--json-out",
+            str(report),
+            "mode=tiny",
+            "generation.max_model_len=1024",
+            "progress=false",
+        ],
+        cwd=DATA.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rep = json.loads(report.read_text())
     assert rep["device"] == "cpu" and rep["pages_made"] == 3 and rep["pages_written"] == 3

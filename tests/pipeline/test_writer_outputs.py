@@ -32,8 +32,16 @@ def test_split_by_bytes() -> None:
 
 
 def test_row_nbytes_counts_image_bytes_exactly() -> None:
-    rows = [{"doc_id": "a", "source_uri": "u", "page_index": 0, "status": "ok",
-             "page_image": {"bytes": b"x" * n, "path": "p"}} for n in (1000, 50_000, 0)]
+    rows = [
+        {
+            "doc_id": "a",
+            "source_uri": "u",
+            "page_index": 0,
+            "status": "ok",
+            "page_image": {"bytes": b"x" * n, "path": "p"},
+        }
+        for n in (1000, 50_000, 0)
+    ]
     table = pa.Table.from_pylist(rows, schema=PAGE_SCHEMA)
     sizes = row_nbytes(table)
     assert sizes[1] - sizes[0] == 49_000 and sizes[0] - sizes[2] == 1000
@@ -44,12 +52,26 @@ def test_row_nbytes_counts_image_bytes_exactly() -> None:
 def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pa.Table, list[dict]]:
     """Six one-page rows with a figure each, written with a 0.4 MB file target and 0.1 MB groups."""
     out = tmp_path_factory.mktemp("writer")
-    cfg = compose(["model=tiny_random", f"output.uri={out}", "output.include_images=true",
-                   "output.target_file_mb=0.4", "output.row_group_mb=0.1"])
+    cfg = compose(
+        [
+            "model=tiny_random",
+            f"output.uri={out}",
+            "output.include_images=true",
+            "output.target_file_mb=0.4",
+            "output.row_group_mb=0.1",
+        ]
+    )
     page = render_paper()
     png = encode_png(page.pixels)  # ~150 KB: about two rows per 0.4 MB file
-    rows = [ocr_row(page=page, doc_id=f"{i:064x}", config_hash=cfg.config_hash(),
-                    page_image={"bytes": png, "path": page_image_name(f"{i:064x}", 0)}) for i in range(N_ROWS)]
+    rows = [
+        ocr_row(
+            page=page,
+            doc_id=f"{i:064x}",
+            config_hash=cfg.config_hash(),
+            page_image={"bytes": png, "path": page_image_name(f"{i:064x}", 0)},
+        )
+        for i in range(N_ROWS)
+    ]
     receipts = WriteStage(cfg, str(out))(to_batch(rows))
     return out, receipts, rows
 
@@ -81,7 +103,9 @@ def test_figures_are_crops_under_the_referenced_names(written) -> None:
     assert figs.schema.field("image").type == FIGURE_SCHEMA.field("image").type
     figs = figs.to_pylist()
     assert len(figs) == N_ROWS
-    assert {f.name for f in (out / "figures").glob("*.parquet")} <= {f.name for f in (out / "pages").glob("*.parquet")}
+    assert {f.name for f in (out / "figures").glob("*.parquet")} <= {
+        f.name for f in (out / "pages").glob("*.parquet")
+    }
     x1, y1, x2, y2 = IMAGE_BOX_PX
     by_doc = {r["doc_id"]: r for r in pages}
     for f in figs:
@@ -106,7 +130,9 @@ def test_without_write_figures_no_crops_but_same_markdown(tmp_path: Path) -> Non
 def test_hf_features_metadata_matches_the_schema() -> None:
     datasets = pytest.importorskip("datasets")
     for schema in (PAGE_SCHEMA, FIGURE_SCHEMA):
-        features = datasets.Features.from_dict(json.loads(schema.metadata[b"huggingface"])["info"]["features"])
+        features = datasets.Features.from_dict(
+            json.loads(schema.metadata[b"huggingface"])["info"]["features"]
+        )
         from_meta = features.arrow_schema
         assert [(f.name, f.type) for f in from_meta] == [(f.name, f.type) for f in schema]
     assert isinstance(datasets.Features.from_arrow_schema(PAGE_SCHEMA)["page_image"], datasets.Image)
