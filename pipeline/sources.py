@@ -219,7 +219,7 @@ def read_passwords(uri: str, storage_options: dict[str, Any] | None = None) -> d
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read passwords file {uri!r}: {e}") from e
     out: dict[str, str] = {}
-    for line in text.splitlines():
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         key, tab, pw = line.partition("\t")
