@@ -43,6 +43,7 @@ def rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # module docstring is present
     ap = argparse.ArgumentParser(prog="python -m jobs.bench_discovery", description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--dir", default="", help="where to generate the files (default: a temp dir)")

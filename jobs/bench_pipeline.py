@@ -246,6 +246,7 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # module docstring is present
     ap = argparse.ArgumentParser(prog="python -m jobs.bench_pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default=os.environ.get("PAGEMILL_CORPUS", "../shared/corpus/dev"))
     ap.add_argument("--out", required=True, help="output directory of the run (new or empty)")

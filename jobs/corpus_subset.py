@@ -38,6 +38,7 @@ def pick(corpus: Path, max_bytes: float) -> list[tuple[Path, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # module docstring is present
     ap = argparse.ArgumentParser(prog="python -m jobs.corpus_subset", description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default="../shared/corpus/dev")
     ap.add_argument("--max-mb", type=float, default=10.5)

@@ -251,6 +251,7 @@ def export_documents(store: OutputStore, dest: str, doc_id: str | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # module docstring is present
     p = argparse.ArgumentParser(prog="python -m pipeline.documents", description=__doc__.split("\n\n")[0])
     p.add_argument("output", help="the run's output.uri")
     p.add_argument(

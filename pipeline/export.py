@@ -241,6 +241,7 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # module docstring is present
     p = argparse.ArgumentParser(prog="pagemill export", description=__doc__.split("\n\n")[0])
     p.add_argument("output", help="the run's output.uri")
     p.add_argument("--format", required=True, choices=FORMATS)

@@ -173,6 +173,7 @@ SIGNALS = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # module docstring is present
     p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("output", help="the run's output.uri")
     p.add_argument("--doc", required=True, help="doc_id, a unique prefix of it, or the file name")

@@ -22,7 +22,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pymupdf
@@ -207,7 +207,7 @@ def probe_document(
                 rect = page.rect
                 text, chars = None, -1
                 if extract_text:
-                    text = page.get_text("text")
+                    text = cast(str, page.get_text("text"))  # "text" mode returns str
                     chars = len("".join(text.split()))
                 pages.append(
                     PageProbe(
@@ -333,7 +333,7 @@ def iter_render_pages(
                     pixels = np.frombuffer(pix.samples, dtype=np.uint8).reshape(pix.height, pix.width, 3)
                 if output in ("png", "both"):
                     png = pix.tobytes("png")
-                text = page.get_text("text") if extract_text else None
+                text = cast(str, page.get_text("text")) if extract_text else None  # "text" mode returns str
                 blocks = forced.text_blocks(page) if count_blocks else -1
                 img = PageImage(
                     page_index=i,

@@ -346,6 +346,7 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # module docstring is present
     p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
     p.add_argument("output", help="the run's output.uri")
     p.add_argument("--out", help="report directory (default: OUTPUT/_report)")

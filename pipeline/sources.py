@@ -21,7 +21,7 @@ import os
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
@@ -81,7 +81,7 @@ def _read_list(fs: AbstractFileSystem, path: str, storage_options: dict[str, Any
     entries with a protocol (`s3://…`) are taken as they are (normalised).
     """
     with fs.open(path, "rb") as f:
-        raw = f.read()
+        raw = cast(bytes, f.read())  # binary mode: fsspec's read() is typed str | bytes
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -102,7 +102,7 @@ def _read_list(fs: AbstractFileSystem, path: str, storage_options: dict[str, Any
             joined = os.path.normpath(joined)
         else:
             joined = posixpath.normpath(posixpath.join(base, entry))
-        out.append(fs.unstrip_protocol(fs._strip_protocol(joined)))
+        out.append(fs.unstrip_protocol(cast(str, fs._strip_protocol(joined))))  # str in -> str out
     return out
 
 
@@ -122,7 +122,7 @@ def _expand_one(
         return [fs.unstrip_protocol(path)]  # an explicitly named file is taken whatever its suffix
     if _GLOB_MAGIC.search(path):
         # The pattern is the user's filter: no suffix filtering, but directories are dropped.
-        hits = fs.glob(path, detail=True)
+        hits = cast(dict[str, dict[str, Any]], fs.glob(path, detail=True))  # detail=True -> {path: info}
         files = [p for p, info in hits.items() if info.get("type") != "directory"]
         if not files:
             raise InputError(f"glob {uri!r} matched no files")
@@ -164,7 +164,7 @@ def expand_input(
 def stat_size(uri: str, storage_options: dict[str, Any] | None = None) -> int:
     """Size in bytes of one document (one metadata call; no data read)."""
     fs, path = _fs(uri, storage_options)
-    return int(fs.size(path))
+    return int(cast(int, fs.size(path)))  # fsspec types size() Optional; int() still rejects None
 
 
 def read_document(
@@ -182,11 +182,11 @@ def read_document(
     fs, path = _fs(uri, storage_options)
     with fs.open(path, "rb") as f:
         if max_bytes is None:
-            return f.read()
+            return cast(bytes, f.read())  # binary mode
         size = getattr(f, "size", None)
         if isinstance(size, int) and size > max_bytes:
             raise DocumentTooLarge(uri, size, max_bytes)
-        data = f.read(max_bytes + 1)
+        data = cast(bytes, f.read(max_bytes + 1))  # binary mode
     if len(data) > max_bytes:
         raise DocumentTooLarge(uri, size if isinstance(size, int) else len(data), max_bytes)
     return data
@@ -215,7 +215,7 @@ def read_passwords(uri: str, storage_options: dict[str, Any] | None = None) -> d
     fs, path = _fs(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
-            text = f.read().decode("utf-8-sig")
+            text = cast(bytes, f.read()).decode("utf-8-sig")  # binary mode
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read passwords file {uri!r}: {e}") from e
     out: dict[str, str] = {}
