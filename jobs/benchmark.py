@@ -215,7 +215,8 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
 
     flash_ok = engine._flash
     for use_flash in [True, False] if flash_ok else [False]:
-        engine._flash = engine.cache.use_flash = use_flash
+        # paged cache (the default) has no use_flash; the benchmark sets it anyway (kept as it was)
+        engine._flash = engine.cache.use_flash = use_flash  # pyright: ignore[reportAttributeAccessIssue]
         for ctx in ctx_lens:
             with torch.inference_mode():
                 fill(engine, ctx)
@@ -241,7 +242,7 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
                 }
             )
             print(f"  decode step {rows[-1]}", flush=True)
-    engine._flash = engine.cache.use_flash = flash_ok
+    engine._flash = engine.cache.use_flash = flash_ok  # pyright: ignore[reportAttributeAccessIssue]  # as above
     table = ""
     try:
         from torch.profiler import ProfilerActivity, profile
@@ -355,8 +356,10 @@ def step_profile(model, rows_list: list[int], ctx_list: list[int]) -> list[dict[
     import torch
 
     from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig
+    from model.kv_cache import PagedKVCache
 
     engine = Engine(model, EngineConfig(max_batch=PAGED_AUTO_ROWS, max_model_len=MAX_MODEL_LEN))
+    assert isinstance(engine.cache, PagedKVCache)  # default engine="paged"
     bs = engine.cfg.kv_block_size
     out = []
     for rows in rows_list:

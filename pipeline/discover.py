@@ -15,15 +15,18 @@ from pipeline.config import PipelineConfig
 def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
     """List the input (a Ray task) and probe every document (Ray Data); small rows come back."""
     import ray
+    from ray.exceptions import RayTaskError
 
     from pipeline.sources import InputError, expand_input
 
     lister = ray.remote(num_cpus=0.5)(expand_input)
     try:
         uris = ray.get(
-            lister.remote(cfg.input.uri, cfg.input.storage_options, suffixes=list(cfg.input.suffixes))
+            lister.remote(
+                cfg.input.uri, storage_options=cfg.input.storage_options, suffixes=list(cfg.input.suffixes)
+            )
         )
-    except ray.exceptions.RayTaskError as e:  # bad input spec: surface the InputError itself
+    except RayTaskError as e:  # bad input spec: surface the InputError itself
         if isinstance(e.cause, InputError):
             raise e.cause from None
         raise

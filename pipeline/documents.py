@@ -67,7 +67,7 @@ def _scan_keys(pages: ds.Dataset, config_hash: str | None) -> dict[str, dict[str
         n: pc.field(n)
         for n in ("doc_id", "source_uri", "page_index", "page_count", "status", "error_code", "model_id")
     }
-    columns["md_bytes"] = pc.binary_length(pc.field("markdown"))
+    columns["md_bytes"] = pc.binary_length(pc.field("markdown"))  # pyright: ignore[reportAttributeAccessIssue]  # generated
     for batch in pages.to_batches(columns=columns, filter=_config_filter(config_hash)):
         for r in batch.to_pylist():
             key = (r["doc_id"], r["page_index"])
@@ -139,6 +139,7 @@ def assemble_documents(
         text: dict[str, dict[int, str]] = {d: {} for d in ids}
         wanted = [d for d in ids if docs[d]["ok"]]
         if wanted:
+            assert pages is not None  # docs (hence wanted) is empty when pages/ is
             flt = (pc.field("status") == "ok") & pc.field("doc_id").isin(wanted)
             if config_hash is not None:
                 flt = flt & (pc.field("config_hash") == config_hash)

@@ -190,13 +190,13 @@ def export(
 
         quiet_ray(False)
         if os.environ.get("RAY_ADDRESS", "local") != "local":
-            ray.init(logging_level="ERROR")
+            ray.init(logging_level="ERROR")  # pyright: ignore[reportArgumentType]  # ray takes level names too
         else:
             ray.init(
                 address="local",
                 num_cpus=2,
                 include_dashboard=False,
-                logging_level="ERROR",
+                logging_level="ERROR",  # pyright: ignore[reportArgumentType]  # ray takes level names too
                 log_to_driver=False,
             )
     n_shards = max(1, math.ceil(table.nbytes / (shard_mb * MB)))
@@ -214,7 +214,7 @@ def export(
             "version": pagemill_version(),
         }
         ds = ds.map_batches(
-            _to_dolma,
+            _to_dolma,  # pyright: ignore[reportArgumentType]  # ray's fn type does not model fn_kwargs
             batch_format="pyarrow",
             batch_size=None,
             fn_kwargs={"meta": meta, "quality": page_quality(store, config_hash)},

@@ -131,6 +131,7 @@ def page_image(row: dict[str, Any], password: str | None = None) -> Any:
     )
     if isinstance(res, PageError):
         raise InspectError(f"cannot render page {row['page_index']} of {row['source_uri']}: {res.message}")
+    assert res.pixels is not None  # output="array" (the default) keeps the pixels
     img = Image.fromarray(res.pixels)
     size = (row["width_px"], row["height_px"])
     return img if img.size == size else img.resize(size)

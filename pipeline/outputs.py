@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import pyarrow as pa
@@ -145,13 +145,13 @@ def row_nbytes(table: pa.Table) -> list[int]:
             or pa.types.is_large_string(t)
             or pa.types.is_large_binary(t)
         ):
-            lengths = pc.fill_null(pc.binary_length(arr), 0).to_pylist()
+            lengths = pc.fill_null(pc.binary_length(arr), 0)  # pyright: ignore[reportAttributeAccessIssue]  # pc funcs are generated at import.to_pylist()
             for i, v in enumerate(lengths):
                 var[i] += v
             var_total += sum(lengths)
         elif pa.types.is_struct(t):
             for j in range(t.num_fields):
-                add(pc.struct_field(arr, [j]))
+                add(pc.struct_field(arr, [j]))  # pyright: ignore[reportAttributeAccessIssue]  # generated at import
 
     for col in table.columns:
         add(col)
@@ -206,10 +206,10 @@ def figure_box_px(box_norm: Any, size: tuple[int, int]) -> tuple[int, int, int, 
     """Pixel box (x1, y1, x2, y2), x2/y2 exclusive, of a 0-999 box on a W x H page: the official
     mapping `int(x / 999 * W)` (model.grounding.norm_to_px), clamped to the page and at least
     one pixel wide and high. Crops and drawn boxes both use this."""
-    from model.grounding import norm_to_px
+    from model.grounding import Box, norm_to_px
 
     w, h = size
-    x1, y1, x2, y2 = norm_to_px(tuple(int(v) for v in box_norm), (w, h))
+    x1, y1, x2, y2 = norm_to_px(cast(Box, tuple(int(v) for v in box_norm)), (w, h))  # 4 coordinates
     x1, y1 = min(max(x1, 0), w - 1), min(max(y1, 0), h - 1)
     return x1, y1, min(max(x2, x1 + 1), w), min(max(y2, y1 + 1), h)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+from multiprocessing.context import BaseContext
 import os
 import signal
 import threading
@@ -44,7 +45,7 @@ from pipeline.render import (
 __all__ = ["RenderWorker", "render_in_subprocess", "probe_in_subprocess"]
 
 
-def _context(start_method: str | None) -> mp.context.BaseContext:
+def _context(start_method: str | None) -> BaseContext:
     method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if method == "fork":
         raise ValueError(
