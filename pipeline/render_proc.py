@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-from multiprocessing.context import BaseContext
 import os
 import signal
 import threading
 import time
 from collections.abc import Sequence
+from multiprocessing.context import BaseContext
 from typing import Any, Literal
 
 from pipeline import render as _render
