@@ -23,7 +23,9 @@ def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
     try:
         uris = ray.get(
             lister.remote(
-                cfg.input.uri, storage_options=cfg.input.storage_options, suffixes=list(cfg.input.suffixes)
+                cfg.input.uri,
+                cfg.input.storage_options,  # pyright: ignore[reportCallIssue]  # ray's .remote() typing: 1-arg fn
+                suffixes=list(cfg.input.suffixes),
             )
         )
     except RayTaskError as e:  # bad input spec: surface the InputError itself

@@ -27,8 +27,8 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from multiprocessing.context import BaseContext
-from typing import Any, Literal
+from multiprocessing.context import ForkServerContext, SpawnContext
+from typing import Any, Literal, cast
 
 from pipeline import render as _render
 from pipeline.render import (
@@ -45,7 +45,7 @@ from pipeline.render import (
 __all__ = ["RenderWorker", "render_in_subprocess", "probe_in_subprocess"]
 
 
-def _context(start_method: str | None) -> BaseContext:
+def _context(start_method: str | None) -> ForkServerContext | SpawnContext:
     method = start_method or ("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     if method == "fork":
         raise ValueError(
@@ -54,7 +54,7 @@ def _context(start_method: str | None) -> BaseContext:
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload([_render.__name__])  # no effect once the server runs; harmless
-    return ctx
+    return cast("ForkServerContext | SpawnContext", ctx)  # fork is refused above; others raise in get_context
 
 
 def _rss_bytes() -> int:
