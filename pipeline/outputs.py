@@ -145,7 +145,7 @@ def row_nbytes(table: pa.Table) -> list[int]:
             or pa.types.is_large_string(t)
             or pa.types.is_large_binary(t)
         ):
-            lengths = pc.fill_null(pc.binary_length(arr), 0)  # pyright: ignore[reportAttributeAccessIssue]  # pc funcs are generated at import.to_pylist()
+            lengths = pc.fill_null(pc.binary_length(arr), 0).to_pylist()  # pyright: ignore[reportAttributeAccessIssue]  # pc funcs generated
             for i, v in enumerate(lengths):
                 var[i] += v
             var_total += sum(lengths)
