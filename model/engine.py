@@ -402,7 +402,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
+    def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
         """Run every request; yields each Result as soon as its sequence is retired.
 
         `requests` may be a lazy iterator (e.g. fed by another thread): it is pulled only when a
