@@ -17,7 +17,7 @@ Key decisions:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +104,7 @@ class DeepEncoder(nn.Module):
         return self.image_embeddings_batch([PageViews(global_view, tiles, grid)])[0]
 
     def image_embeddings_batch(
-        self, pages: Sequence[PageViews | tuple], max_batch: int | None = None
+        self, pages: Sequence[PageViews | tuple[Any, ...]], max_batch: int | None = None
     ) -> list[Tensor]:
         """Encode several images at once: views of equal size (all tiles, all global views of a
         size) share SAM/CLIP batches of at most `max_batch`; returns one (N_img, D) per page."""
