@@ -122,9 +122,13 @@ class Experts(nn.Module):
         """x (N, D) rows sorted by expert; offsets (E,) int32 = end row of each expert's group."""
         # NOTE: grouped_mm needs 16-byte aligned strides (D, I multiples of 8 in bf16); the
         # transposed views are column-major B operands, no copy.
-        gu = torch._grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offsets)  # (N, 2I)
+        gu = torch._grouped_mm(  # pyright: ignore[reportPrivateImportUsage]  # no public alias
+            x, self.gate_up_proj.transpose(1, 2), offs=offsets
+        )  # (N, 2I)
         h = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]  # (N, I)
-        return torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offsets)  # (N, D)
+        return torch._grouped_mm(  # pyright: ignore[reportPrivateImportUsage]  # no public alias
+            h, self.down_proj.transpose(1, 2), offs=offsets
+        )  # (N, D)
 
 
 class MoE(nn.Module):

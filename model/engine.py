@@ -41,13 +41,13 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from model.kv_cache import PagedKVCache
+from model.kv_cache import KVCache, PagedKVCache
 from model.ocr import OcrModel
 from model.sampling import NGRAM_WHITELIST, no_repeat_ngram_mask, repetition_flags
 from model.vision import PageViews
@@ -143,11 +143,15 @@ class EngineStats:
     vision_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    occupancy: list[tuple[float, int]] = field(default_factory=list)  # (time, live rows) per sync
-    admissions: list[int] = field(default_factory=list)  # pages admitted together, per admission
+    occupancy: list[tuple[float, int]] = field(
+        default_factory=list[tuple[float, int]]
+    )  # (time, live rows) per sync
+    admissions: list[int] = field(default_factory=list[int])  # pages admitted together, per admission
     preemptions: int = 0  # rows evicted from a dry KV pool (requeued, recomputed from scratch)
     kv_blocks: int = 0  # paged: pool size in blocks
-    blocks_used: list[tuple[float, int]] = field(default_factory=list)  # paged: (time, blocks held) per sync
+    blocks_used: list[tuple[float, int]] = field(
+        default_factory=list[tuple[float, int]]
+    )  # paged: (time, blocks held) per sync
 
 
 def kv_bytes_per_token(model: OcrModel) -> int:
@@ -243,7 +247,7 @@ class Engine:
         self._flash = (
             (not self.paged)
             and dev.type == "cuda"
-            and self.cache.use_flash
+            and cast(KVCache, self.cache).use_flash  # not paged: the contiguous cache
             and dec.embed_tokens.weight.dtype in (torch.float16, torch.bfloat16)
         )
         self._n_out, self._sum_out = (
@@ -402,7 +406,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
+    def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
         """Run every request; yields each Result as soon as its sequence is retired.
 
         `requests` may be a lazy iterator (e.g. fed by another thread): it is pulled only when a
@@ -453,7 +457,7 @@ class Engine:
                 if self.paged:
                     need = self._blocks_for(len(req.input_ids))
                     grow = max(0, self._expected_blocks(req) - need)
-                    watermark = int(c.kv_watermark * self.cache.num_blocks)
+                    watermark = int(c.kv_watermark * self._paged_cache.num_blocks)
                     short = len(self._free_blocks) - need < (
                         reserve + grow + watermark if live or new_reqs else 0
                     )
@@ -486,7 +490,7 @@ class Engine:
             # attend is computed once per sync round (no host work per token)
             longest = max(len(q.input_ids) + s for q, _, s, _ in live.values()) + c.sync_every
             attend = min(c.max_model_len, -(-longest // c.len_bucket) * c.len_bucket)
-            if self._flash or (self.paged and self.cache.use_kernel):
+            if self._flash or (self.paged and self._paged_cache.use_kernel):
                 attend = c.max_model_len  # the kernel reads each row's own length: one shape, one graph
             for _ in range(c.sync_every):
                 self._decode_step(attend)
@@ -498,16 +502,20 @@ class Engine:
             self.stats.occupancy.append((time.perf_counter() - self._t0, len(live)))
             if self.paged:
                 self.stats.blocks_used.append(
-                    (time.perf_counter() - self._t0, self.cache.num_blocks - 1 - len(self._free_blocks))
+                    (
+                        time.perf_counter() - self._t0,
+                        self._paged_cache.num_blocks - 1 - len(self._free_blocks),
+                    )
                 )
             out_rows = [r for r in live if bool(done[r])]
-            if out_rows:
-                toks = self.out[out_rows].cpu()
+            toks = self.out[out_rows].cpu() if out_rows else None
             for k, row in enumerate(out_rows):
+                assert toks is not None  # out_rows is not empty
                 req, t_admit, _, _ = live.pop(row)
                 if self.paged:
                     self._release(row)
-                ids = toks[k, : int(n[row])].tolist()
+                # torch's stub types Tensor.tolist() as a bare list; a 1-D long tensor gives list[int]
+                ids = cast("list[int]", toks[k, : int(n[row])].tolist())  # pyright: ignore[reportUnknownMemberType]
                 self.stats.pages += 1
                 self.stats.output_tokens += len(ids)
                 if not req.force_len:
@@ -523,8 +531,13 @@ class Engine:
 
     # ------------------------------------------------------------------ paged KV bookkeeping (host)
 
+    @property
+    def _paged_cache(self) -> PagedKVCache:
+        """`self.cache` of a paged engine (only used when `self.paged`)."""
+        return cast(PagedKVCache, self.cache)
+
     def _blocks_for(self, tokens: int) -> int:
-        return min(self.cache.max_blocks, -(-tokens // self.cfg.kv_block_size))
+        return min(self._paged_cache.max_blocks, -(-tokens // self.cfg.kv_block_size))
 
     def _expected_blocks(self, req: Request) -> int:
         """Blocks this request is expected to hold when it ends (see EngineConfig.expect_new_tokens)."""
@@ -538,7 +551,7 @@ class Engine:
         return self._blocks_for(L + new)
 
     def _reset_blocks(self) -> None:
-        nb = self.cache.num_blocks
+        nb = self._paged_cache.num_blocks
         self._free_blocks = list(range(nb - 1, 0, -1))
         self._row_blocks = {}
         self._table.fill(0)
@@ -558,7 +571,8 @@ class Engine:
 
     @torch.inference_mode()
     def _upload_table(self) -> None:
-        self.cache.block_table.copy_(torch.from_numpy(self._table))
+        # torch's stub leaves from_numpy's parameter unannotated
+        self._paged_cache.block_table.copy_(torch.from_numpy(self._table))  # pyright: ignore[reportUnknownMemberType]
 
     def _grow(self, live: dict[int, list[Any]], waiting: deque[Request]) -> None:
         """Give every live row the blocks its next sync round writes; oldest rows first. When the

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 try:  # triton ships with CUDA torch; CPU-only installs have no use for it
-    import triton
-    import triton.language as tl
+    import triton  # pyright: ignore[reportMissingImports]  # absent in CPU-only envs
+    import triton.language as tl  # pyright: ignore[reportMissingImports]  # absent in CPU-only envs
 except ImportError:  # pragma: no cover - CPU-only environment
     triton = None  # type: ignore[assignment]
 
@@ -103,12 +103,14 @@ def paged_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens:
     bs = k_pool.shape[1]
     max_len = table.shape[1] * bs
     split = max(SPLIT, bs) // bs * bs
+    assert triton is not None  # callers check kernel_available() first
     nsplit = triton.next_power_of_2(-(-max_len // split))
     q = q.contiguous()
     o = torch.empty(B, H, nsplit, hd, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, H, nsplit, device=q.device, dtype=torch.float32)
     lens32 = lens.to(torch.int32)
-    _split_kernel[(B, H, nsplit)](
+    # triton.jit kernels are launched as kernel[grid](...); triton is unresolved here (no stubs)
+    _split_kernel[(B, H, nsplit)](  # pyright: ignore[reportIndexIssue]
         q,
         k_pool,
         v_pool,
@@ -126,5 +128,7 @@ def paged_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens:
         num_warps=4,
     )
     out = torch.empty_like(q)
-    _merge_kernel[(B * H,)](o, lse, out, HD=hd, NSPLIT=nsplit, num_warps=1)
+    _merge_kernel[(B * H,)](  # pyright: ignore[reportIndexIssue]  # triton.jit kernel launch
+        o, lse, out, HD=hd, NSPLIT=nsplit, num_warps=1
+    )
     return out

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ class PageOcr:
         ids = self.tokenizer.build_prompt_ids(self.prompt, x.num_image_tokens)
         return Request(
             ids,
-            PageViews(g, tiles, tuple(x.grid)),
+            PageViews(g, tiles, cast("tuple[int, int]", tuple(x.grid))),
             force_len=x.force_len,
             ngram_size=x.ngram_size,
             ngram_window=x.ngram_window,

@@ -17,7 +17,7 @@ Key decisions:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -104,11 +104,11 @@ class DeepEncoder(nn.Module):
         return self.image_embeddings_batch([PageViews(global_view, tiles, grid)])[0]
 
     def image_embeddings_batch(
-        self, pages: Sequence[PageViews | tuple], max_batch: int | None = None
+        self, pages: Sequence[PageViews | tuple[Any, ...]], max_batch: int | None = None
     ) -> list[Tensor]:
         """Encode several images at once: views of equal size (all tiles, all global views of a
         size) share SAM/CLIP batches of at most `max_batch`; returns one (N_img, D) per page."""
-        pages = [PageViews(*p) for p in pages]
+        pages = [PageViews(*cast("tuple[Tensor, Tensor | None, tuple[int, int]]", p)) for p in pages]
         views: list[Tensor] = []  # every view, (3, S, S)
         for p in pages:
             g = p.global_view.reshape(-1, *p.global_view.shape[-3:])  # (1, 3, S, S)
@@ -116,6 +116,7 @@ class DeepEncoder(nn.Module):
                 raise ValueError(f"one global view per page expected, got {g.shape[0]}")
             views.append(g[0])
             if _has_tiles(p):
+                assert p.tiles is not None  # _has_tiles checked it
                 if p.tiles.shape[0] != p.grid[0] * p.grid[1]:
                     raise ValueError(f"{p.tiles.shape[0]} tiles do not fill grid {p.grid}")
                 views.extend(p.tiles)
@@ -133,11 +134,13 @@ class DeepEncoder(nn.Module):
         result, pos = [], 0
         for p in pages:
             g = feats[pos]
+            assert g is not None  # every view was encoded above
             pos += 1
             tile_feats, tile_hw = None, (0, 0)
             if _has_tiles(p):
+                assert p.tiles is not None  # _has_tiles checked it
                 n = p.tiles.shape[0]
-                tile_feats = torch.stack(feats[pos : pos + n])  # (T, h2*w2, D)
+                tile_feats = torch.stack(cast("list[Tensor]", feats[pos : pos + n]))  # (T, h2*w2, D)
                 tile_hw = self._hw(p.tiles)
                 pos += n
             result.append(self.layout(g, self._hw(p.global_view), tile_feats, tile_hw, p.grid))

@@ -1,3 +1,5 @@
+# pyarrow ships no type stubs: its members, values and arguments are Unknown to pyright.
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false, reportUnknownArgumentType=false
 """The ledger: which (doc_id, page_index, config_hash) rows are final, and which file holds each.
 
 Why it can be trusted after a crash:
@@ -24,8 +26,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow as pa  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
+import pyarrow.parquet as pq  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
 
 log = logging.getLogger("pagemill")
 
@@ -57,7 +59,7 @@ FAILURES_SCHEMA = pa.schema(
 Key = tuple[str, int]
 
 
-def ledger_table(pages: pa.Table, file: str) -> pa.Table:
+def ledger_table(pages: pa.Table, file: str) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
     """Ledger rows for one committed pages part."""
     n = pages.num_rows
     return pa.table(
@@ -72,7 +74,7 @@ def ledger_table(pages: pa.Table, file: str) -> pa.Table:
     )
 
 
-def commit_entry(store: Any, pages: pa.Table, file: str) -> None:
+def commit_entry(store: Any, pages: pa.Table, file: str) -> None:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
     """Write the ledger part of the pages part `file` (call right after that part is committed)."""
     name = file.rsplit("/", 1)[-1]
     store.write_parquet(LEDGER_DIR, ledger_table(pages, file), name=name)
