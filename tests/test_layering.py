@@ -27,7 +27,9 @@ def _forbidden_imports(source: str, filename: str) -> list[str]:
             fname = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             if fname in ("import_module", "__import__") and isinstance(node.args[0].value, str):
                 names = [node.args[0].value]
-        found += [f"{filename}:{node.lineno}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
+        if names:
+            assert isinstance(node, (ast.Import, ast.ImportFrom, ast.Call))  # the only nodes that set names
+            found += [f"{filename}:{node.lineno}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
     return found
 
 

@@ -6,6 +6,9 @@ joins a running batch as others finish (fewer rows than requests forces admissio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any, cast
+
 import numpy as np
 import pytest
 import torch
@@ -165,7 +168,8 @@ def _looping_copy(model: OcrModel) -> OcrModel:
 
     m = copy.deepcopy(model)
     with torch.no_grad():
-        for layer in m.decoder.layers:
+        # submodules reached through nn.Module attributes are typed `Tensor | Module`: go untyped here
+        for layer in cast(Iterable[Any], m.decoder.layers):
             layer.self_attn.o_proj.weight.zero_()
             mlp = layer.mlp
             for p in (
@@ -217,14 +221,14 @@ def test_prompt_too_long_is_an_error_result(tiny_model, requests_) -> None:
     ids, views = requests_[0]
     cfg = EngineConfig(max_batch=2, max_model_len=len(ids), max_new_tokens=4)
     (got,) = Engine(tiny_model, cfg).run([Request(ids, views)])
-    assert got.finish_reason == "error" and "max_model_len" in got.error
+    assert got.finish_reason == "error" and got.error is not None and "max_model_len" in got.error
 
 
 def test_per_request_ngram_settings_in_one_batch(tiny_model, requests_) -> None:
     """Fallback pages (stronger ban) share the batch with normal pages: each gets what it would
     get from an engine configured with its own settings."""
     reqs = requests_[:4]
-    base = dict(
+    base: dict[str, Any] = dict(
         max_batch=4, max_model_len=2048, max_new_tokens=30, loop_detect=False, sync_every=3, len_bucket=64
     )
     weak = Engine(tiny_model, EngineConfig(ngram_size=8, ngram_window=20, **base)).run(
@@ -250,7 +254,7 @@ def test_page_ocr_submit_from_concurrent_callers_equals_run(tiny_model, requests
     once share the engine and get the same results as a plain run."""
     import threading
 
-    from model.runner import OcrInput, PageOcr
+    from model.runner import OcrInput, OcrOutput, PageOcr
     from model.tokenizer import OcrTokenizer
 
     rng = np.random.default_rng(1)
@@ -273,7 +277,7 @@ def test_page_ocr_submit_from_concurrent_callers_equals_run(tiny_model, requests
     )
     ocr = PageOcr(tiny_model, OcrTokenizer.default(), cfg)
     ref = ocr.run(inputs)
-    got: dict[int, object] = {}
+    got: dict[int, OcrOutput] = {}
 
     def caller(part: list[OcrInput]) -> None:
         futs = [ocr.submit(x) for x in part]

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.parity
 
 def _load_synth(parity_dir: Path):
     spec = importlib.util.spec_from_file_location("parity_synth_weights", parity_dir / "synth_weights.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
     spec.loader.exec_module(mod)
     return mod
 

@@ -88,7 +88,8 @@ def test_golden_views_pixel_exact(parity_dir: Path, case_id: str) -> None:
     assert list(prep.grid) == case["grid"]
     assert prep.n_tiles == case["n_tiles"] == len(case["tiles"])
     assert prep.num_image_tokens == case["n_image_positions"]
-    assert num_image_tokens(*img.size, mode, max_crops=max_crops) == case["n_image_positions"]
+    width, height = img.size
+    assert num_image_tokens(width, height, mode, max_crops=max_crops) == case["n_image_positions"]
     assert prep.size == tuple(case["input_size"])
     ids = _tokenizer().build_prompt_ids(PROMPT, prep.num_image_tokens)
     assert ids == case["input_ids"]

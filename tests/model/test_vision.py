@@ -78,8 +78,9 @@ def test_sam_attention_module_matches_dense(rel_size: int, H: int, W: int) -> No
             return t
         return F.interpolate(t.float().t()[None], size=n, mode="linear")[0].t().to(t.dtype)
 
+    q, k, v = qkv  # unpacks along dim 0, as *qkv did
     ref = _dense_rel_pos_attention(
-        *qkv, resized(attn.rel_pos_h, 2 * H - 1), resized(attn.rel_pos_w, 2 * W - 1), 16**-0.5
+        q, k, v, resized(attn.rel_pos_h, 2 * H - 1), resized(attn.rel_pos_w, 2 * W - 1), 16**-0.5
     )
     ref = attn.proj(ref.view(2, 2, H, W, 16).permute(0, 2, 3, 1, 4).reshape(2, H, W, 32))
     torch.testing.assert_close(attn(x), ref, rtol=1e-10, atol=1e-10)
@@ -144,6 +145,7 @@ def test_tiny_batch_helper_equals_per_page(tiny_encoder: DeepEncoder) -> None:
 
 def _load_synth(parity_dir: Path):
     spec = importlib.util.spec_from_file_location("synth_weights", parity_dir / "synth_weights.py")
+    assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

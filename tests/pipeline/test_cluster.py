@@ -39,6 +39,7 @@ def test_cluster_job_joins_waits_for_gpu_nodes_and_checks_paths(
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)  # a CPU worker; the GPU-like node comes later
     cluster.wait_for_nodes()
+    assert cluster.address is not None  # set once the head node is up
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
     try:
         # 1. local output on a 2-node cluster: config error, nothing written

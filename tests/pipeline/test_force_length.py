@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pymupdf
 import pytest
@@ -20,7 +21,7 @@ import pytest
 from model.tokenizer import PROMPTS, OcrTokenizer
 from pipeline.config import ConfigValueError, GenerationConfig
 from pipeline.forced import MIN_TEXT_CHARS, cap_forced_length, forced_from_text, forced_length
-from pipeline.render import render_pages
+from pipeline.render import PageImage, render_pages
 from pipeline.run import compose
 from tests.pipeline.test_e2e import REPO, _env, read_pages
 
@@ -36,8 +37,9 @@ def tok() -> OcrTokenizer:
 
 def _rule(page: pymupdf.Page, tok: OcrTokenizer, prompt_len: int, max_model_len: int) -> int:
     """The rule as jobs/benchmark.py first wrote it inline, kept here to pin the shared function."""
-    text = page.get_text("text")
-    blocks = [b for b in page.get_text("blocks") if b[6] == 0 and b[4].strip()]
+    # pymupdf types get_text()'s result as a union over all output kinds
+    text = cast(str, page.get_text("text"))
+    blocks = [b for b in cast(list[tuple[Any, ...]], page.get_text("blocks")) if b[6] == 0 and b[4].strip()]
     has_text = len("".join(text.split())) >= 20
     target = len(tok.encode(text)) + 20 * len(blocks) if has_text else 1000
     return max(1, min(target, max_model_len - prompt_len))
@@ -53,7 +55,7 @@ def test_forced_length_rule(corpus_dir: Path, tok: OcrTokenizer) -> None:
                         page, tok, prompt_len, max_len
                     )
     with pymupdf.open(corpus_dir / "scan-book-page-01.pdf") as doc:  # a scan: no text layer -> 1,000
-        assert len("".join(doc[0].get_text("text").split())) < MIN_TEXT_CHARS
+        assert len("".join(cast(str, doc[0].get_text("text")).split())) < MIN_TEXT_CHARS
         assert forced_length(doc[0], tok, 10, 8192) == 1000 and forced_length(doc[0], tok, 8000, 8192) == 192
         assert forced_length(doc[0], tok, 9000, 8192) == 1  # at least 1
     # the pipeline caps in two steps (renderer: prompt 0; OCR stage: the real prompt); same value
@@ -67,6 +69,7 @@ def test_forced_length_rule(corpus_dir: Path, tok: OcrTokenizer) -> None:
     data = (corpus_dir / SMALL[1]).read_bytes()
     (plain,) = render_pages(data, None, [0], dpi=72)
     (forced,) = render_pages(data, None, [0], dpi=72, count_blocks=True)
+    assert isinstance(plain, PageImage) and isinstance(forced, PageImage)
     assert plain.text_blocks == -1 and forced.text_blocks > 0 and forced.text == plain.text
     assert forced_from_text(forced.text, forced.text_blocks, tok, 0, MAX_MODEL_LEN) == 196
 

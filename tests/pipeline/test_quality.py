@@ -35,7 +35,8 @@ def test_agreement_is_one_minus_normalised_edit_distance() -> None:
     assert agreement("anything", "") is None and agreement("anything", None) is None
     a, b = "the quick brown fox", "the quikc brown fax"
     assert agreement(a, b) == pytest.approx(1 - Levenshtein.distance(a, b) / max(len(a), len(b)))
-    assert 0 < agreement(a, b) < 1
+    ab = agreement(a, b)
+    assert ab is not None and 0 < ab < 1
 
 
 def test_repetition_score_on_reencoded_output(quality: PageQuality) -> None:

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pymupdf
@@ -180,8 +181,9 @@ def test_probe_options_and_odd_inputs(corpus_bytes) -> None:
     err = probe_document(b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer << /Root 1 0 R >>\n%%EOF")
     assert isinstance(err, DocError) and err.code == "zero_pages", err
     # memoryview / bytearray inputs behave like bytes (what Arrow buffers hand us)
-    assert probe_document(bytearray(data), extract_text=False) == cheap
-    assert probe_document(memoryview(data), extract_text=False) == cheap
+    # (probe_document is annotated `bytes`; the casts only tell pyright what is being tested)
+    assert probe_document(cast(bytes, bytearray(data)), extract_text=False) == cheap
+    assert probe_document(cast(bytes, memoryview(data)), extract_text=False) == cheap
 
 
 # ---------------------------------------------------------------- render_pages
@@ -224,6 +226,7 @@ def test_render_size_matches_page_size_times_dpi(corpus_bytes, name, pages, dpi)
         assert r.pixels.min() < 128 < r.pixels.max() or name.startswith("scan"), "page renders blank"
         assert r.png is None and r.text is None and r.text_chars == -1
     if name == "rotated-page-90-01.pdf":
+        assert isinstance(out[0], PageImage)
         assert out[0].rotation == 90 and out[0].width_px > out[0].height_px
 
 
@@ -269,6 +272,7 @@ def test_render_outputs_text_and_errors(corpus_bytes) -> None:
     (png,) = render_pages(data, None, [0], dpi=50, output="png", extract_text=False)
     assert isinstance(both, PageImage) and isinstance(png, PageImage)
     assert both.png is not None and both.png.startswith(b"\x89PNG\r\n\x1a\n") and png.pixels is None
+    assert png.png is not None and both.pixels is not None
     decoded = np.asarray(Image.open(io.BytesIO(png.png)).convert("RGB"))
     assert np.array_equal(decoded, both.pixels)
     assert both.text and both.text_chars == len("".join(both.text.split())) > 100
@@ -279,11 +283,12 @@ def test_render_outputs_text_and_errors(corpus_bytes) -> None:
     out = render_pages(data, None, [5, 0, -1, 0], dpi=36, extract_text=False)
     assert [type(r) for r in out] == [PageError, PageImage, PageError, PageImage]
     assert [r.page_index for r in out] == [5, 0, -1, 0]
-    assert "out of range" in out[0].message
+    assert isinstance(out[0], PageError) and "out of range" in out[0].message
 
     # a document that cannot be opened gives one render_error per requested page
     locked = corpus_bytes["encrypted-needs-password-01.pdf"]
-    errs = render_pages(locked, None, [0, 1, 2])
+    # all PageErrors (asserted just below); the cast lets pyright see `.code` / `.message`
+    errs = cast(list[PageError], render_pages(locked, None, [0, 1, 2]))
     assert [(e.page_index, e.code) for e in errs] == [
         (0, "render_error"),
         (1, "render_error"),
@@ -317,15 +322,20 @@ def test_worker_matches_in_process_render_and_probe(corpus_bytes) -> None:
     want = render_pages(data, None, [3, 0, 99], dpi=40)
     assert [type(r) for r in got] == [PageImage, PageImage, PageError]
     for g, e in zip(got[:2], want[:2]):
+        assert isinstance(g, PageImage) and isinstance(e, PageImage)
         assert (g.page_index, g.width_px, g.height_px, g.text) == (
             e.page_index,
             e.width_px,
             e.height_px,
             e.text,
         )
+        assert g.pixels is not None and e.pixels is not None  # output="array" (the default)
         assert np.array_equal(g.pixels, e.pixels)
     assert got[2] == want[2]
-    assert isinstance(info, DocInfo) and info.pages == probe_document(data, extract_text=False).pages
+    assert (
+        isinstance(info, DocInfo)
+        and info.pages == cast(DocInfo, probe_document(data, extract_text=False)).pages
+    )
     err = probe_in_subprocess(b"")
     assert isinstance(err, DocError) and err.code == "empty_file"
     one = render_in_subprocess(data, None, [1], dpi=36)
@@ -339,7 +349,10 @@ def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
         pid = w.pid
         assert pid is not None and _alive(pid)
         t0 = time.monotonic()
-        out = w.render(data, None, [0, 1, 2], dpi=36, timeout_s=1.5, _test_fault="hang:0")
+        # every page times out: all PageErrors (asserted below; the cast is for pyright)
+        out = cast(
+            list[PageError], w.render(data, None, [0, 1, 2], dpi=36, timeout_s=1.5, _test_fault="hang:0")
+        )
         elapsed = time.monotonic() - t0
         assert 1.4 < elapsed < 10, elapsed
         assert [(type(r), r.page_index, r.code) for r in out] == [
@@ -363,7 +376,7 @@ def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
             (PageImage, 2),
             (PageImage, 3),
         ]
-        assert "page render timed out" in out[1].message
+        assert isinstance(out[1], PageError) and "page render timed out" in out[1].message
         assert w.children_started == 3
 
 
@@ -379,13 +392,16 @@ def test_worker_crash_costs_only_the_page_in_flight(corpus_bytes, monkeypatch) -
             (PageImage, 1),
             (PageImage, 2),
         ]
+        assert isinstance(out[1], PageError)
         assert out[1].code == "render_error" and "crashed" in out[1].message and "SIGSEGV" in out[1].message
         assert w.children_started == 2
 
         # without retry, the rest of the request gets the same error instead
         out = w.render(data, None, pages, dpi=36, _test_fault="crash:1", retry_after_failure=False)
         assert [type(r) for r in out] == [PageImage] + [PageError] * 4
-        assert [r.page_index for r in out] == pages and len({r.message for r in out[1:]}) == 1
+        assert [r.page_index for r in out] == pages and len(
+            {r.message for r in cast(list[PageError], out[1:])}
+        ) == 1
         assert w.children_started == 2 and w.pid is None  # the dead child is replaced when next needed
 
         # the fault hook can come from the environment (read in the parent, passed to the child)
@@ -425,8 +441,12 @@ def test_document_that_keeps_crashing_renderers_is_quarantined(corpus_dir: Path)
 
     data = (corpus_dir / "slides-deck-26p-01.pdf").read_bytes()
     with RenderWorker(recycle_after=50) as w:
-        out = w.render(
-            data, None, list(range(6)), dpi=36, timeout_s=60, max_failures=2, _test_fault="crashall"
+        # every page fails: all PageErrors (the cast is for pyright; the codes are asserted below)
+        out = cast(
+            list[PageError],
+            w.render(
+                data, None, list(range(6)), dpi=36, timeout_s=60, max_failures=2, _test_fault="crashall"
+            ),
         )
         assert [r.page_index for r in out] == list(range(6))
         assert [r.code for r in out] == [
@@ -439,4 +459,4 @@ def test_document_that_keeps_crashing_renderers_is_quarantined(corpus_dir: Path)
         ]
         assert "quarantined after 2 renderer crashes" in out[2].message and "SIGSEGV" in out[2].message
         again = w.render(data, None, [0], dpi=36, timeout_s=60)
-        assert again[0].width_px > 0
+        assert isinstance(again[0], PageImage) and again[0].width_px > 0

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from model.preprocess import preprocess_image
+from pipeline.config import PipelineConfig
 from pipeline.run import compose
 from pipeline.sources import content_id
 from pipeline.stages import WORK_SCHEMA, OcrStage, RenderStage, WriteStage, page_views, to_batch
@@ -42,7 +43,7 @@ def _passwords(tmp_path: Path) -> str:
     return f"input.passwords_file={pw}"
 
 
-def _cfg(tmp_path: Path, *extra: str) -> object:
+def _cfg(tmp_path: Path, *extra: str) -> PipelineConfig:
     return compose(
         [
             "model=tiny_random",
@@ -55,7 +56,7 @@ def _cfg(tmp_path: Path, *extra: str) -> object:
     )
 
 
-def _task(path: Path, cfg: object, status: str = "pending", **extra: object) -> dict[str, object]:
+def _task(path: Path, cfg: PipelineConfig, status: str = "pending", **extra: object) -> dict[str, object]:
     return {
         "doc_id": content_id(path.read_bytes()),
         "source_uri": path.as_uri(),
@@ -63,7 +64,7 @@ def _task(path: Path, cfg: object, status: str = "pending", **extra: object) -> 
         "page_count": 1,
         "mode": "gundam",
         "config_hash": cfg.config_hash(),
-        "model_id": "tiny",  # type: ignore[attr-defined]
+        "model_id": "tiny",
         "status": status,
         "_range_start": 0,
         "_range_stop": 1,
@@ -85,7 +86,7 @@ def test_no_password_or_raw_pixel_column_in_rows() -> None:
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, pa.Table]:
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineConfig, pa.Table]:
     cfg = _cfg(tmp_path_factory.mktemp("render"))
     tasks = to_batch(
         [
@@ -114,10 +115,11 @@ def test_render_stage(rendered) -> None:
 
 
 def test_views_from_the_png_equal_the_pil_path_on_raw_pixels() -> None:
-    from pipeline.render import render_pages
+    from pipeline.render import PageImage, render_pages
 
     for dpi in (144, 100):
         (page,) = render_pages(PAPER.read_bytes(), None, [0], dpi=dpi, output="both")
+        assert isinstance(page, PageImage) and page.pixels is not None and page.png is not None
         for mode in ("gundam", "base", "small"):
             want = preprocess_image(Image.fromarray(page.pixels), mode)
             got = page_views(page.png, mode, None)
@@ -130,7 +132,7 @@ def test_views_from_the_png_equal_the_pil_path_on_raw_pixels() -> None:
 
 
 @pytest.fixture(scope="module")
-def ocred(rendered) -> tuple[object, pa.Table, pa.Table]:
+def ocred(rendered) -> tuple[PipelineConfig, pa.Table, pa.Table]:
     cfg, out = rendered
     stage = OcrStage(cfg)
     return cfg, out, asyncio.run(stage(out))

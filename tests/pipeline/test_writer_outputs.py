@@ -98,6 +98,7 @@ def test_files_are_sized_and_receipts_name_them(written) -> None:
 def test_figures_are_crops_under_the_referenced_names(written) -> None:
     out, _, rows = written
     page = render_paper()
+    assert page.pixels is not None  # rendered as an array (the default output)
     pages = ds.dataset(out / "pages", format="parquet").to_table().to_pylist()
     figs = ds.dataset(out / "figures", format="parquet").to_table()
     assert figs.schema.field("image").type == FIGURE_SCHEMA.field("image").type
@@ -142,6 +143,7 @@ def test_page_images_and_figures_load_as_images_with_datasets(written) -> None:
     datasets = pytest.importorskip("datasets")
     out, _, _ = written
     page = render_paper()
+    assert page.pixels is not None  # rendered as an array (the default output)
     pages = datasets.load_dataset("parquet", data_dir=str(out / "pages"), split="train")
     assert isinstance(pages.features["page_image"], datasets.Image)
     assert len(pages) == N_ROWS
