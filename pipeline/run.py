@@ -85,6 +85,8 @@ def quiet_ray(verbose: bool) -> None:
     for name in ("ray", "ray._private", "ray.util"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    import ray.data  # noqa: F401  # importing it installs Ray Data's console handlers, quieted next
+
     for h in logging.getLogger("ray.data").handlers:
         if not isinstance(h, logging.FileHandler) and "File" not in type(h).__name__:
             h.setLevel(logging.ERROR)
