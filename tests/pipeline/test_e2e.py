@@ -237,9 +237,9 @@ def test_ray_job_submit_on_local_cluster(tmp_path: Path) -> None:
                 "--",
                 "python",
                 "-m",
-                "pipeline.run",
-                "ray.address=auto",
+                "pipeline.run",  # a bare submit: the driver joins through RAY_ADDRESS, no ray.address=auto
                 "model=tiny_random",
+                "model.device=cpu",  # this cluster has no GPUs: on a cluster the model runs on CPU only when said
                 "input.uri=tests/data",
                 f"output.uri={out}",
                 "generation.max_new_tokens=4",
