@@ -72,6 +72,12 @@ def pending_rows(batch: pa.Table) -> list[int]:
     return [i for i, s in enumerate(batch.column("status").to_pylist()) if s == "pending"]
 
 
+def _index(rows: list[int]) -> pa.Array:
+    """Row positions as an int64 array: `take` has no kernel for the null-typed array that an
+    empty Python list becomes (a batch with no pending row, e.g. all quarantined)."""
+    return pa.array(rows, type=pa.int64())
+
+
 def lookup_password(passwords: dict[str, str], source_uri: str, doc_id: str) -> str | None:
     """The password of a document: by doc_id (sha256), else by file name (as discovery does)."""
     name = source_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -368,8 +374,8 @@ class OcrStage:
             return [None] * len(todo)
         from pipeline.forced import forced_from_text
 
-        texts = batch.column("_text_layer").take(todo).to_pylist()
-        blocks = batch.column("_text_blocks").take(todo).to_pylist()
+        texts = batch.column("_text_layer").take(_index(todo)).to_pylist()
+        blocks = batch.column("_text_blocks").take(_index(todo)).to_pylist()
         return [
             forced_from_text(t, b or 0, self.ocr.tokenizer, 0, self.g.max_model_len)
             for t, b in zip(texts, blocks)
@@ -382,10 +388,10 @@ class OcrStage:
         from model.preprocess import ImageError
 
         todo = pending_rows(batch)
-        pngs = batch.column("_page_png").take(todo).to_pylist()
+        pngs = batch.column("_page_png").take(_index(todo)).to_pylist()
         forced = self._forced(batch, todo)
         self.faults.die_once("ocr_call")
-        self.faults.poisoned(batch.column("source_uri").take(todo).to_pylist())
+        self.faults.poisoned(batch.column("source_uri").take(_index(todo)).to_pylist())
         made = await asyncio.gather(
             *(self._input(p, f) for p, f in zip(pngs, forced)), return_exceptions=True
         )
@@ -418,9 +424,9 @@ class OcrStage:
                     res.ocr_ms += results[i].ocr_ms
                     results[i] = res
         cols: dict[str, list[Any]] = {c: [] for c in self.WRITES}
-        status = batch.column("status").take(todo).to_pylist()
-        err_code = batch.column("error_code").take(todo).to_pylist()
-        err = batch.column("error").take(todo).to_pylist()
+        status = batch.column("status").take(_index(todo)).to_pylist()
+        err_code = batch.column("error_code").take(_index(todo)).to_pylist()
+        err = batch.column("error").take(_index(todo)).to_pylist()
         by_k = dict(zip(ok, range(len(ok))))
         for k in range(len(todo)):
             vals: dict[str, Any] = {c: None for c in self.WRITES}
