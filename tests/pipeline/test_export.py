@@ -18,6 +18,17 @@ from pipeline.export import export
 from pipeline.outputs import OutputStore
 from pipeline.schema import rows_to_table
 
+
+@pytest.fixture(autouse=True)
+def _own_ray():
+    """export() starts a small local Ray when none runs; shut it down so that later tests in this
+    process get their own embedded Ray (sized by pipeline.run) instead of this 2-CPU one."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 A, B = "a" * 64, "b" * 64
 PAGES = {0: "# A zero\n\ncafé", 2: "A two", 3: "A three"}
 
