@@ -146,20 +146,24 @@ class PageOcr:
             tag=(x.tag, x.num_image_tokens, time.perf_counter()),
         )
 
+    def _output(self, res: Any, tag: Any, n_img: int, t0: float) -> OcrOutput:
+        """The one place an engine result becomes an OcrOutput (stream and the async server)."""
+        return OcrOutput(
+            tag=tag,
+            raw_output=self.tokenizer.decode(res.ids),
+            ids=res.ids,
+            num_output_tokens=res.num_output_tokens,
+            num_vision_tokens=n_img,
+            finish_reason=res.finish_reason,
+            ocr_ms=(time.perf_counter() - t0) * 1000.0,
+            error=res.error,
+        )
+
     def stream(self, inputs: Iterable[OcrInput]) -> Iterator[OcrOutput]:
         """OCR pages as they come; outputs are yielded as pages finish (not in input order)."""
         for res in self.engine.generate(self._request(x) for x in inputs):
             tag, n_img, t0 = res.tag
-            yield OcrOutput(
-                tag=tag,
-                raw_output=self.tokenizer.decode(res.ids),
-                ids=res.ids,
-                num_output_tokens=res.num_output_tokens,
-                num_vision_tokens=n_img,
-                finish_reason=res.finish_reason,
-                ocr_ms=(time.perf_counter() - t0) * 1000.0,
-                error=res.error,
-            )
+            yield self._output(res, tag, n_img, t0)
 
     def run(self, inputs: list[OcrInput]) -> list[OcrOutput]:
         """OCR a list of pages; outputs in input order."""
@@ -207,18 +211,7 @@ class PageOcr:
             try:
                 for res in self.engine.generate(requests()):
                     (key, tag), n_img, t0 = res.tag
-                    pending.pop(key).set_result(
-                        OcrOutput(
-                            tag=tag,
-                            raw_output=self.tokenizer.decode(res.ids),
-                            ids=res.ids,
-                            num_output_tokens=res.num_output_tokens,
-                            num_vision_tokens=n_img,
-                            finish_reason=res.finish_reason,
-                            ocr_ms=(time.perf_counter() - t0) * 1000.0,
-                            error=res.error,
-                        )
-                    )
+                    pending.pop(key).set_result(self._output(res, tag, n_img, t0))
             except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
                 for fut in pending.values():
                     fut.set_exception(e)
