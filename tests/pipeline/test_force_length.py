@@ -131,6 +131,8 @@ def test_pipeline_forced_lengths_and_bench_smoke(tmp_path: Path, tok: OcrTokeniz
         "--no-engine-alone",
         "mode=tiny",
         f"generation.max_model_len={MAX_MODEL_LEN}",
+        # model=tiny_random caps generation at 64 tokens (the demo); forced lengths need room
+        f"generation.max_new_tokens={MAX_MODEL_LEN}",
     ]
     env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
     refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

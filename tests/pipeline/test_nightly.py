@@ -211,9 +211,10 @@ def test_ocr_actor_killed_mid_run_is_replaced(tmp_path: Path) -> None:
 
 def test_pages_without_eos_get_one_fallback_pass(tmp_path: Path) -> None:
     """The tiny model never emits EOS within 4 tokens: every page is retried once with the stronger
-    n-gram ban, and the row says so; with generation.fallback=none it is not."""
+    n-gram ban, and the row says so; with generation.fallback=none it is not. (model=tiny_random
+    turns the fallback off by default, conf/model/tiny_random.yaml, so it is asked for here.)"""
     out = tmp_path / "out"
-    assert run_job(f"output.uri={out}", *FAST).returncode == 0
+    assert run_job(f"output.uri={out}", *FAST, "generation.fallback=ngram").returncode == 0
     t = ds.dataset(out / "pages", format="parquet").to_table().to_pylist()
     pages = [r for r in t if r["page_index"] >= 0]
     assert pages and all(r["attempts"] == 2 and r["fallback"] == "ngram:length->length" for r in pages)
