@@ -184,6 +184,8 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
                 "cuda_graphs",
                 "static_batches",
                 "admit_min",
+                "vision_ahead",
+                "kv_headroom_gib",
                 "kv_block_size",
                 "ngram_size",
                 "ngram_window",
@@ -201,7 +203,8 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
 
     from model.engine import Engine, EngineConfig, kv_bytes_per_token
 
-    engine = Engine(model, EngineConfig(max_batch=max_batch, max_model_len=MAX_MODEL_LEN))
+    # the slotted engine: flash varlen vs masked SDPA are its two attention paths
+    engine = Engine(model, EngineConfig(max_batch=max_batch, max_model_len=MAX_MODEL_LEN, engine="slotted"))
     per_tok = kv_bytes_per_token(model)
     rows: list[dict[str, Any]] = []
 
@@ -215,19 +218,18 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
 
     flash_ok = engine._flash
     for use_flash in [True, False] if flash_ok else [False]:
-        # paged cache (the default) has no use_flash; the benchmark sets it anyway (kept as it was)
         engine._flash = engine.cache.use_flash = use_flash  # pyright: ignore[reportAttributeAccessIssue]
         for ctx in ctx_lens:
             with torch.inference_mode():
                 fill(engine, ctx)
             attend = MAX_MODEL_LEN if use_flash else min(MAX_MODEL_LEN, -(-(ctx + 64) // 256) * 256)
             for _ in range(3):
-                engine._decode_step(attend)
+                engine._decode_step(attend, max_batch)
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             steps = 20
             a.record()
             for _ in range(steps):
-                engine._decode_step(attend)
+                engine._decode_step(attend, max_batch)
             b.record()
             torch.cuda.synchronize()
             ms = a.elapsed_time(b) / steps
@@ -249,11 +251,11 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
 
         with torch.inference_mode():
             fill(engine, ctx_lens[0])
-            engine._step_body()
+            engine._step_body(max_batch)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(3):
-                    engine._step_body()
+                    engine._step_body(max_batch)
                 torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
         if out_dir:
@@ -352,7 +354,8 @@ def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: i
 
 def step_profile(model, rows_list: list[int], ctx_list: list[int]) -> list[dict[str, Any]]:
     """Whole decode step of the paged engine (graph replay, all layers) with `rows` rows live at
-    context `ctx` (the other row slots idle at length 1)."""
+    context `ctx` in the low row slots; the step runs over them rounded up to the engine's row
+    bucket (as in the engine), idle slots in it attend one slot."""
     import torch
 
     from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig
@@ -378,13 +381,15 @@ def step_profile(model, rows_list: list[int], ctx_list: list[int]) -> list[dict[
                 engine.force.fill_(True)
                 engine.done.copy_(~live)
                 engine.reason.zero_()
+            bucket = engine._row_bucket
+            hi = min(engine.cfg.max_batch, -(-rows // bucket) * bucket)
             for _ in range(3):
-                engine._decode_step(MAX_MODEL_LEN)
+                engine._decode_step(MAX_MODEL_LEN, hi)
             torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             for _ in range(20):
-                engine._decode_step(MAX_MODEL_LEN)
+                engine._decode_step(MAX_MODEL_LEN, hi)
             b.record()
             torch.cuda.synchronize()
             ms = a.elapsed_time(b) / 20
@@ -415,6 +420,61 @@ def vision_flops(model, page: dict[str, Any]) -> float:
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         model.vision.image_embeddings_batch([PageViews(g, t, page["grid"])], max_batch=32)
     return float(fc.get_total_flops())
+
+
+def vision_bench(model, pages: list[dict[str, Any]], flops_per_page: float, out_dir: str) -> dict[str, Any]:
+    """SAM/CLIP alone (nothing else on the GPU), in admission-sized groups of pages: ms/page and
+    TFLOP/s, for SAM's attention on the memory-efficient kernel and with v padded for flash
+    (`model.sam.PAD_V_ON_CUDA`); then one group under torch.profiler (kernel table to `out_dir`)."""
+    import torch
+
+    from model import sam
+    from model.preprocess import to_pixel_tensor
+    from model.vision import PageViews
+
+    group = [
+        PageViews(
+            to_pixel_tensor(p["global_view"], "cuda").to(torch.bfloat16),
+            to_pixel_tensor(p["tiles"], "cuda").to(torch.bfloat16) if p["tiles"] is not None else None,
+            p["grid"],
+        )
+        for p in pages
+    ]
+    out: dict[str, Any] = {"pages": len(group)}
+    best, best_ms = sam.PAD_V_ON_CUDA, float("inf")
+    for pad_v in (False, True):
+        sam.PAD_V_ON_CUDA = pad_v
+        with torch.inference_mode():
+            model.vision.image_embeddings_batch(group, max_batch=32)
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(3):
+                model.vision.image_embeddings_batch(group, max_batch=32)
+            b.record()
+            torch.cuda.synchronize()
+        ms = a.elapsed_time(b) / 3 / len(group)
+        key = "pad_v_flash" if pad_v else "mem_efficient"
+        out[key] = {"ms_per_page": round(ms, 2), "tflop_per_s": round(flops_per_page / 1e12 / (ms / 1000), 1)}
+        print(f"  vision alone ({key}): {out[key]}", flush=True)
+        if ms < best_ms:
+            best, best_ms = pad_v, ms
+    sam.PAD_V_ON_CUDA = best  # the rest of the run uses the faster one
+    out["chosen"] = "pad_v_flash" if best else "mem_efficient"
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.vision.image_embeddings_batch(group, max_batch=32)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        print(table, flush=True)
+        out["kernel_table"] = table
+        if out_dir:
+            Path(out_dir, "vision_profile.txt").write_text(table)
+    except Exception as e:  # noqa: BLE001 - the timings above stand on their own
+        print(f"vision profiler failed: {type(e).__name__}: {e}", flush=True)
+    return out
 
 
 def print_row(r: dict[str, Any]) -> None:
@@ -453,7 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         "--headroom-gib", type=float, default=14.0, help="slotted: memory kept free when fitting rows"
     )
     ap.add_argument(
-        "--kv-headroom-gib", type=float, default=30.0, help="paged: memory kept free when fitting the pool"
+        "--kv-headroom-gib",
+        type=float,
+        default=None,
+        help="paged: memory kept free when fitting the pool (default: EngineConfig's)",
     )
     ap.add_argument("--sync-every", type=int, default=8)
     ap.add_argument(
@@ -466,6 +529,20 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the headline pages with this admit_min (A/B of admission grouping)",
     )
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument(
+        "--no-headline", action="store_true", help="skip the headline phase (comparisons on the subset only)"
+    )
+    ap.add_argument(
+        "--vision-ahead",
+        type=int,
+        default=64,
+        help="pages encoded ahead on a second stream, overlapping decode (0: at admission, serialised)",
+    )
+    ap.add_argument(
+        "--compare-vision-ahead",
+        action="store_true",
+        help="subset phase: also the paged engine with vision_ahead=0 (overlap A/B on the same pages)",
+    )
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--json-out", default="")
     ap.add_argument(
@@ -526,8 +603,10 @@ def main(argv: list[str] | None = None) -> int:
         cuda_graphs=not args.no_cuda_graphs,
         admit_min=args.admit_min,
         engine=args.engine,
-        kv_headroom_gib=args.kv_headroom_gib,
+        vision_ahead=args.vision_ahead,
     )
+    if args.kv_headroom_gib is not None:
+        common["kv_headroom_gib"] = args.kv_headroom_gib
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -553,6 +632,13 @@ def main(argv: list[str] | None = None) -> int:
             statistics.fmean(vision_flops(model, p) for p in unique[:: max(1, len(unique) // 8)]) / 1e12, 3
         )  # TFLOP
         print(f"vision TFLOP/page {report['vision_flops_per_page_unique_mean']}", flush=True)
+        group = unique[:: max(1, len(unique) // 32)][:32]
+        report["vision_alone"] = vision_bench(
+            model,
+            group,
+            statistics.fmean(vision_flops(model, p) for p in group),
+            os.path.dirname(args.json_out),
+        )
         report["paged_kernel"] = kernel_bench(model, [256, 1024], [1024, 2048, 4096], 64)
         report["paged_step"] = step_profile(model, [128, 256, 512, 1024], [1024, 2048])
     # warm-up: a few pages, so graph capture and kernel selection are not timed
@@ -561,6 +647,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.subset:
         sub = pages[: args.subset]
         record(run_engine(model, sub, "subset: continuous", max_batch=max_batch, **common))
+        if args.compare_vision_ahead:
+            record(
+                run_engine(
+                    model,
+                    sub,
+                    "subset: continuous, vision_ahead=0",
+                    max_batch=max_batch,
+                    **{**common, "vision_ahead": 0},
+                )
+            )
         if args.compare_slotted:
             record(
                 run_engine(
@@ -608,8 +704,9 @@ def main(argv: list[str] | None = None) -> int:
         if fit < len(pages):
             print(f"time budget: headline cut from {len(pages)} to {fit} pages", flush=True)
             headline = pages[:fit]
-    record(run_engine(model, headline, "continuous", max_batch=max_batch, **common))
-    if args.compare_admit_min:
+    if not args.no_headline:
+        record(run_engine(model, headline, "continuous", max_batch=max_batch, **common))
+    if args.compare_admit_min and not args.no_headline:
         record(
             run_engine(
                 model,
@@ -639,8 +736,14 @@ def main(argv: list[str] | None = None) -> int:
     if rates:
         for k in report.get("paged_kernel", []):
             k["fraction_of_copy_bw"] = round(k["kv_gb_per_s"] / rates["copy_gb_per_s"], 3)
-        head = next(p for p in report["phases"] if p["phase"] == "continuous")
+        head = next((p for p in report["phases"] if p["phase"] == "continuous"), {"vision_ms_per_page": 0})
         tf = report["vision_flops_per_page_unique_mean"]
+        alone = report.get("vision_alone", {})
+        if alone:  # vision on its own (in the engine it overlaps decode: its GPU time there is shared)
+            best = alone[alone["chosen"]]
+            report["vision_alone_mfu_vs_measured_matmul"] = round(
+                best["tflop_per_s"] / rates["matmul_tflop_per_s"], 3
+            )
         if head["vision_ms_per_page"]:
             report["vision_tflop_per_s"] = round(tf / (head["vision_ms_per_page"] / 1000), 1)
             report["vision_mfu_vs_measured_matmul"] = round(

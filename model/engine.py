@@ -36,6 +36,7 @@ token for token (tests/model/test_engine.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections import deque
@@ -90,14 +91,19 @@ class EngineConfig:
     kv_blocks: int = (
         0  # pool size; 0: fit to free CUDA memory (kv_headroom_gib kept), else max_batch rows' worth
     )
-    # kept free for vision/prefill activations, CUDA graphs and the views of the pages in flight
-    # (a live row keeps its ~20 MB of Gundam views on the device: a preempted page is re-encoded)
-    kv_headroom_gib: float = 30.0
+    # kept free for vision/prefill activations (both can run beside decode), CUDA graphs, the
+    # views of the pages encoded ahead (~20 MB each) and the image embeddings of the rows (~2 MB each)
+    kv_headroom_gib: float = 20.0
     admit_max: int = 128  # pages per admission group (bounds vision/prefill activations and views in flight)
     kv_watermark: float = 0.01  # fraction of the pool admission leaves free
     # admission reserves each live row's expected growth: its exact cap when forced, else the mean
     # output length of finished pages (this value until one finishes)
     expect_new_tokens: int = 1024
+    # pages pulled and encoded (SAM/CLIP) ahead of admission, on a second CUDA stream of lower
+    # priority than decode, so vision overlaps the decode rounds (issue 13); 0: encode at admission,
+    # serialised with decode (the previous behaviour). A row keeps only its image embeddings
+    # (~2 MB/page), not its views (~20 MB), so a preempted page is not re-encoded.
+    vision_ahead: int = 64
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.sync_every < 1 or self.len_bucket < 1 or self.admit_min < 1:
@@ -119,6 +125,8 @@ class Request:
     ngram_size: int | None = None  # per-request n-gram ban (None: the engine's)
     ngram_window: int | None = None
     tag: Any = None  # caller's handle, returned with the result
+    # set by the engine once the views are encoded (the views are dropped then): (N_img, D)
+    image: Tensor | None = None
 
 
 @dataclass
@@ -254,60 +262,74 @@ class Engine:
             0,
             0,
         )  # finished unforced pages: count, output tokens (admission estimate)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool: Any = None
+        # paged: the step runs over row slots [0, hi) only, hi = the highest live row rounded up to
+        # this bucket (admission takes the lowest free rows, so live rows stay packed low)
+        self._row_bucket = max(1, B // 8) if self.paged else B
+        cuda = dev.type == "cuda"
+        self._decode_stream = torch.cuda.Stream(dev, priority=-1) if cuda else None
+        self._vision_stream = torch.cuda.Stream(dev, priority=0) if cuda else None
+        self._vision_events: list[tuple[Any, Any, int]] = []  # (start, end, pages) not yet counted
 
     # ------------------------------------------------------------------ device step pieces
 
     def _advance(self, logits: Tensor, active: Tensor) -> None:
-        """Pick the next token of every `active` row from fp32 `logits` (B, V); update state."""
-        c = self.cfg
+        """Pick the next token of every `active` row from fp32 `logits` (b, V) of row slots
+        [0, b); update their state in place (views of the state tensors)."""
+        c, b = self.cfg, logits.shape[0]
+        out, n, done, reason, last = self.out[:b], self.n[:b], self.done[:b], self.reason[:b], self.last[:b]
+        force, max_new = self.force[:b], self.max_new[:b]
         if self._ng_max[0] >= 2:
             banned = no_repeat_ngram_mask(
-                self.out,
-                self.n,
-                self.ng_n,
-                self.ng_w,
+                out,
+                n,
+                self.ng_n[:b],
+                self.ng_w[:b],
                 self.whitelist,
                 self.vocab,
                 max_ngram=self._ng_max[0],
                 max_window=self._ng_max[1],
             )
             logits = logits.masked_fill(banned, float("-inf"))
-        no_eos = self.force & (self.n + 1 < self.max_new)  # forced rows: EOS banned until the end
+        no_eos = force & (n + 1 < max_new)  # forced rows: EOS banned until the end
         logits[:, c.eos_id] = torch.where(no_eos, float("-inf"), logits[:, c.eos_id])
-        tok = logits.argmax(dim=-1)  # (B,)
-        rows = torch.arange(tok.shape[0], device=tok.device)
-        slot = self.n.clamp(max=self.out.shape[1] - 1)
-        self.out[rows, slot] = torch.where(active, tok, self.out[rows, slot])
-        self.n += active.long()
-        self.last.copy_(torch.where(active, tok, self.last))  # in place: graph-replay safe
-        eos = active & (tok == c.eos_id) & ~self.force
-        full = active & (self.n >= self.max_new)
+        tok = logits.argmax(dim=-1)  # (b,)
+        rows = torch.arange(b, device=tok.device)
+        slot = n.clamp(max=out.shape[1] - 1)
+        out[rows, slot] = torch.where(active, tok, out[rows, slot])
+        n += active.long()
+        last.copy_(torch.where(active, tok, last))  # in place: graph-replay safe
+        eos = active & (tok == c.eos_id) & ~force
+        full = active & (n >= max_new)
         loop = torch.zeros_like(eos)
         if c.loop_detect:
-            loop = active & ~self.force & repetition_flags(self.out, self.n, min_span=c.loop_min_span)
+            loop = active & ~force & repetition_flags(out, n, min_span=c.loop_min_span)
         code = torch.where(eos, 1, torch.where(loop, 3, torch.where(full, 2, 0)))
-        self.reason.copy_(torch.where(active & ~self.done, code, self.reason))
-        self.done |= eos | loop | full
+        reason.copy_(torch.where(active & ~done, code, reason))
+        done |= eos | loop | full
 
-    def _step_body(self) -> None:
-        positions = (self.prompt_len + self.n - 1).clamp(min=0)[:, None]  # (B, 1) last token's slot
-        logits = self.model(self.last[:, None], positions, None, self.cache)[:, 0]  # (B, V)
-        self._advance(logits, ~self.done)
+    def _step_body(self, hi: int) -> None:
+        """One decode step over row slots [0, hi) (rows >= hi are all idle)."""
+        done = self.done[:hi]
+        positions = (self.prompt_len[:hi] + self.n[:hi] - 1).clamp(min=0)
+        if self.paged:  # idle rows attend one slot (their table row points at the trash block)
+            positions = positions.masked_fill(done, 0)
+        logits = self.model(self.last[:hi, None], positions[:, None], None, self.cache)[:, 0]  # (hi, V)
+        self._advance(logits, ~done)
 
     @torch.inference_mode()
-    def _decode_step(self, attend_len: int) -> None:
+    def _decode_step(self, attend_len: int, hi: int) -> None:
         self.cache.attend_len = attend_len
         if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
-            self._step_body()
+            self._step_body(hi)
             return
-        graph = self._graphs.get(attend_len)
+        graph = self._graphs.get((attend_len, hi))
         if graph is None:
-            graph = self._graphs[attend_len] = self._capture()
+            graph = self._graphs[(attend_len, hi)] = self._capture(hi)
         graph.replay()
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
+    def _capture(self, hi: int) -> torch.cuda.CUDAGraph:
         """Record one decode step for the current attend_len. Every state tensor is updated in
         place, so replaying the graph advances the live state. The state is saved around the
         warm-up/capture runs (they execute the step for real) and restored afterwards."""
@@ -316,13 +338,13 @@ class Engine:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            self._step_body()  # warm-up (lazy inits, cuBLAS handles) outside the capture
+            self._step_body(hi)  # warm-up (lazy inits, cuBLAS handles) outside the capture
             for t, v in zip(state, saved):
                 t.copy_(v)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step_body()
+            self._step_body(hi)
         self._pool = graph.pool()
         for t, v in zip(state, saved):
             t.copy_(v)
@@ -331,17 +353,31 @@ class Engine:
     # ------------------------------------------------------------------ admission
 
     @torch.inference_mode()
-    def _admit(self, rows: list[int], reqs: list[Request]) -> None:
-        """Encode, prefill and take the first token of `reqs` into cache rows `rows`."""
+    def _encode(self, reqs: Sequence[Request]) -> None:
+        """SAM/CLIP for every request with views and no image yet, in shared batches: sets each
+        one's `image` and drops its views (the engine owns a request once pulled)."""
+        todo = [r for r in reqs if r.views is not None and r.image is None]
+        if todo:
+            views = [cast(PageViews, r.views) for r in todo]
+            embeds = self.model.vision.image_embeddings_batch(views, max_batch=self.cfg.vision_batch)
+            for r, e in zip(todo, embeds):
+                r.image, r.views = e, None
+
+    @torch.inference_mode()
+    def _admit(self, rows: list[int], reqs: list[Request], events: dict[int, Any]) -> None:
+        """Prefill `reqs` into cache rows `rows` and take their first token; views not encoded
+        ahead (`EngineConfig.vision_ahead`) are encoded here, on the decode stream."""
         t0 = time.perf_counter()
-        views = [r.views for r in reqs if r.views is not None]
-        embeds = (
-            self.model.vision.image_embeddings_batch(views, max_batch=self.cfg.vision_batch) if views else []
-        )
-        self._sync()
+        inline = any(r.views is not None and r.image is None for r in reqs)
+        self._encode(reqs)
+        for r in reqs:  # encoded ahead on the vision stream: the decode stream waits for it
+            ev = events.pop(id(r), None)
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+        if inline:
+            self._sync()
         t1 = time.perf_counter()
-        it = iter(embeds)
-        per_req = [next(it) if r.views is not None else None for r in reqs]
+        per_req = [r.image for r in reqs]
         logits = torch.zeros(self.cfg.max_batch, self.vocab, device=self.device)
         order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].input_ids))  # similar lengths together
         group: list[int] = []
@@ -380,7 +416,8 @@ class Engine:
         active[idx] = True
         self._advance(logits, active)
         self._sync()
-        self.stats.vision_s += t1 - t0
+        if inline:
+            self.stats.vision_s += t1 - t0
         self.stats.prefill_s += time.perf_counter() - t1
 
     def _prefill(
@@ -403,28 +440,115 @@ class Engine:
     # ------------------------------------------------------------------ host loop
 
     def _sync(self) -> None:
+        """Wait for the current stream only (the vision stream keeps running)."""
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _on(self, stream: Any) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _pull(self, source: Iterator[Request | None], errors: list[Result]) -> Request | None | bool:
+        """The next valid request of `source`: a Request, None (a live feed has nothing queued)
+        or False (exhausted). Invalid requests become error results in `errors`."""
+        while True:
+            try:
+                req = next(source)
+            except StopIteration:
+                return False
+            if req is None:
+                return None
+            bad = self._check(req)
+            if bad is None:
+                return req
+            errors.append(Result(req.tag, [], "error", len(req.input_ids), error=bad))
+
+    @torch.inference_mode()
+    def _pull_ahead(
+        self,
+        source: Iterator[Request | None],
+        ahead: deque[Request],
+        events: dict[int, Any],
+        errors: list[Result],
+    ) -> bool:
+        """Top up `ahead` to `vision_ahead` pages (in chunks of at least `admit_min`) and launch
+        their SAM/CLIP on the vision stream; the pulls themselves (the caller's H2D copies and
+        normalisation) run there too. Returns True when `source` is exhausted."""
+        c = self.cfg
+        want = c.vision_ahead - len(ahead)
+        if want < min(c.vision_ahead, self._admit_min):
+            return False
+        pulled: list[Request] = []
+        exhausted = False
+        with self._on(self._vision_stream):
+            while len(pulled) < want:
+                req = self._pull(source, errors)
+                if req is None or req is False:
+                    exhausted = req is False
+                    break
+                assert isinstance(req, Request)
+                pulled.append(req)
+            if pulled:
+                vs = self._vision_stream
+                start = torch.cuda.Event(enable_timing=True) if vs is not None else None
+                if start is not None:
+                    start.record(vs)
+                t0 = time.perf_counter()
+                self._encode(pulled)
+                if vs is None:  # CPU: encoded synchronously, host time is its time
+                    self.stats.vision_s += time.perf_counter() - t0
+                else:
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record(vs)
+                    self._vision_events.append((start, end, len(pulled)))
+                    for r in pulled:
+                        events[id(r)] = end
+                        if r.image is not None:  # read by prefill on the decode stream
+                            r.image.record_stream(cast(torch.cuda.Stream, self._decode_stream))
+        ahead.extend(pulled)
+        return exhausted
+
+    def _count_vision(self, wait: bool = False) -> None:
+        """Add the GPU time of finished vision-stream encodes to `stats.vision_s`."""
+        keep: list[tuple[Any, Any, int]] = []
+        for start, end, pages in self._vision_events:
+            if wait:
+                end.synchronize()
+            if end.query():
+                self.stats.vision_s += start.elapsed_time(end) / 1000.0
+            else:
+                keep.append((start, end, pages))
+        self._vision_events = keep
 
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
         """Run every request; yields each Result as soon as its sequence is retired.
 
-        `requests` may be a lazy iterator (e.g. fed by another thread): it is pulled only when a
-        row (and, paged, enough KV blocks) is free, so admission streams; it may yield None for
-        "nothing queued now" (the engine keeps decoding and asks again at the next sync).
-        Paged: a request preempted from a dry pool goes back to the front of the queue and is
-        recomputed from its prompt (greedy decoding gives the same tokens again)."""
+        `requests` may be a lazy iterator (e.g. fed by another thread): it is pulled only when
+        the look-ahead queue (`vision_ahead`) or, without one, a row (and, paged, enough KV
+        blocks) is free, so admission streams; it may yield None for "nothing queued now" (the
+        engine keeps decoding and asks again at the next sync). Each round: admit, launch the
+        decode steps, launch the vision of the next pages on the vision stream (it overlaps the
+        decode), then the one host sync. Paged: a request preempted from a dry pool goes back to
+        the front of the queue and is recomputed from its prompt and its kept image embeddings
+        (greedy decoding gives the same tokens again)."""
         c = self.cfg
         source = iter(requests)
         exhausted = False
         waiting: deque[Request] = deque()  # preempted, or pulled but held back for KV blocks
+        ahead: deque[Request] = deque()  # pulled, encoded (or encoding) on the vision stream
+        events: dict[int, Any] = {}  # id(request) -> its vision-stream event, until admitted
         live: dict[int, list[Any]] = {}  # row -> [request, t_admit, steps bound, admission seq]
         seq = itertools.count()
-        with torch.inference_mode():
+        decode = self._decode_stream
+        with self._on(decode), torch.inference_mode():
             self.done.fill_(True)  # rows left over by an earlier, aborted call are not live
-        if self.paged:
-            self._reset_blocks()
+            if self.paged:
+                self._reset_blocks()
         while True:
+            errors: list[Result] = []
+            if c.vision_ahead and not live and not exhausted:  # idle: fill the queue first
+                exhausted = self._pull_ahead(source, ahead, events, errors)
+            yield from errors
+            errors = []
             free = [r for r in range(c.max_batch) if r not in live]
             if live and (c.static_batches or len(free) < self._admit_min):
                 free = []  # keep decoding; admit a group later (see EngineConfig.admit_min)
@@ -440,20 +564,21 @@ class Engine:
             while free and len(new_reqs) < c.admit_max:
                 if waiting:
                     req = waiting.popleft()
-                elif exhausted:
+                elif ahead:
+                    ev = events.get(id(ahead[0]))
+                    if live and ev is not None and not ev.query():
+                        break  # still encoding: keep decoding, admit it next round
+                    req = ahead.popleft()
+                elif exhausted or c.vision_ahead:
                     break
                 else:
-                    try:
-                        req = next(source)
-                    except StopIteration:
-                        exhausted = True
+                    with self._on(decode):
+                        got = self._pull(source, errors)
+                    if got is None or got is False:
+                        exhausted = got is False
                         break
-                    if req is None:  # a live feed with nothing queued right now
-                        break
-                    bad = self._check(req)
-                    if bad is not None:
-                        yield Result(req.tag, [], "error", len(req.input_ids), error=bad)
-                        continue
+                    assert isinstance(got, Request)
+                    req = got
                 if self.paged:
                     need = self._blocks_for(len(req.input_ids))
                     grow = max(0, self._expected_blocks(req) - need)
@@ -471,32 +596,43 @@ class Engine:
                     row = free.pop(0)
                 new_rows.append(row)
                 new_reqs.append(req)
+            yield from errors
+            errors = []
             if new_reqs:
-                if self.paged:
-                    self._upload_table()
-                self._admit(new_rows, new_reqs)
+                with self._on(decode):
+                    if self.paged:
+                        self._upload_table()
+                    self._admit(new_rows, new_reqs, events)
                 self.stats.admissions.append(len(new_reqs))
                 now = time.perf_counter()
                 for row, req in zip(new_rows, new_reqs):
                     live[row] = [req, now, 1, next(seq)]
             if not live:
-                if exhausted and not waiting:
+                if exhausted and not waiting and not ahead:
+                    self._count_vision(wait=True)
                     return
                 time.sleep(0.002)  # idle live feed: wait for work without spinning the GPU
                 continue
-            if self.paged:
-                self._grow(live, waiting)
             t0 = time.perf_counter()
-            # attend is computed once per sync round (no host work per token)
-            longest = max(len(q.input_ids) + s for q, _, s, _ in live.values()) + c.sync_every
-            attend = min(c.max_model_len, -(-longest // c.len_bucket) * c.len_bucket)
-            if self._flash or (self.paged and self._paged_cache.use_kernel):
-                attend = c.max_model_len  # the kernel reads each row's own length: one shape, one graph
-            for _ in range(c.sync_every):
-                self._decode_step(attend)
+            with self._on(decode):
+                if self.paged:
+                    self._grow(live, waiting)
+                # attend is computed once per sync round (no host work per token)
+                longest = max(len(q.input_ids) + s for q, _, s, _ in live.values()) + c.sync_every
+                attend = min(c.max_model_len, -(-longest // c.len_bucket) * c.len_bucket)
+                if self._flash or (self.paged and self._paged_cache.use_kernel):
+                    attend = c.max_model_len  # the kernel reads each row's own length: one shape
+                hi = min(c.max_batch, -(-(max(live) + 1) // self._row_bucket) * self._row_bucket)
+                for _ in range(c.sync_every):
+                    self._decode_step(attend, hi)
+            if c.vision_ahead and not exhausted:  # launched while the decode round runs
+                exhausted = self._pull_ahead(source, ahead, events, errors)
+            with self._on(decode):
+                done, n, reason = (x.cpu() for x in (self.done, self.n, self.reason))  # the one host sync
+            yield from errors
             for v in live.values():
                 v[2] += c.sync_every
-            done, n, reason = (x.cpu() for x in (self.done, self.n, self.reason))  # the one host sync
+            self._count_vision()
             self.stats.decode_s += time.perf_counter() - t0
             self.stats.decode_steps += c.sync_every
             self.stats.occupancy.append((time.perf_counter() - self._t0, len(live)))
@@ -508,7 +644,8 @@ class Engine:
                     )
                 )
             out_rows = [r for r in live if bool(done[r])]
-            toks = self.out[out_rows].cpu() if out_rows else None
+            with self._on(decode):
+                toks = self.out[out_rows].cpu() if out_rows else None
             for k, row in enumerate(out_rows):
                 assert toks is not None  # out_rows is not empty
                 req, t_admit, _, _ = live.pop(row)

@@ -46,6 +46,11 @@ def rel_pos_table(size: int, rel_pos: Tensor) -> Tensor:
     return rel_pos[idx[:, None] - idx[None, :] + size - 1]  # (size, size, d)
 
 
+# CUDA: pad v to the augmented head dim so SDPA can take the flash kernel (equal head dims) instead
+# of the memory-efficient one; `jobs/benchmark.py --kernel-bench` times both (vision A/B)
+PAD_V_ON_CUDA = False
+
+
 def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, scale: float) -> Tensor:
     """softmax(scale*q.k + <q, Rh[i,k]> + <q, Rw[j,l]>) v without materialising the bias.
 
@@ -64,8 +69,8 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, s
     v = v.reshape(B, nh, H * W, d)
     if pad:
         q_aug, k_aug = F.pad(q_aug, (0, pad)), F.pad(k_aug, (0, pad))
-    if q.device.type == "cpu":
-        # The CPU flash kernel needs equal q/k/v head dims (else: slow math path with an N x N
+    if q.device.type == "cpu" or PAD_V_ON_CUDA:
+        # The flash kernels need equal q/k/v head dims (CPU: else a slow math path with an N x N
         # matrix); zero columns of v only add zero output columns, sliced off below.
         out = F.scaled_dot_product_attention(q_aug, k_aug, F.pad(v, (0, e + pad - d)), scale=1.0)
         return out[..., :d]  # (B, nh, N, d)

@@ -394,3 +394,70 @@ def test_both_engines_give_the_same_tokens(tiny_model, requests_, engine: str) -
     )
     got = Engine(tiny_model, cfg).run(Request(ids, views) for ids, views in requests_[:4])
     assert [g.ids for g in got] == [r.ids for r in ref]
+
+
+@pytest.mark.parametrize("vision_ahead", [0, 2, 64])
+def test_vision_ahead_keeps_tokens_with_a_live_feed(tiny_model, requests_, vision_ahead: int) -> None:
+    """Pages encoded ahead of admission (EngineConfig.vision_ahead; on CUDA on a second stream),
+    pulled from a live feed that sometimes has nothing queued, with more row slots than pages
+    (the step runs over the low row slots only): the same greedy tokens as one page at a time.
+    The engine drops each page's views once encoded."""
+    ref = _reference(tiny_model, requests_, 12)
+    cfg = EngineConfig(
+        max_batch=16,
+        max_model_len=2048,
+        max_new_tokens=12,
+        ngram_size=5,
+        ngram_window=12,
+        loop_detect=False,
+        sync_every=2,
+        len_bucket=64,
+        admit_min=1,
+        vision_ahead=vision_ahead,
+    )
+    engine = Engine(tiny_model, cfg)
+    reqs = [Request(ids, views, tag=k) for k, (ids, views) in enumerate(requests_)]
+    pulled: list[int] = []
+    results: list[Any] = []
+
+    def feed() -> Iterable[Request | None]:
+        for k, r in enumerate(reqs):
+            if k % 2:
+                yield None  # nothing queued right now
+            pulled.append(k)
+            yield r
+
+    for res in engine.generate(feed()):
+        results.append(res)
+    got = sorted(results, key=lambda r: r.tag)
+    assert [g.ids for g in got] == [r.ids for r in ref]
+    assert all(r.views is None and r.image is not None for r in reqs)
+    assert engine.stats.pages == len(reqs) and engine.stats.vision_s > 0
+
+
+def test_vision_ahead_pulls_a_bounded_number_of_pages(tiny_model, requests_) -> None:
+    """One row slot, look-ahead of 2: at any pull, pages pulled minus pages retired stay within
+    the row plus the look-ahead (the feed is not drained into device memory)."""
+    cfg = EngineConfig(
+        max_batch=1,
+        max_model_len=2048,
+        max_new_tokens=4,
+        ngram_size=5,
+        ngram_window=12,
+        loop_detect=False,
+        sync_every=2,
+        admit_min=1,
+        vision_ahead=2,
+    )
+    retired = 0
+    in_flight: list[int] = []
+
+    def feed() -> Iterable[Request | None]:
+        for k, (ids, views) in enumerate(requests_ * 2):
+            in_flight.append(k + 1 - retired)  # pages pulled (this one included) minus retired
+            yield Request(ids, views, tag=k)
+
+    for _ in Engine(tiny_model, cfg).generate(feed()):
+        retired += 1
+    assert retired == 2 * len(requests_)
+    assert max(in_flight) == 1 + 2

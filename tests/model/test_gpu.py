@@ -75,6 +75,38 @@ def test_engine_graphs_equal_eager() -> None:
             res[engine, graphs] = [r.ids for r in Engine(model, cfg).run(Request(i, v) for i, v in reqs)]
     assert res["paged", True] == res["paged", False]
     assert res["slotted", True] == res["slotted", False]
+    # vision encoded at admission on the decode stream (no look-ahead) vs ahead on the vision
+    # stream (the runs above): the same tokens; 16 row slots, so the step runs over a bucket of them
+    for ahead, rows in ((0, 3), (64, 16)):
+        cfg = EngineConfig(
+            max_batch=rows, max_model_len=2048, max_new_tokens=40, sync_every=4, vision_ahead=ahead,
+            kv_blocks=3 * 32 + 1, admit_min=1,
+        )  # fmt: skip
+        assert [r.ids for r in Engine(model, cfg).run(Request(i, v) for i, v in reqs)] == res["paged", True]
+
+
+@cuda
+def test_sam_attention_padded_v_equals_memory_efficient() -> None:
+    """SAM's rel-pos attention with v padded (flash-eligible) equals the unpadded path."""
+    from model import sam
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, nh, H, W, d = 2, 12, 14, 14, 64
+    q, k, v = (
+        torch.randn(B, nh, H, W, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)
+    )
+    rh = torch.randn(H, H, d, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+    rw = torch.randn(W, W, d, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+    out = {}
+    saved = sam.PAD_V_ON_CUDA
+    try:
+        for pad in (False, True):
+            sam.PAD_V_ON_CUDA = pad
+            out[pad] = sam.rel_pos_attention(q, k, v, rh, rw, d**-0.5).float()
+    finally:
+        sam.PAD_V_ON_CUDA = saved
+    assert out[False].shape == out[True].shape == (B, nh, H * W, d)
+    assert (out[False] - out[True]).abs().max().item() < 2e-2
 
 
 @cuda
