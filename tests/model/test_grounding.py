@@ -170,7 +170,9 @@ def test_loops_are_linear_and_warnings_capped() -> None:
     for raw in cases:
         t0 = time.perf_counter()
         p = parse(raw)
-        assert time.perf_counter() - t0 < 1.0, raw[:40]
+        # a catastrophe guard, not a speed target: a quadratic parse of ~200 KB takes hours, a
+        # linear one milliseconds; 10 s leaves room for a loaded 2-core CI machine
+        assert time.perf_counter() - t0 < 10.0, raw[:40]
         assert len(p.warnings) <= 51
     p = parse(unit * 4000)
     assert len(p.blocks) == 4000 and p.warnings == []
