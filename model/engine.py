@@ -124,9 +124,10 @@ class Request:
     force_len: int | None = None  # benchmark: generate exactly this many tokens
     ngram_size: int | None = None  # per-request n-gram ban (None: the engine's)
     ngram_window: int | None = None
-    tag: Any = None  # caller's handle, returned with the result
+    tag: Any = None  # caller's handle, returned untouched with the result
     # set by the engine once the views are encoded (the views are dropped then): (N_img, D)
     image: Tensor | None = None
+    request_id: int = -1  # assigned by the engine when it pulls the request (pull order)
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Result:
     prompt_len: int
     error: str | None = None  # a request that could not run (e.g. prompt too long)
     ms: float = 0.0  # admission to retirement, wall time
+    request_id: int = -1  # the engine's id of the request (increasing in pull order)
 
     @property
     def num_output_tokens(self) -> int:
@@ -205,6 +207,7 @@ class Engine:
             self._alloc(B, T, dev)
         self.stats = EngineStats(kv_blocks=getattr(self, "stats_kv_blocks", 0))
         self._t0 = time.perf_counter()
+        self._ids = itertools.count()  # request ids, increasing in pull order over the engine's life
 
     def _alloc(self, B: int, T: int, dev: torch.device) -> None:
         c, dec = self.cfg, self.model.decoder
@@ -457,10 +460,13 @@ class Engine:
                 return False
             if req is None:
                 return None
+            req.request_id = next(self._ids)
             bad = self._check(req)
             if bad is None:
                 return req
-            errors.append(Result(req.tag, [], "error", len(req.input_ids), error=bad))
+            errors.append(
+                Result(req.tag, [], "error", len(req.input_ids), error=bad, request_id=req.request_id)
+            )
 
     @torch.inference_mode()
     def _pull_ahead(
@@ -664,6 +670,7 @@ class Engine:
                     FINISH_REASONS[int(reason[row])],
                     len(req.input_ids),
                     ms=(time.perf_counter() - t_admit) * 1000.0,
+                    request_id=req.request_id,
                 )
 
     # ------------------------------------------------------------------ paged KV bookkeeping (host)
@@ -748,13 +755,5 @@ class Engine:
         return None
 
     def run(self, requests: Iterable[Request]) -> list[Result]:
-        """All results, in request order."""
-        reqs = list(requests)
-        for i, r in enumerate(reqs):
-            r.tag = (i, r.tag)
-        results = sorted(self.generate(reqs), key=lambda res: res.tag[0])
-        for r in results:
-            r.tag = r.tag[1]
-        for r in reqs:
-            r.tag = r.tag[1]
-        return results
+        """All results, in request order (by the ids the engine assigns in pull order)."""
+        return sorted(self.generate(requests), key=lambda res: res.request_id)

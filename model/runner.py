@@ -19,14 +19,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
 
-from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig, Request, fit_max_batch
+from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig, Request, Result, fit_max_batch
 from model.ocr import OcrModel
 from model.preprocess import to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer
@@ -80,6 +80,16 @@ class OcrInput:
 
 
 @dataclass
+class _Track:
+    """What PageOcr keeps with a request in flight (the engine returns it as the result's tag)."""
+
+    tag: Any  # the caller's tag
+    num_image_tokens: int
+    t0: float
+    future: Future[OcrOutput] | None = None  # serving: resolved when the page is done
+
+
+@dataclass
 class OcrOutput:
     tag: Any
     raw_output: str
@@ -130,7 +140,7 @@ class PageOcr:
                 )
         return cls(model, tok, EngineConfig(**engine), prompt)
 
-    def _request(self, x: OcrInput) -> Request:
+    def _request(self, x: OcrInput, future: Future[OcrOutput] | None = None) -> Request:
         dev = self.engine.device
         g = to_pixel_tensor(x.global_view, dev).to(self._dtype)  # uint8 copied, normalised on the device
         tiles = (
@@ -143,35 +153,34 @@ class PageOcr:
             force_len=x.force_len,
             ngram_size=x.ngram_size,
             ngram_window=x.ngram_window,
-            tag=(x.tag, x.num_image_tokens, time.perf_counter()),
+            tag=_Track(x.tag, x.num_image_tokens, time.perf_counter(), future),
         )
 
-    def _output(self, res: Any, tag: Any, n_img: int, t0: float) -> OcrOutput:
+    def _output(self, res: Result) -> OcrOutput:
         """The one place an engine result becomes an OcrOutput (stream and the async server)."""
+        track = cast(_Track, res.tag)
         return OcrOutput(
-            tag=tag,
+            tag=track.tag,
             raw_output=self.tokenizer.decode(res.ids),
             ids=res.ids,
             num_output_tokens=res.num_output_tokens,
-            num_vision_tokens=n_img,
+            num_vision_tokens=track.num_image_tokens,
             finish_reason=res.finish_reason,
-            ocr_ms=(time.perf_counter() - t0) * 1000.0,
+            ocr_ms=(time.perf_counter() - track.t0) * 1000.0,
             error=res.error,
         )
 
     def stream(self, inputs: Iterable[OcrInput]) -> Iterator[OcrOutput]:
         """OCR pages as they come; outputs are yielded as pages finish (not in input order)."""
         for res in self.engine.generate(self._request(x) for x in inputs):
-            tag, n_img, t0 = res.tag
-            yield self._output(res, tag, n_img, t0)
+            yield self._output(res)
 
     def run(self, inputs: list[OcrInput]) -> list[OcrOutput]:
-        """OCR a list of pages; outputs in input order."""
-        tagged = [replace(x, tag=(i, x.tag)) for i, x in enumerate(inputs)]
-        out = sorted(self.stream(tagged), key=lambda o: o.tag[0])
-        for o in out:
-            o.tag = o.tag[1]
-        return out
+        """OCR a list of pages; outputs in input order (the engine's request ids follow it)."""
+        done = [
+            (r.request_id, self._output(r)) for r in self.engine.generate(self._request(x) for x in inputs)
+        ]
+        return [o for _, o in sorted(done, key=lambda d: d[0])]
 
     # ------------------------------------------------------------------ serving (async callers)
 
@@ -191,8 +200,7 @@ class PageOcr:
         return fut
 
     def _serve(self) -> None:
-        pending: dict[int, Future[OcrOutput]] = {}
-        counter = iter(range(1 << 62))
+        inflight: set[Future[OcrOutput]] = set()  # pulled by the engine, not yet resolved
 
         def requests() -> Iterator[Request | None]:
             while True:
@@ -203,16 +211,16 @@ class PageOcr:
                     continue
                 if not fut.set_running_or_notify_cancel():
                     continue
-                key = next(counter)
-                pending[key] = fut
-                yield self._request(replace(x, tag=(key, x.tag)))
+                inflight.add(fut)
+                yield self._request(x, fut)
 
         while True:
             try:
                 for res in self.engine.generate(requests()):
-                    (key, tag), n_img, t0 = res.tag
-                    pending.pop(key).set_result(self._output(res, tag, n_img, t0))
+                    fut = cast(Future[OcrOutput], cast(_Track, res.tag).future)
+                    inflight.discard(fut)
+                    fut.set_result(self._output(res))
             except Exception as e:  # noqa: BLE001 - fail what was in flight, keep serving
-                for fut in pending.values():
+                for fut in inflight:
                     fut.set_exception(e)
-                pending.clear()
+                inflight.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from model.engine import PAGED_AUTO_ROWS, EngineConfig
 from pipeline.config import PipelineConfig
 
 
@@ -37,19 +38,19 @@ def cpu_count() -> int:
 
 
 def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
-    """Batches an OCR actor works on at once: enough to keep twice its KV rows fed.
+    """Batches an OCR actor works on at once: enough to fill its KV rows and keep the engine's
+    look-ahead (`EngineConfig.vision_ahead`, pages encoded while decode runs) fed twice over.
 
     NOTE: Ray Data gives each actor task one bundle (~`ocr_batch_size` rows) and runs one task
     per actor at a time unless the actor's concurrency is raised; with the default, an async
     OcrStage would only ever hold one batch (16 pages) on the device. Each concurrent call
-    submits its pages to the same engine (`PageOcr.submit`), so they share one running batch."""
-    rows = ocr_rows(cfg, on_gpu) or AUTO_ROWS_GUESS
-    return max(1, -(-2 * rows // cfg.ray.ocr_batch_size))
-
-
-AUTO_ROWS_GUESS = (
-    128  # `generation.max_batch=null` on a GPU: rows are fitted in the actor; ~121 on an 80 GB H100
-)
+    submits its pages to the same engine (`PageOcr.submit`), so they share one running batch.
+    The pages queued beyond the rows and the look-ahead hold host memory only (PNG and uint8
+    views, ~10 MB a Gundam page), so the spare is kept small."""
+    bs = cfg.ray.ocr_batch_size
+    rows = ocr_rows(cfg, on_gpu) or PAGED_AUTO_ROWS  # paged engine, max_batch=None: its row slots
+    spare = 2 * max(EngineConfig.vision_ahead, bs) if on_gpu else rows
+    return max(1, -(-(rows + spare) // bs))
 
 
 def ocr_rows(cfg: PipelineConfig, on_gpu: bool) -> int | None:

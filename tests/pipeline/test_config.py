@@ -135,19 +135,23 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path: Path) -> None:
 
 
 def test_ocr_rows_default_fits_the_gpu_and_one_batch_on_cpu() -> None:
-    """max_batch=None (default): the GPU actor fits its KV rows to free memory after loading the
-    model (`model.engine.fit_max_batch`, measured on the H100 in BENCHMARKS.md); on CPU the engine
-    holds one Ray batch; and the actor takes enough concurrent Ray calls to keep 2x its rows fed."""
-    from pipeline.preflight import AUTO_ROWS_GUESS, ocr_calls_per_actor, ocr_rows
+    """max_batch=None (default): the GPU actor runs the paged engine with PAGED_AUTO_ROWS row
+    slots (its block pool fitted to free memory); on CPU the engine holds one Ray batch. The actor
+    takes enough concurrent Ray calls to fill its rows plus twice the engine's look-ahead (GPU),
+    or 2x its rows (CPU)."""
+    from model.engine import PAGED_AUTO_ROWS, EngineConfig
+    from pipeline.preflight import ocr_calls_per_actor, ocr_rows
 
     cfg = compose(["model=tiny_random"])
     assert cfg.generation.max_batch is None
     bs = cfg.ray.ocr_batch_size
     assert ocr_rows(cfg, on_gpu=False) == bs and ocr_rows(cfg, on_gpu=True) is None
-    assert ocr_calls_per_actor(cfg, True) == -(-2 * AUTO_ROWS_GUESS // bs)
+    ahead = EngineConfig.vision_ahead
+    assert ocr_calls_per_actor(cfg, True) == -(-(PAGED_AUTO_ROWS + 2 * max(ahead, bs)) // bs)
     fixed = compose(["model=tiny_random", "generation.max_batch=40", "ray.ocr_batch_size=16"])
     assert ocr_rows(fixed, True) == 40 and ocr_rows(fixed, False) == 16
-    assert ocr_calls_per_actor(fixed, True) == 5 and ocr_calls_per_actor(fixed, False) == 2
+    assert ocr_calls_per_actor(fixed, True) == -(-(40 + 2 * max(ahead, 16)) // 16)
+    assert ocr_calls_per_actor(fixed, False) == 2
 
 
 def test_fit_max_batch_needs_cuda() -> None:
