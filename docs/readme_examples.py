@@ -5,7 +5,7 @@
 1. `inspect-example.png` + `figure-example.png`: page 2 of the TraceMonkey paper from the dev corpus
    (`../shared/corpus/dev`), written by the real writer stage and drawn by `pipeline.inspect`.
    The offline tiny model emits no boxes, so the page's model output is replaced by a grounding
-   string in the model's format (spec 5.1) built from the PDF's own text blocks and its figure's
+   string in the model's format (spec §5.1) built from the PDF's own text blocks and its figure's
    drawing cluster: what the real model emits for such a page, not what it emitted.
 2. `report-*.png`: `pipeline.report` on OUTPUT, a real run (the README's is the dev corpus with the
    tiny random model: `mode=tiny generation.max_new_tokens=48 generation.fallback=none`).

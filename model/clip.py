@@ -1,5 +1,7 @@
 """CLIP-L tower of DeepSeek-OCR's DeepEncoder (checkpoint prefix ``model.vision_model.``).
 
+Adapted from DeepSeek-OCR's `deepencoder/clip_sdpa.py`.
+
 It never looks at pixels: the SAM output map (B, 1024, h, w) is used as the patch embeddings
 (flattened row-major), a class token is prepended, the 16x16(+CLS) position table is added
 (bicubic-antialias resized in fp32 to h x w when the grid is not 16x16), then ``pre_layrnorm``

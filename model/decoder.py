@@ -1,4 +1,6 @@
-"""DeepSeek-V2 language model as used by DeepSeek-OCR (spec 1.5): plain MHA, dense layer 0, MoE after.
+"""DeepSeek-V2 language model as used by DeepSeek-OCR (spec §1.5): plain MHA, dense layer 0, MoE after.
+
+Adapted from DeepSeek-OCR's `modeling_deepseekv2.py` (HF remote code).
 
 Decisions:
 - Module names mirror the checkpoint (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate`,

@@ -2,7 +2,7 @@
 
 This is the simple reference loop (nanochat's naive `generate`): the batched engine must match it
 token for token. It syncs with the host once per step (the EOS check) - fine here, not in the engine.
-Repetition control is the official windowed no-repeat-n-gram ban (spec 6) over the generated
+Repetition control is the official windowed no-repeat-n-gram ban (spec §6) over the generated
 tokens only, from `model.sampling` (imported lazily; ngram_size=0 disables it).
 """
 

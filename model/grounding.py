@@ -1,8 +1,10 @@
-"""Parse DeepSeek-OCR grounding output into typed blocks + clean markdown (spec 5; no torch).
+"""Parse DeepSeek-OCR grounding output into typed blocks + clean markdown (spec §5; no torch).
 
-Grammar (spec 5.1): ``<|ref|>LABEL<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>\\nCONTENT\\n\\n`` per
+Adapted from DeepSeek-OCR's `run_dpsk_ocr_pdf.py` post-processing.
+
+Grammar (spec §5.1): ``<|ref|>LABEL<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>\\nCONTENT\\n\\n`` per
 layout element; boxes are 0..999 relative to the original (un-padded) page image. Markdown follows the
-official post-processing (spec 5.2): tags removed (content kept), ``image`` blocks become a figure
+official post-processing (spec §5.2): tags removed (content kept), ``image`` blocks become a figure
 reference, ``\\coloneqq``->``:=``, ``\\eqqcolon``->``=:``, 3+ newlines -> 2, EOS stripped and reported.
 
 Key decisions:
@@ -52,7 +54,7 @@ class Block:
 class ParsedPage:
     blocks: list[Block]
     markdown: str
-    eos: bool  # False -> truncated or looping generation (spec 8, 10.10)
+    eos: bool  # False -> truncated or looping generation (spec §8, 10.10)
     warnings: list[str] = field(default_factory=list)
 
 

@@ -1,5 +1,7 @@
 """OcrModel: DeepEncoder (vision) + DeepSeek-V2 decoder, with the image vectors spliced into the
-token embeddings at the `<image>` (128815) positions (spec 1.7, 3.6).
+token embeddings at the `<image>` (128815) positions (spec §1.7, 3.6).
+
+Adapted from DeepSeek-OCR's `modeling_deepseekocr.py` (HF remote code).
 
 Decisions:
 - Two children only, `vision` and `decoder`; `model/checkpoint.py` maps official keys onto them.

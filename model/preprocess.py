@@ -1,5 +1,7 @@
 """Image preprocessing for every DeepSeek-OCR resolution mode (spec §3), CPU only.
 
+Adapted from DeepSeek-OCR's `process/image_process.py`.
+
 What: turn one decoded page image into the exact uint8 views the official code normalises — one
 global view (stretched or padded to S×S) plus, in the Gundam modes, a row-major list of s×s tiles
 — and count the LM ``<image>`` positions those views occupy.  Why here and in uint8: the views are

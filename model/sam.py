@@ -1,5 +1,7 @@
 """SAM-ViT-B image encoder of DeepSeek-OCR's DeepEncoder (checkpoint prefix ``model.sam_model.``).
 
+Adapted from DeepSeek-OCR's `deepencoder/sam_vary_sdpa.py`.
+
 ViTDet/SAM encoder: 16x16 patch conv, absolute position table, 12 pre-LN blocks (windowed 14x14
 attention except the global blocks), decomposed relative-position bias, conv neck, then the two
 stride-2 convs ``net_2``/``net_3`` (the "16x compressor"). Output (B, 1024, S/64, S/64).

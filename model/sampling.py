@@ -1,15 +1,17 @@
 """Decoding helpers as pure tensor functions: windowed no-repeat-n-gram ban and a loop detector.
 
+Adapted from DeepSeek-OCR's `process/ngram_norepeat.py` (the ban; the loop detector is ours).
+
 Both device functions take the per-row GENERATED tokens left-aligned in a fixed (B, T) buffer plus
 `lengths` (B,), and use only gathers/unfold/compares with shapes fixed by (B, T) and the Python-int
 parameters: no `.item()`, `.tolist()`, data-dependent branches or loops over rows/tokens, so they
 can live inside a compiled / CUDA-graph decode step. Padding beyond `lengths[b]` is never read as
 data (indices are clamped and the lanes masked out).
 
-- `no_repeat_ngram_mask` reproduces the official windowed processor exactly (spec 6,
+- `no_repeat_ngram_mask` reproduces the official windowed processor exactly (spec §6,
   DeepSeek-OCR-vllm `process/ngram_norepeat.py` == vLLM `NoRepeatNGramLogitsProcessor`), including
   its quirk that `ngram_size == 1` is a no-op (`out[-0:]` is the whole list, never equal to `()`).
-- `repetition_flags` flags rows whose tail is an exact period-p loop (spec 8: loops burn up to
+- `repetition_flags` flags rows whose tail is an exact period-p loop (spec §8: loops burn up to
   8,192 tokens per page); the caller stops them with finish_reason "repetition".
 - `repetition_score` is the host-side quality signal for finished pages.
 """
@@ -129,11 +131,11 @@ def repetition_flags(
 
     Defaults and why:
     - min_span 256: an exact loop covering 256 tokens is >= 25% of a typical page (~1k tokens,
-      spec 7) and still saves ~97% of an 8,192-token runaway; legit exact repeats that long
+      spec §7) and still saves ~97% of an 8,192-token runaway; legit exact repeats that long
       (e.g. a matrix of zeros, dot leaders) are rare and only cost a flagged page, not a lost one.
     - periods up to 128, >= 4 repeats: the n-gram ban (n=20..30, window 50..90) already breaks
       periods below ~window-n, so what survives is mostly line/paragraph-sized loops (repeated
-      headers, rows, spec 8); 4 repeats keeps 3x-repeated legit lines/rows from tripping it.
+      headers, rows, spec §8); 4 repeats keeps 3x-repeated legit lines/rows from tripping it.
     - exempt_ids (default: <td></td><tr></tr>; a tensor or Python ints, ints are graph-safe): a tail whose last min_span tokens are all table
       structure (empty cells/rows) is a legit structure, not a loop, and is exempt from the
       periodic test. It is flagged only once the run of exempt tokens reaches exempt_min_span

@@ -1,4 +1,6 @@
-"""DeepEncoder: SAM-B -> CLIP-L -> linear projector, plus the image token layout (spec 1.3-1.7, 3.5).
+"""DeepEncoder: SAM-B -> CLIP-L -> linear projector, plus the image token layout (spec §1.3-§1.7, 3.5).
+
+Adapted from DeepSeek-OCR's `deepseek_ocr.py` and `deepencoder/build_linear.py`.
 
 ``DeepEncoder.state_dict()`` keys prefixed with ``model.`` are exactly the official vision keys
 (``sam_model.*``, ``vision_model.*``, ``projector.layers.*``, ``image_newline``,
@@ -100,7 +102,7 @@ class DeepEncoder(nn.Module):
         return torch.cat(parts, dim=0)  # (N_img, D)
 
     def image_embeddings(self, global_view: Tensor, tiles: Tensor | None, grid: tuple[int, int]) -> Tensor:
-        """Vectors for the <image> positions of one image: (N_img, D) (spec 3.5)."""
+        """Vectors for the <image> positions of one image: (N_img, D) (spec §3.5)."""
         return self.image_embeddings_batch([PageViews(global_view, tiles, grid)])[0]
 
     def image_embeddings_batch(

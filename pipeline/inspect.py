@@ -6,7 +6,7 @@ DOC_ID may be a unique prefix of the doc_id or the document's file name. The pag
 row's `page_image` when the run stored it (`output.include_images=true`); otherwise the page is
 rendered again from `source_uri` at the row's effective dpi (so it has the row's pixel size).
 Boxes use the mapping of the crops and of the official scripts (`int(x / 999 * W)`,
-`pipeline.outputs.figure_box_px`) and the official drawing style (spec 5.2: outline width 4 for
+`pipeline.outputs.figure_box_px`) and the official drawing style (spec §5.2: outline width 4 for
 `title`, 2 otherwise, translucent fill, label above the box on a white box), with a fixed colour
 per label and a label font scaled to the page.
 The PNG path and the row's quality signals go to stderr; the page's markdown goes to stdout.

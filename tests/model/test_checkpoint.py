@@ -91,7 +91,7 @@ def test_missing_directory_and_files(tmp_path: Path) -> None:
 
 
 def test_official_config_json_values() -> None:
-    """The official config.json's top-level LM keys (spec 1.6) give the official decoder."""
+    """The official config.json's top-level LM keys (spec §1.6) give the official decoder."""
     official = {
         "hidden_size": 1280,
         "intermediate_size": 6848,

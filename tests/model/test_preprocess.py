@@ -109,7 +109,7 @@ def test_golden_views_pixel_exact(parity_dir: Path, case_id: str) -> None:
             assert hashlib.sha256(prep.tiles[k].tobytes()).hexdigest() == tile["sha256_rgb"]
 
 
-# --- token counts (spec 3.2 / 3.3 worked examples) -------------------------------------------
+# --- token counts (spec §3.2 / 3.3 worked examples) -------------------------------------------
 
 
 @pytest.mark.parametrize(

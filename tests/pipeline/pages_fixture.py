@@ -1,7 +1,7 @@
 """Known pages and known grounding strings for the output tests (no model, no Ray).
 
 The tiny random model rarely emits grounding tags, so box and figure logic is fed the model's
-output format (spec 5.1) directly: `ocr_row` builds the row a page has when it reaches the writer
+output format (spec §5.1) directly: `ocr_row` builds the row a page has when it reaches the writer
 (the page PNG, text layer, raw output, finish reason), exactly as the OCR stage leaves it.
 """
 
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "tests" / "data" / "paper-arxiv-math-01.pdf"  # 595.276 x 841.89 pt, one page
 EOS = "<｜end▁of▁sentence｜>"
 
-# A known grounding string: title, a figure, a text block (0-999 boxes, spec 5.1).
+# A known grounding string: title, a figure, a text block (0-999 boxes, spec §5.1).
 GROUNDING = (
     "<|ref|>title<|/ref|><|det|>[[100, 50, 900, 120]]<|/det|>\n# A known title\n\n"
     "<|ref|>image<|/ref|><|det|>[[250, 300, 750, 600]]<|/det|>\n\n"
