@@ -256,6 +256,38 @@ def test_ray_job_submit_on_local_cluster(tmp_path: Path) -> None:
         rows = read_pages(out)
         assert len(rows) == 5 and {r["mode"] for r in rows} == {"base"}
         assert json.loads((out / "_summary.json").read_text())["accounting_ok"]
+        # jobs/nightly.sh on the cluster: one submission id per output root and night, so a second
+        # submission of the same night (a cron double-fire) is refused by Ray itself
+        nightly_env = {
+            **env,
+            "RAY_ADDRESS": address,
+            "NIGHTLY_DATE": "2026-01-02",
+            "SUBMIT_FLAGS": "--no-wait",
+        }
+        nightly = [
+            "bash",
+            "jobs/nightly.sh",
+            f"output.uri={tmp_path / 'nightly'}",
+            "model=tiny_random",
+            "model.device=cpu",
+            "input.uri=tests/data",
+            "generation.max_new_tokens=4",
+        ]
+        first = subprocess.run(
+            nightly, cwd=REPO, env=nightly_env, capture_output=True, text=True, timeout=300
+        )
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+        sid = next(
+            line.split("submission id ", 1)[1].strip()
+            for line in first.stderr.splitlines()
+            if "submission id " in line
+        )
+        assert sid.endswith("-2026-01-02") and "nightly" in sid
+        second = subprocess.run(
+            nightly, cwd=REPO, env=nightly_env, capture_output=True, text=True, timeout=300
+        )
+        assert second.returncode != 0
+        assert sid in second.stdout + second.stderr and "already exists" in (second.stdout + second.stderr)
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
