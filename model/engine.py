@@ -545,6 +545,10 @@ class Engine:
         live: dict[int, list[Any]] = {}  # row -> [request, t_admit, steps bound, admission seq]
         seq = itertools.count()
         decode = self._decode_stream
+        if decode is not None:  # the caller's work so far (state allocation, views made up front)
+            caller = torch.cuda.current_stream(self.device)
+            decode.wait_stream(caller)
+            cast(torch.cuda.Stream, self._vision_stream).wait_stream(caller)
         with self._on(decode), torch.inference_mode():
             self.done.fill_(True)  # rows left over by an earlier, aborted call are not live
             if self.paged:
