@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -112,18 +113,23 @@ _REFERENCE: dict[str, list[tuple]] = {}
 @pytest.mark.parametrize("step", ["incremental_and_resume"])
 def test_backends_incremental_and_resume(backend, step: str) -> None:
     src, out, extra, fs, path = backend
-    # 1. a run whose driver is SIGKILLed after its first commits
+    # 1. a run whose driver is SIGKILLed after its first commits (its log kept for a failure message)
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
         _cmd(src, out, extra),
         cwd=REPO,
         env=_env_local(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     deadline = time.time() + 300
     while time.time() < deadline:
-        assert proc.poll() is None, "the run finished before it could be killed"
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail(
+                f"the run ended (exit {proc.returncode}) before it could be killed:\n{log.read()[-4000:]}"
+            )
         fs.invalidate_cache()
         if len([p for p in (fs.glob(f"{path}/_ledger/part-*.parquet") or [])]) >= 2:
             break
