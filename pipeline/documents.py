@@ -14,6 +14,13 @@ Figure references stay as the pages wrote them (`schema.figure_name`), so export
 
 Files are `documents/part-<config_hash>-NNNNN.parquet` (~`output.target_file_mb` each); a rebuild
 rewrites them and removes this configuration's stale parts, other configurations' stay.
+
+Incremental (`update_documents`, what a run does once documents/ exists): only the documents the
+run touched are assembled, from the pages parts that hold their rows (this run's parts plus the
+ledger's), into `part-<config_hash>-<run_id>-NNNNN.parquet`; then their old rows are taken out of
+the older parts (rewritten, or removed when empty). A crash in between leaves a document in two
+parts: the next update finds it by its `id` and rebuilds it, so readers of a finished run never
+see a document twice. Cost: the touched documents' pages plus one `id` column per documents part.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ def _new_doc() -> dict[str, Any]:
     }
 
 
-def _scan_keys(pages: ds.Dataset, config_hash: str | None) -> dict[str, dict[str, Any]]:
+def _scan_keys(pages: ds.Dataset, flt: Any) -> dict[str, dict[str, Any]]:
     """Pass 1: per document, status counts and the markdown size of each `ok` page (no text)."""
     docs: dict[str, dict[str, Any]] = {}
     seen: set[tuple[str, int]] = set()
@@ -68,7 +75,7 @@ def _scan_keys(pages: ds.Dataset, config_hash: str | None) -> dict[str, dict[str
         for n in ("doc_id", "source_uri", "page_index", "page_count", "status", "error_code", "model_id")
     }
     columns["md_bytes"] = pc.binary_length(pc.field("markdown"))  # pyright: ignore[reportAttributeAccessIssue]  # generated
-    for batch in pages.to_batches(columns=columns, filter=_config_filter(config_hash)):
+    for batch in pages.to_batches(columns=columns, filter=flt):
         for r in batch.to_pylist():
             key = (r["doc_id"], r["page_index"])
             if key in seen:  # a duplicate row (e.g. an interrupted pre-ledger rerun): count once
@@ -113,18 +120,46 @@ def assemble_documents(
 ) -> int:
     """Build `documents/` for `config_hash` (None: every row, e.g. outputs of one configuration)
     from `pages/`; returns the number of documents written."""
-    pages = pages_dataset(store)
-    docs = _scan_keys(pages, config_hash) if pages is not None else {}
+    n, _ = _assemble(store, config_hash, target_file_mb, row_group_mb, budget_mb)
+    return n
+
+
+def _assemble(
+    store: OutputStore,
+    config_hash: str | None,
+    target_file_mb: float,
+    row_group_mb: float,
+    budget_mb: float,
+    only: set[str] | None = None,
+    files: list[str] | None = None,
+    tag_suffix: str = "",
+) -> tuple[int, set[str]]:
+    """`assemble_documents`; with `only` (doc ids), `files` (the pages parts, relative to the
+    root, holding their rows) and `tag_suffix`: those documents only, in new parts named with
+    the suffix (`update_documents`). Returns (documents written, names of the parts written)."""
+    if files is not None:
+        paths = [store.join(f) for f in sorted(set(files))]
+        pages = (
+            ds.dataset(paths, filesystem=store.fs, format="parquet", schema=PAGE_SCHEMA) if paths else None
+        )
+    else:
+        pages = pages_dataset(store)
+    scope = _config_filter(config_hash)
+    if only is not None:
+        members = pc.field("doc_id").isin(sorted(only))
+        scope = members if scope is None else scope & members
+    docs = _scan_keys(pages, scope) if pages is not None else {}
     order = sorted(docs, key=lambda d: (docs[d]["source_uri"], d))
     groups = split_by_bytes([sum(docs[d]["ok"].values()) + 1 for d in order], int(budget_mb * MB))
     tag = config_hash or "all"
+    prefix = f"part-{tag}-{tag_suffix}-" if only is not None else f"part-{tag}-"
     written: list[str] = []
     pending: list[dict[str, Any]] = []
     pending_bytes = 0
 
     def flush() -> None:
         nonlocal pending_bytes
-        name = f"part-{tag}-{len(written):05d}.parquet"
+        name = f"{prefix}{len(written):05d}.parquet"
         table = pa.Table.from_pylist(pending, schema=DOCUMENT_SCHEMA)
         written.append(
             store.write_parquet(
@@ -140,7 +175,7 @@ def assemble_documents(
         wanted = [d for d in ids if docs[d]["ok"]]
         if wanted:
             assert pages is not None  # docs (hence wanted) is empty when pages/ is
-            flt = (pc.field("status") == "ok") & pc.field("doc_id").isin(wanted)
+            flt = (pc.field("status") == "ok") & pc.field("doc_id").isin(wanted)  # pyright: ignore[reportUnknownMemberType]
             if config_hash is not None:
                 flt = flt & (pc.field("config_hash") == config_hash)
             for batch in pages.to_batches(columns=["doc_id", "page_index", "markdown"], filter=flt):
@@ -171,9 +206,91 @@ def assemble_documents(
             pending_bytes += size
     if pending:
         flush()
-    _remove_stale(store, tag, {w.rsplit("/", 1)[-1] for w in written})
+    if only is None:
+        _remove_stale(store, tag, {w.rsplit("/", 1)[-1] for w in written})
     log.info("documents: %d documents in %d file(s) under %s/", len(docs), len(written), DOCUMENTS_DIR)
-    return len(docs)
+    return len(docs), {w.rsplit("/", 1)[-1] for w in written}
+
+
+def _document_parts(store: OutputStore, config_hash: str) -> dict[str, str]:
+    """{file name: path} of this configuration's documents parts."""
+    path = store.join(DOCUMENTS_DIR)
+    store.fs.invalidate_cache(path)  # other processes wrote here
+    if not store.fs.exists(path):
+        return {}
+    return {
+        p.rsplit("/", 1)[-1]: p
+        for p in store.fs.ls(path, detail=False)
+        if p.rsplit("/", 1)[-1].startswith(f"part-{config_hash}-") and p.endswith(".parquet")
+    }
+
+
+def _ids_by_part(store: OutputStore, parts: dict[str, str]) -> dict[str, list[str]]:
+    """{part name: the document ids it holds} (its `id` column only)."""
+    import pyarrow.parquet as pq
+
+    return {
+        name: pq.read_table(path, columns=["id"], filesystem=store.fs).column("id").to_pylist()
+        for name, path in parts.items()
+    }
+
+
+def update_documents(
+    store: OutputStore,
+    config_hash: str,
+    touched: set[str],
+    files: set[str],
+    run_id: str,
+    *,
+    files_of: Any = None,
+    target_file_mb: float = 256.0,
+    row_group_mb: float = 32.0,
+    budget_mb: float = 256.0,
+) -> int:
+    """Rebuild the document rows of `touched` doc ids only (see the module docstring). `files`:
+    the pages parts (relative paths) that hold their rows; `files_of(doc_ids) -> set of parts`
+    gives them for documents found in two parts (a crash between the two steps of an earlier
+    update), which are rebuilt too. Returns the number of documents written."""
+    parts = _document_parts(store, config_hash)
+    ids = _ids_by_part(store, parts)
+    seen: Counter[str] = Counter(d for names in ids.values() for d in names)
+    twice = {d for d, n in seen.items() if n > 1}
+    if twice:
+        log.warning(
+            "documents: %d document(s) found in two parts (an interrupted update): rebuilt", len(twice)
+        )
+        touched = touched | twice
+        files = files | (files_of(twice) if files_of is not None else set())
+    if not touched:
+        return 0
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(sorted(touched)).encode()).hexdigest()[:8]
+    n, fresh = _assemble(
+        store,
+        config_hash,
+        target_file_mb,
+        row_group_mb,
+        budget_mb,
+        only=touched,
+        files=sorted(files),
+        tag_suffix=f"{run_id}-{digest}",
+    )
+    for name, names in ids.items():  # the older parts: take the rebuilt documents out
+        if name in fresh or not touched.intersection(names):
+            continue
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(parts[name], filesystem=store.fs)
+        keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(sorted(touched), pa.string())))  # pyright: ignore[reportAttributeAccessIssue]  # generated
+        kept = table.filter(keep)
+        if kept.num_rows:
+            store.write_parquet(
+                DOCUMENTS_DIR, kept, name=name, row_group_bytes=int(row_group_mb * MB), row_group_rows=1000
+            )
+        else:
+            store.fs.rm(parts[name])
+    return n
 
 
 def _remove_stale(store: OutputStore, tag: str, keep: set[str]) -> None:
@@ -194,11 +311,30 @@ def has_documents(store: OutputStore, config_hash: str) -> bool:
     )
 
 
-def build_for_run(store: OutputStore, cfg: Any) -> int:
-    """The end-of-run step of `pipeline.run`: documents of this run's configuration."""
+def build_for_run(
+    store: OutputStore,
+    cfg: Any,
+    touched: set[str] | None = None,
+    files: set[str] | None = None,
+    run_id: str = "",
+    files_of: Any = None,
+) -> int:
+    """The end-of-run step of `pipeline.run`: documents of this run's configuration. The first
+    time (no documents/ parts of it yet) or without `touched`: a full build; else only the
+    documents the run touched (`update_documents`)."""
     o = cfg.output
-    return assemble_documents(
-        store, cfg.config_hash(), target_file_mb=o.target_file_mb, row_group_mb=o.row_group_mb
+    h = cfg.config_hash()
+    if touched is None or files is None or not has_documents(store, h):
+        return assemble_documents(store, h, target_file_mb=o.target_file_mb, row_group_mb=o.row_group_mb)
+    return update_documents(
+        store,
+        h,
+        touched,
+        files,
+        run_id,
+        files_of=files_of,
+        target_file_mb=o.target_file_mb,
+        row_group_mb=o.row_group_mb,
     )
 
 

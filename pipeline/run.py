@@ -190,6 +190,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
 
     counts: Counter[str] = ledger.counts(plan.expected_keys)  # rows final before this run
     written: set[tuple[str, int]] = set()
+    new_files: set[str] = set()  # pages parts this run committed
     new_counts: Counter[str] = Counter()
     bar = _progress(cfg, todo, local)
     ds = None
@@ -201,6 +202,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
             written.update(
                 zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist())
             )
+            new_files.update(receipt.column("file").to_pylist())
             if bar is not None:
                 bar.update(len(statuses))
     if bar is not None:
@@ -208,8 +210,15 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     counts.update(new_counts)
     from pipeline.documents import build_for_run, has_documents
 
+    def files_of(doc_ids: set[str]) -> set[str]:
+        """The pages parts holding rows of `doc_ids`: this run's and the ledger's."""
+        old = {ledger.files[k] for k in plan.expected_keys if k[0] in doc_ids and k in ledger.files}
+        return old | new_files
+
     if written or not has_documents(store, cfg.config_hash()):  # a no-op rerun rewrites nothing
-        build_for_run(store, cfg)  # documents/: one row per document, assembled from pages/
+        # documents/: one row per document, assembled from pages/; only the touched ones once built
+        touched = {d for d, _ in written}
+        build_for_run(store, cfg, touched, files_of(touched), run_id, files_of)
 
     wall = time.time() - t0
     final = written | plan.done_keys

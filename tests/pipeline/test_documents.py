@@ -139,3 +139,64 @@ def test_unknown_configuration_gives_no_documents(tmp_path: Path) -> None:
     store = OutputStore(str(tmp_path))
     _write_pages(store)
     assert assemble_documents(store, "h9") == 0
+
+
+def _pages_part(store: OutputStore, name: str, rows: list[dict]) -> str:
+    return store.write_parquet("pages", rows_to_table(rows), name=name)
+
+
+def test_update_rebuilds_only_the_touched_documents(tmp_path: Path) -> None:
+    """A run that touched documents C (new) and A (one page redone) rebuilds those two only:
+    the part holding B is not rewritten, A's old row is taken out of its old part, and the
+    result equals a full rebuild (no document twice)."""
+    from pipeline.documents import update_documents
+
+    store = OutputStore(str(tmp_path))
+    first = [
+        _pages_part(
+            store, "part-1.parquet", [_page(A, 0, "ok", "a0", n=2), _page(A, 1, "truncated", "a1", n=2)]
+        ),
+        _pages_part(store, "part-2.parquet", [_page(B, 0, "ok", "b0", n=1)]),
+    ]
+    assert assemble_documents(store, "h1", budget_mb=1e-6, target_file_mb=1e-6) == 2  # one part per doc
+    parts = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "documents").iterdir()}
+    b_part = next(n for n in parts if ds.dataset(tmp_path / "documents" / n).to_table()["id"][0].as_py() == B)
+    # the next run: A's page 1 redone (its old row taken out of part-1 as `force` would), C new
+    store.write_parquet("pages", rows_to_table([_page(A, 0, "ok", "a0", n=2)]), name="part-1.parquet")
+    new = [
+        _pages_part(
+            store, "part-3.parquet", [_page(A, 1, "ok", "a1 redone", n=2), _page(C, 0, "ok", "c0", n=1)]
+        )
+    ]
+    assert update_documents(store, "h1", {A, C}, set(first[:1] + new), "run2") == 2
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "documents").iterdir()}
+    assert after[b_part] == parts[b_part]  # B's part untouched
+    assert len(after) == 2  # A's old part emptied and removed; one new part with A and C
+    docs = _docs(tmp_path)
+    assert docs[A]["text"] == "a0\n\na1 redone" and docs[C]["text"] == "c0" and docs[B]["text"] == "b0"
+    table = ds.dataset(tmp_path / "documents").to_table()
+    assert sorted(table["id"].to_pylist()) == [A, B, C]  # each once
+    full = tmp_path / "full"
+    for p in (tmp_path / "pages").iterdir():
+        (full / "pages").mkdir(parents=True, exist_ok=True)
+        (full / "pages" / p.name).write_bytes(p.read_bytes())
+    assemble_documents(OutputStore(str(full)), "h1")
+    assert _docs(full) == docs
+
+
+def test_update_heals_a_document_left_in_two_parts(tmp_path: Path) -> None:
+    """An update interrupted between writing its new part and rewriting the old one leaves a
+    document in two parts; the next update (even one that touched nothing) rebuilds it once."""
+    import shutil
+
+    from pipeline.documents import update_documents
+
+    store = OutputStore(str(tmp_path))
+    f = _pages_part(store, "part-1.parquet", [_page(A, 0, "ok", "a0", n=1), _page(B, 0, "ok", "b0", n=1)])
+    assemble_documents(store, "h1")
+    (only,) = list((tmp_path / "documents").iterdir())
+    shutil.copy(only, only.with_name("part-h1-crashed-00000.parquet"))  # A and B twice
+    assert update_documents(store, "h1", set(), set(), "run3", files_of=lambda ids: {f}) == 2
+    table = ds.dataset(tmp_path / "documents").to_table()
+    assert sorted(table["id"].to_pylist()) == [A, B]
+    assert update_documents(store, "h1", set(), set(), "run4") == 0  # nothing touched, nothing twice

@@ -98,6 +98,24 @@ def test_incremental_rerun_add_change_duplicate_force(corpus_dir: Path, tmp_path
     paper_id = hashlib.sha256((src / "paper-arxiv-math-01.pdf").read_bytes()).hexdigest()
     paths = {x["source_uri"].rsplit("/", 1)[-1] for x in sources if x["doc_id"] == paper_id}
     assert paths == {"paper-arxiv-math-01.pdf", "copy-of-paper.pdf"}
+    # documents/ was updated for the two touched documents only: the first run's part is
+    # untouched, every document is there once, and it equals a full rebuild from pages/
+    docs_dir = out / "documents"
+    first_parts = {k: v for k, v in before.items() if k.startswith("documents/")}
+    assert first_parts and all(snapshot(out).get(k) == v for k, v in first_parts.items())
+    ids = ds.dataset(docs_dir, format="parquet").to_table().column("id").to_pylist()
+    assert sorted(ids) == sorted({x["doc_id"] for x in r})
+    from pipeline.documents import assemble_documents
+    from pipeline.outputs import OutputStore
+
+    full = tmp_path / "full"
+    shutil.copytree(out / "pages", full / "pages")
+    assemble_documents(OutputStore(str(full)), s3["config_hash"])
+
+    def by_id(d: Path) -> list[dict]:
+        return sorted(ds.dataset(d, format="parquet").to_table().to_pylist(), key=lambda x: x["id"])
+
+    assert by_id(docs_dir) == by_id(full / "documents")
     assert sum(1 for x in r if x["doc_id"] == paper_id) == 1  # processed once
 
     # 3. force=true redoes every row of this configuration, without duplicates
