@@ -341,7 +341,7 @@ def build_snapshot(
         default=default,
         rows=rows,
         statuses={h: dict(c) for h, c in statuses.items()},
-        files=sorted(files) + ["README.md"],
+        files=sorted(files | {"README.md"}),
         bytes=0,
         configs=configs,
     )
