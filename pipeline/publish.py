@@ -159,6 +159,14 @@ def _write_atomic(dest: Path, write: Any) -> None:
     os.replace(tmp, dest)
 
 
+def _mtime(store: OutputStore, path: str) -> float | None:
+    """The source file's modification time, None where the filesystem does not say."""
+    try:
+        return store.fs.modified(path).timestamp()
+    except (NotImplementedError, AttributeError, KeyError, OSError):
+        return None
+
+
 def _copy_part(store: OutputStore, part: Part, wanted: set[str], dest: Path) -> dict[str, str]:
     """Copy `part` into `dest/<kind>/<hash>/<rel>` for each wanted configuration it holds: byte for
     byte when it holds one, else split by config_hash (schema and its metadata kept)."""
@@ -166,11 +174,15 @@ def _copy_part(store: OutputStore, part: Part, wanted: set[str], dest: Path) -> 
     out = {h: f"{part.kind}/{h}/{part.rel}" for h in hashes}
     if len(part.rows) == 1 and hashes:
         target = dest / out[hashes[0]]
-        size = store.fs.size(part.path)
-        if target.is_file() and target.stat().st_size == size:
-            return out  # unchanged since the last build (names are content-derived): resume cheaply
+        size, mtime = store.fs.size(part.path), _mtime(store, part.path)
+        if mtime is not None and target.is_file():
+            st = target.stat()
+            if (st.st_size, st.st_mtime) == (size, mtime):
+                return out  # the copy of the last build is current: a rerun (resume) copies nothing
         with _open(store, part.path) as src:
             _write_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        if mtime is not None:
+            os.utime(target, (mtime, mtime))  # the source's: how the next build knows the copy
         return out
     with _open(store, part.path) as src:
         table = pq.read_table(src)
@@ -381,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", help="the run's output.uri (any fsspec URI)")
     p.add_argument("--repo", help="Hugging Face dataset repo, org/name")
     p.add_argument("--snapshot-only", metavar="DIR", help="build the snapshot in DIR and upload nothing")
-    p.add_argument("--dry-run", action="store_true", help="build in a temporary folder, report, upload nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="build in a temporary folder, report, upload nothing"
+    )
     p.add_argument(
         "--snapshot-dir", metavar="DIR", help="where to build before uploading (kept: a rerun resumes)"
     )
@@ -392,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "--storage-options",
         default="{}",
         metavar="JSON",
-        help="fsspec options of OUTPUT, e.g. '{\"endpoint_url\": \"http://…\"}' (credentials: use the environment)",
+        help='fsspec options of OUTPUT, e.g. \'{"endpoint_url": "http://…"}\' (credentials: use the environment)',
     )
     a = p.parse_args(argv)
     if not (a.snapshot_only or a.dry_run or a.repo):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,12 @@ def output(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
 
     out = tmp_path_factory.mktemp("publish") / "out"
     proc = run_job(
-        "input.uri=tests/data", f"output.uri={out}", "output.include_images=true", env={"RAY_ADDRESS": "local"}
+        "input.uri=tests/data",
+        f"output.uri={out}",
+        "output.include_images=true",
+        "mode=tiny",  # the smallest page images and few tokens: the fixture's cost is Ray's start
+        "generation.max_new_tokens=8",
+        env={"RAY_ADDRESS": "local"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     hash_a = json.loads((out / "_summary.json").read_text())["config_hash"]
@@ -78,7 +84,9 @@ def output(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
 
 
 def _rows(root: Path, kind: str) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in (root / kind).rglob("*.parquet") if f.name[0] != ".")
+    return sum(
+        pq.ParquetFile(f).metadata.num_rows for f in (root / kind).rglob("*.parquet") if f.name[0] != "."
+    )
 
 
 def test_snapshot_is_clean_and_complete(output, tmp_path: Path) -> None:
@@ -99,9 +107,17 @@ def test_snapshot_is_clean_and_complete(output, tmp_path: Path) -> None:
         if f.startswith("pages/"):
             src = out / "pages" / f.rsplit("/", 1)[1]
             assert (snap.path / f).read_bytes() == src.read_bytes()
-    # rebuilding into the same folder is allowed (it is a snapshot) and gives the same files
+    # rebuilding into the same folder is allowed (it is a snapshot), gives the same files and
+    # copies only what changed since (an interrupted upload's rerun does not rewrite everything)
+    inode = {f: (snap.path / f).stat().st_ino for f in files if f != "README.md"}
+    (snap.path / "pages" / "stale.parquet").write_bytes(b"from an older build")
+    doc = next(f for f in inode if f.startswith(f"documents/{hash_b}/"))
+    src = out / "documents" / doc.rsplit("/", 1)[1]
+    os.utime(src, (src.stat().st_mtime + 5, src.stat().st_mtime + 5))  # rewritten by a later run
     again = build_snapshot(str(out), tmp_path / "snap")
     assert again.files == snap.files and again.bytes == snap.bytes
+    assert [f for f in inode if (snap.path / f).stat().st_ino != inode[f]] == [doc]
+    assert not (snap.path / "pages" / "stale.parquet").exists()
 
 
 def test_card_parses_and_names_every_configuration(output, tmp_path: Path) -> None:
@@ -110,8 +126,9 @@ def test_card_parses_and_names_every_configuration(output, tmp_path: Path) -> No
     out, hash_a, hash_b = output
     snap = build_snapshot(str(out), tmp_path / "snap", repo="org/pdf-pages", license="cc-by-4.0")
     card = DatasetCard.load(snap.path / "README.md")
-    assert card.data.license == "cc-by-4.0" and card.data.pretty_name == "pdf-pages"
-    configs = {c["config_name"]: c for c in card.data.configs}
+    data = card.data.to_dict()  # the front matter as huggingface_hub parsed it
+    assert data["license"] == "cc-by-4.0" and data["pretty_name"] == "pdf-pages"
+    configs = {c["config_name"]: c for c in data["configs"]}
     # plain names: the last run's configuration (it has no figures: the tiny model draws no box)
     assert set(configs) == {
         "pages",
@@ -246,8 +263,12 @@ def test_dolma_export_read_by_datatrove(output, tmp_path: Path) -> None:
         assert {d.id for d in docs} == {r["id"] for r in raw if r["text"]}
         for r in raw:  # the skipped ones too: no span, all their rows counted by status
             if not r["text"]:
-                assert r["attributes"]["pdf_page_numbers"] == [] and r["metadata"]["pages_by_status"]["ok"] == 0
-                assert sum(r["metadata"]["pages_by_status"].values()) == sum(1 for k in markdown if k[0] == r["id"])
+                assert (
+                    r["attributes"]["pdf_page_numbers"] == [] and r["metadata"]["pages_by_status"]["ok"] == 0
+                )
+                assert sum(r["metadata"]["pages_by_status"].values()) == sum(
+                    1 for k in markdown if k[0] == r["id"]
+                )
         for d in docs:
             m = d.metadata
             assert m["config_hash"] == h and m["source"] == "pagemill" and "<!--" not in d.text
@@ -258,6 +279,8 @@ def test_dolma_export_read_by_datatrove(output, tmp_path: Path) -> None:
                 assert d.text[start:end] == markdown[(d.id, page - 1)]["markdown"]
             assert sum(m["pages_by_status"].values()) == sum(1 for doc, _ in markdown if doc == d.id)
     (doc_b,) = list(JsonlReader(str(tmp_path / f"dolma-{hash_b}")).run())
-    assert doc_b.id == "c" * 64 and [p for _, _, p in doc_b.metadata["attributes"]["pdf_page_numbers"]] == [1, 3]
+    assert doc_b.id == "c" * 64 and [p for _, _, p in doc_b.metadata["attributes"]["pdf_page_numbers"]] == [
+        1,
+        3,
+    ]
     assert PAGE_TEXT[0] in doc_b.text and PAGE_TEXT[2] in doc_b.text and PAGE_TEXT[1] not in doc_b.text
-
