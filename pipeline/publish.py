@@ -372,7 +372,7 @@ def upload(snapshot: Path, repo: str, *, private: bool = False) -> None:
     api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
     large = getattr(api, "upload_large_folder", None)
     if large is not None:  # huggingface_hub 0.25 - 1.x: the resumable multi-commit uploader
-        large(repo_id=repo, folder_path=str(snapshot), repo_type="dataset", private=private)
+        large(repo_id=repo, folder_path=str(snapshot), repo_type="dataset")
     else:  # >= 2: upload_folder is that uploader (streamed, multi-commit, resumable with hf_xet)
         api.upload_folder(
             repo_id=repo,

@@ -218,6 +218,14 @@ def test_cli_dry_run_snapshot_only_and_bad_input(output, tmp_path: Path) -> None
     missing = _cli(str(tmp_path / "nothing"), "--dry-run")
     assert missing.returncode == 2 and "is " in missing.stderr and not (tmp_path / "nothing").exists()
     assert _cli(str(out)).returncode == 2  # neither --repo nor a no-upload mode
+    # the upload path up to huggingface_hub (the live push is tested by hand): with the Hub out of
+    # reach it exits 1 naming the cause, prints no token and removes its temporary snapshot
+    token = "hf_NotARealToken0123456789"
+    push = _cli(str(out), "--repo", "org/name", env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": token})
+    assert push.returncode == 1 and "upload to org/name failed" in push.stderr, push.stderr[-2000:]
+    assert token not in push.stdout + push.stderr
+    tmp = push.stdout.split("snapshot ", 1)[1].split(":", 1)[0]
+    assert "pagemill-publish-" in tmp and not Path(tmp).exists()
 
 
 def test_publish_from_s3(output, s3_bucket, tmp_path: Path) -> None:
