@@ -5,6 +5,7 @@
     pagemill inspect OUTPUT --doc D       one page: layout boxes drawn, markdown, quality signals
     pagemill documents OUTPUT             rebuild documents/ (or --export DIR as markdown files)
     pagemill export OUTPUT --format dolma|jsonl|webdataset --dest URI
+    pagemill publish OUTPUT --repo org/name   Hugging Face dataset: clean snapshot + card, uploaded
 
 Each subcommand is the module of the same name's `main`, so `python -m pipeline.<name>` keeps
 working; this module only dispatches (argparse for the list, the rest of argv passed through).
@@ -26,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "documents": ("pipeline.documents", "rebuild documents/ from pages/, or --export DIR as markdown files"),
     "export": ("pipeline.export", "hand-off shards: --format dolma|jsonl|webdataset --dest URI (Ray Data)"),
+    "publish": (
+        "pipeline.publish",
+        "Hugging Face dataset: clean snapshot + dataset card, uploaded (--repo org/name; --dry-run)",
+    ),
 }
 
 

@@ -1,6 +1,6 @@
 """`pagemill export` (pipeline.export) on Ray Data: Dolma shards read back with a reader written to
 datatrove's documented JsonlReader schema (default keys `text`, `id`, everything else into
-`metadata`; datatrove itself is not installed on CI), every `pdf_page_numbers` span slices back
+`metadata`; test_publish.py reads a real run's export with datatrove itself), every `pdf_page_numbers` span slices back
 exactly its page's markdown; page-level JSONL and WebDataset tars carry one record per page."""
 
 from __future__ import annotations
