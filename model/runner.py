@@ -100,6 +100,20 @@ class OcrOutput:
     ocr_ms: float
     error: str | None = None
 
+    @classmethod
+    def failed(cls, x: OcrInput, error: str) -> OcrOutput:
+        """The output of a page that could not be run (finish_reason "error", no tokens)."""
+        return cls(
+            tag=x.tag,
+            raw_output="",
+            ids=[],
+            num_output_tokens=0,
+            num_vision_tokens=x.num_image_tokens,
+            finish_reason="error",
+            ocr_ms=0.0,
+            error=error,
+        )
+
 
 class PageOcr:
     def __init__(

@@ -480,16 +480,7 @@ class OcrStage:
                 try:
                     out[i] = await asyncio.wrap_future(self.ocr.submit(x))
                 except Exception as e:  # noqa: BLE001 - this page's own failure: an ocr_error row
-                    out[i] = OcrOutput(
-                        tag=x.tag,
-                        raw_output="",
-                        ids=[],
-                        num_output_tokens=0,
-                        num_vision_tokens=x.num_image_tokens,
-                        finish_reason="error",
-                        ocr_ms=0.0,
-                        error=f"{type(e).__name__}: {e}",
-                    )
+                    out[i] = OcrOutput.failed(x, f"{type(e).__name__}: {e}")
         return list(out)
 
 
