@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from model.checkpoint import random_model
+from model.synth import random_model
 
 PROMPT_TOKENS = 10  # BOS + "\n<|grounding|>Convert the document to markdown." after the image run
 MAX_MODEL_LEN = 8192
