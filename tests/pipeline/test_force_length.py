@@ -21,7 +21,7 @@ import pytest
 from model.tokenizer import PROMPTS, OcrTokenizer
 from pipeline.config import ConfigValueError, GenerationConfig
 from pipeline.forced import MIN_TEXT_CHARS, cap_forced_length, forced_from_text, forced_length
-from pipeline.render import PageImage, render_pages
+from pipeline.render import PageImage, RenderOptions, render_pages
 from pipeline.run import compose
 from tests.pipeline.test_e2e import REPO, _env, read_pages
 
@@ -67,8 +67,8 @@ def test_forced_length_rule(corpus_dir: Path, tok: OcrTokenizer) -> None:
     # the renderer counts the text blocks only when asked (no tokenizer there); the OCR stage's
     # length from that count and the text layer (prompt length 0) is the rule's
     data = (corpus_dir / SMALL[1]).read_bytes()
-    (plain,) = render_pages(data, None, [0], dpi=72)
-    (forced,) = render_pages(data, None, [0], dpi=72, count_blocks=True)
+    (plain,) = render_pages(data, None, [0], RenderOptions(dpi=72))
+    (forced,) = render_pages(data, None, [0], RenderOptions(dpi=72), count_blocks=True)
     assert isinstance(plain, PageImage) and isinstance(forced, PageImage)
     assert plain.text_blocks == -1 and forced.text_blocks > 0 and forced.text == plain.text
     assert forced_from_text(forced.text, forced.text_blocks, tok, 0, MAX_MODEL_LEN) == 196
