@@ -70,13 +70,13 @@ def inspect_example(tmp: Path) -> None:
     from PIL import Image
 
     from pipeline.inspect import inspect_page
-    from pipeline.render import render_pages
+    from pipeline.render import RenderOptions, render_pages
     from pipeline.run import compose
     from pipeline.sources import content_id
     from pipeline.stages import WriteStage, to_batch
 
     data = PAPER.read_bytes()
-    (page,) = render_pages(data, None, [PAGE], dpi=144)
+    (page,) = render_pages(data, None, [PAGE], RenderOptions(dpi=144))
     out = tmp / "out"
     cfg = compose(["model=tiny_random", f"output.uri={out}", "mode=base"])
     doc_id = content_id(data)

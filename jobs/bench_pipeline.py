@@ -204,9 +204,7 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
                     data,
                     None,
                     list(range(min(n, r.max_pages))),
-                    dpi=r.dpi,
-                    max_pixels=r.max_pixels,
-                    max_side_px=r.max_side_px,
+                    r.options(),
                     output="png",
                     count_blocks=force,
                 )

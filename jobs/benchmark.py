@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from model.checkpoint import random_model
+from model.synth import random_model
+from pipeline.render import RenderOptions
 
 PROMPT_TOKENS = 10  # BOS + "\n<|grounding|>Convert the document to markdown." after the image run
 MAX_MODEL_LEN = 8192
@@ -38,15 +39,15 @@ MAX_MODEL_LEN = 8192
 # ----------------------------------------------------------------------------- pages (CPU)
 
 
-def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
-    """Render + preprocess (Gundam, max 6 tiles) every page of one PDF; forced-length target."""
+def _render_pdf(path: str, options: RenderOptions) -> list[dict[str, Any]]:
+    """Render (under the job's bounds) + preprocess (Gundam, max 6 tiles) every page of one PDF;
+    forced-length target."""
     import pymupdf
     from PIL import Image
 
     from model.preprocess import preprocess_image
     from model.tokenizer import OcrTokenizer
     from pipeline.forced import forced_length
-    from pipeline.render import fit_zoom
 
     tok = OcrTokenizer.default()
     out = []
@@ -55,7 +56,7 @@ def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
         if doc.needs_pass:
             return []
         for page in doc:
-            z = fit_zoom(page.rect.width, page.rect.height, dpi, 25_000_000, 8192)
+            z = options.zoom(page.rect.width, page.rect.height)
             pix = page.get_pixmap(matrix=pymupdf.Matrix(z, z), alpha=False, colorspace=pymupdf.csRGB)
             img = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
             prep = preprocess_image(img, "gundam", max_crops=6)
@@ -75,10 +76,10 @@ def _render_pdf(path: str, dpi: float) -> list[dict[str, Any]]:
     return out
 
 
-def render_corpus(corpus: Path, dpi: float, workers: int) -> list[dict[str, Any]]:
+def render_corpus(corpus: Path, options: RenderOptions, workers: int) -> list[dict[str, Any]]:
     files = sorted(str(p) for p in corpus.glob("*.pdf"))
     with ProcessPoolExecutor(workers) as ex:
-        pages = [p for doc in ex.map(_render_pdf, files, [dpi] * len(files)) for p in doc]
+        pages = [p for doc in ex.map(_render_pdf, files, [options] * len(files)) for p in doc]
     return pages
 
 
@@ -576,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
     t_start = t0 = time.perf_counter()
-    unique = render_corpus(Path(args.corpus), 144.0, args.workers)
+    unique = render_corpus(Path(args.corpus), RenderOptions(), args.workers)  # the job's defaults
     render_s = time.perf_counter() - t0
     pages = [unique[i % len(unique)] for i in range(args.pages)]
     print(

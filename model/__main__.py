@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: per model)")
     args = ap.parse_args(argv)
 
-    from model.checkpoint import CheckpointUnavailable
     from model.grounding import parse_grounding
+    from model.hub import CheckpointUnavailable
     from model.runner import OcrInput, PageOcr
 
     try:

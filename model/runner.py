@@ -48,7 +48,9 @@ def load_model(
 ) -> tuple[OcrModel, OcrTokenizer]:
     """(model in eval mode on `device`, tokenizer) for `deepseek_ocr` (from `source`), `tiny_random`
     or `full_random` (full size, built and filled on `device`: meaningless text, for benchmarks)."""
-    from model.checkpoint import init_random, load_checkpoint, random_model, resolve_source
+    from model.checkpoint import load_checkpoint
+    from model.hub import resolve_source
+    from model.synth import init_random, random_model
 
     device = torch.device(device) if device is not None else default_device()
     if name == "tiny_random":

@@ -17,6 +17,7 @@ from typing import Any
 from model.engine import EngineConfig
 from model.preprocess import MODES
 from model.tokenizer import PROMPTS
+from pipeline.render import DEFAULT_RENDER, RenderOptions
 
 MODEL_NAMES = ("deepseek_ocr", "tiny_random", "full_random")
 FORCE_LENGTHS = ("none", "text_layer")
@@ -26,6 +27,13 @@ PROMPT_NAMES = tuple(PROMPTS)  # the model side owns the prompt texts
 # The engine's knobs have one home, model.engine.EngineConfig; GenerationConfig re-exposes the
 # ones a job sets and takes their defaults from there (tests/pipeline/test_config.py checks it).
 _ENGINE = EngineConfig()
+_RENDER = DEFAULT_RENDER  # the render bounds' defaults live in RenderOptions (benchmarks, inspect)
+
+
+def _bound(value: int | None) -> int:
+    """A RenderOptions pixel bound as a config default (the job always bounds its renders)."""
+    assert value is not None, "RenderOptions' default bounds must be set"
+    return value
 
 
 # Version of the code that shapes a row (grounding parser, post-processing, prompts, random-weight
@@ -118,14 +126,14 @@ class ModeConfig:
 
 @dataclass
 class RenderConfig:
-    dpi: int = 144
-    timeout_s: float = 120.0  # per render task (one page range); the child is killed after it
+    dpi: int = int(_RENDER.dpi)
+    timeout_s: float = _RENDER.timeout_s  # per render task (one page range); the child is killed after it
     pages_per_task: int = 16  # long documents are split into ranges of this many pages
     max_pages: int = 10_000  # pages beyond this get render_error rows instead of being rendered
-    max_side_px: int = 8192  # zoom is lowered per page so the longer side fits
-    max_pixels: int = 40_000_000
+    max_side_px: int = _bound(_RENDER.max_side_px)  # zoom is lowered per page so the longer side fits
+    max_pixels: int = _bound(_RENDER.max_pixels)
     recycle_after: int = 50  # render-worker child is replaced after this many tasks (MuPDF leaks)
-    max_failures: int = 3  # renderer crashes/timeouts within one task before its pages are quarantined
+    max_failures: int = _RENDER.max_failures  # renderer crashes/timeouts in one task before quarantine
 
     def __post_init__(self) -> None:
         _check(36 <= self.dpi <= 600, "render.dpi", self.dpi, "an integer in 36..600")
@@ -135,6 +143,16 @@ class RenderConfig:
         _check(self.max_side_px >= 64, "render.max_side_px", self.max_side_px, ">= 64")
         _check(self.max_pixels >= 4096, "render.max_pixels", self.max_pixels, ">= 4096")
         _check(self.max_failures >= 1, "render.max_failures", self.max_failures, ">= 1")
+
+    def options(self) -> RenderOptions:
+        """The renderer's bounds for this config (what the job, the benchmarks and inspect pass)."""
+        return RenderOptions(
+            dpi=float(self.dpi),
+            max_pixels=self.max_pixels,
+            max_side_px=self.max_side_px,
+            timeout_s=self.timeout_s,
+            max_failures=self.max_failures,
+        )
 
 
 @dataclass

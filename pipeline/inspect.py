@@ -116,7 +116,7 @@ def page_image(row: dict[str, Any], password: str | None = None) -> Any:
     stored = row.get("page_image")
     if stored and stored.get("bytes"):
         return Image.open(io.BytesIO(stored["bytes"])).convert("RGB")
-    from pipeline.render import PageError, render_pages
+    from pipeline.render import PageError, RenderOptions, render_pages
     from pipeline.sources import read_document
 
     data = read_document(row["source_uri"])
@@ -124,9 +124,8 @@ def page_image(row: dict[str, Any], password: str | None = None) -> Any:
         data,
         password,
         [row["page_index"]],
-        dpi=row["dpi"],
-        max_pixels=None,
-        max_side_px=None,
+        # the row's dpi is the effective one, already lowered to the job's bounds: no bound again
+        RenderOptions(dpi=row["dpi"], max_pixels=None, max_side_px=None),
         extract_text=False,
     )
     if isinstance(res, PageError):

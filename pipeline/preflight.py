@@ -17,7 +17,7 @@ def check_model_available(cfg: PipelineConfig) -> None:
     """Fail fast, on the driver, when the real weights cannot be reached (cheap: config.json only)."""
     if cfg.model.name != "deepseek_ocr":
         return
-    from model.checkpoint import CheckpointUnavailable, resolve_config_json
+    from model.hub import CheckpointUnavailable, resolve_config_json
 
     try:
         resolve_config_json(cfg.model.source)

@@ -21,7 +21,7 @@ def resolve_revision(cfg: PipelineConfig) -> str:
     composed config hashes like a resolved one)."""
     if cfg.model.name != "deepseek_ocr":
         return ""
-    from model.checkpoint import resolve_config_json
+    from model.hub import resolve_config_json
 
     config_json = resolve_config_json(cfg.model.source)
     root = config_json.parent

@@ -8,6 +8,10 @@ DeepSeek-OCR script does (PyMuPDF, `zoom = dpi/72`, `get_pixmap(matrix, alpha=Fa
 dpi), but shrinks the zoom of oversized pages to fit pixel bounds instead of failing, and turns
 every per-page failure into a `PageError` row: a requested page is never dropped.
 
+`RenderOptions` is the one home of the render bounds (dpi, pixel bounds, timeouts, failure budget):
+the job's `RenderConfig` takes its defaults from it and hands one to the renderer, and the
+benchmarks and inspect build theirs from it, so they all render under the same bounds.
+
 These functions run MuPDF in the calling process; the pipeline calls them through
 `pipeline.render_proc` (killable child process with timeouts and recycling), which imports this
 module (never the other way round).
@@ -16,9 +20,7 @@ module (never the other way round).
 from __future__ import annotations
 
 import math
-import os
 import re
-import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,22 +43,51 @@ __all__ = [
     "iter_render_pages",
     "page_ranges",
     "fit_zoom",
-    "DEFAULT_DPI",
-    "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MAX_SIDE_PX",
+    "RenderOptions",
+    "DEFAULT_RENDER",
     "MIN_TEXT_CHARS",
 ]
 
-DEFAULT_DPI = 144.0
-DEFAULT_MAX_SIDE_PX = 8192  # longest side; the 234x14295 pt page (28590 px at 144 dpi) is shrunk
-DEFAULT_MAX_PIXELS = 25_000_000  # ~75 MB as RGB; a 2160x2160 pt scan (18.7 MP at 144 dpi) fits
 HEADER_WINDOW = 1024  # `%PDF-` may follow junk (e.g. a Ghostscript banner) within this window
-FAULT_ENV = "PAGEMILL_TEST_RENDER_FAULT"  # test hook, e.g. "hang:0" or "crash:2" (see _inject)
 _OBJ_RE = re.compile(rb"\d+\s+\d+\s+obj\b")
 
 pymupdf.TOOLS.mupdf_display_errors(False)  # keep MuPDF chatter off stderr; we collect warnings
 
 ErrorCode = Literal["empty_file", "not_a_pdf", "corrupt", "needs_password", "zero_pages", "probe_error"]
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How pages are rendered: the bounds every caller (job, benchmarks, inspect) shares.
+
+    dpi is the requested resolution (the official PDF pipeline's 144); a page whose pixmap would
+    exceed `max_side_px` on its longer side or `max_pixels` in area is rendered at the largest
+    lower zoom that fits (None: no bound). The timeouts and `max_failures` bound the killable
+    renderer (`pipeline.render_proc`): `timeout_s` one call, `page_timeout_s` (None: off) one
+    page, `max_failures` crashes/timeouts in one call before its other pages are quarantined.
+    """
+
+    dpi: float = 144.0
+    max_pixels: int | None = 40_000_000  # ~120 MB as RGB; a 2160x2160 pt scan (18.7 MP) fits
+    max_side_px: int | None = 8192  # the 234x14295 pt page (28590 px at 144 dpi) is shrunk
+    timeout_s: float = 120.0
+    page_timeout_s: float | None = None
+    max_failures: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.dpi > 0:
+            raise ValueError(f"dpi must be > 0, not {self.dpi!r}")
+        if self.timeout_s <= 0 or (self.page_timeout_s is not None and self.page_timeout_s <= 0):
+            raise ValueError("timeout_s and page_timeout_s must be > 0")
+        if self.max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, not {self.max_failures!r}")
+
+    def zoom(self, width_pt: float, height_pt: float) -> float:
+        """The zoom a page of this size is rendered at (`fit_zoom` under these bounds)."""
+        return fit_zoom(width_pt, height_pt, self.dpi, self.max_pixels, self.max_side_px)
+
+
+DEFAULT_RENDER = RenderOptions()  # the defaults of every render call (and of the job's RenderConfig)
 
 
 @dataclass(frozen=True)
@@ -270,42 +301,23 @@ def fit_zoom(
     return zoom
 
 
-def _inject(fault: str | None, done: int) -> None:
-    """Test hook, run before each page: `hang:N` sleeps an hour and `crash:N` SIGSEGVs the process
-    once N pages are done; `sleep:S` sleeps S seconds before every page (a slow, not hung, page)."""
-    if not fault:
-        return
-    kind, _, arg = fault.partition(":")
-    if kind == "sleep":
-        time.sleep(float(arg))
-    elif kind == "crashall":  # a document that kills every renderer it meets
-        os.kill(os.getpid(), signal.SIGSEGV)
-    elif done == int(arg or 0) and kind == "hang":
-        time.sleep(3600)
-    elif done == int(arg or 0) and kind == "crash":
-        os.kill(os.getpid(), signal.SIGSEGV)
-
-
 def iter_render_pages(
     data: bytes,
     password: str | None,
     page_indices: Sequence[int],
+    options: RenderOptions = DEFAULT_RENDER,
     *,
-    dpi: float = DEFAULT_DPI,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    max_side_px: int | None = DEFAULT_MAX_SIDE_PX,
     output: Literal["array", "png", "both"] = "array",
     extract_text: bool = True,
     count_blocks: bool = False,
-    _test_fault: str | None = None,
 ) -> Iterator[PageImage | PageError]:
-    """Yield one PageImage or PageError per requested index, in order, as each is rendered.
+    """Yield one PageImage or PageError per requested index, in order, as each is rendered (lazily:
+    a page is rendered when the next item is asked for; `options` gives dpi and pixel bounds).
 
     count_blocks: also count each page's non-empty text blocks into PageImage.text_blocks (the
     forced-length rule of `pipeline.forced`; the tokenizer never runs in the renderer)."""
     if output not in ("array", "png", "both"):
         raise ValueError(f"output must be 'array', 'png' or 'both', not {output!r}")
-    fault = _test_fault if _test_fault is not None else os.environ.get(FAULT_ENV)
     doc, err, _ = _open(data, password)
     if err is not None:
         for i in page_indices:
@@ -314,8 +326,7 @@ def iter_render_pages(
     assert doc is not None
     try:
         n = doc.page_count
-        for done, i in enumerate(page_indices):
-            _inject(fault, done)
+        for i in page_indices:
             t0 = time.perf_counter()
             if not 0 <= i < n:
                 yield PageError(i, "render_error", f"page index {i} out of range (document has {n} pages)")
@@ -323,7 +334,7 @@ def iter_render_pages(
             try:
                 page = doc.load_page(i)
                 rect = page.rect
-                zoom = fit_zoom(rect.width, rect.height, dpi, max_pixels, max_side_px)
+                zoom = options.zoom(rect.width, rect.height)
                 pix = page.get_pixmap(
                     matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB
                 )
@@ -343,7 +354,7 @@ def iter_render_pages(
                     width_pt=float(rect.width),
                     height_pt=float(rect.height),
                     rotation=int(page.rotation),
-                    scaled_down=zoom < dpi / 72.0,
+                    scaled_down=zoom < options.dpi / 72.0,
                     render_ms=(time.perf_counter() - t0) * 1000.0,
                     text_chars=len("".join(text.split())) if text is not None else -1,
                     text=text,
@@ -364,14 +375,11 @@ def render_pages(
     data: bytes,
     password: str | None,
     page_indices: Sequence[int],
-    dpi: float = DEFAULT_DPI,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    max_side_px: int | None = DEFAULT_MAX_SIDE_PX,
+    options: RenderOptions = DEFAULT_RENDER,
     *,
     output: Literal["array", "png", "both"] = "array",
     extract_text: bool = True,
     count_blocks: bool = False,
-    _test_fault: str | None = None,
 ) -> list[PageImage | PageError]:
     """Render the requested pages in-process; exactly one result per requested index, in order.
 
@@ -382,13 +390,10 @@ def render_pages(
             data,
             password,
             page_indices,
-            dpi=dpi,
-            max_pixels=max_pixels,
-            max_side_px=max_side_px,
+            options,
             output=output,
             extract_text=extract_text,
             count_blocks=count_blocks,
-            _test_fault=_test_fault,
         )
     )
 

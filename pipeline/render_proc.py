@@ -15,7 +15,8 @@ platform has it: the fork server is a fresh, single-threaded interpreter (exec'd
 the Ray worker) that preloads numpy + PyMuPDF once, so each new child is a cheap fork of a clean
 process (tens of ms instead of ~1 s for "spawn", which matters when recycling). Elsewhere we fall
 back to "spawn". Consequence: the child does not see environment changes made in the parent after
-the fork server started, so the test fault hook is read in the parent and passed explicitly.
+the fork server started, so the test fault (`pipeline.faults.render_fault`) is read in the parent
+and sent with each request.
 """
 
 from __future__ import annotations
@@ -31,16 +32,8 @@ from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import Any, Literal, cast
 
 from pipeline import render as _render
-from pipeline.render import (
-    DEFAULT_DPI,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MAX_SIDE_PX,
-    FAULT_ENV,
-    DocError,
-    DocInfo,
-    PageError,
-    PageImage,
-)
+from pipeline.faults import RenderFault, render_fault
+from pipeline.render import DEFAULT_RENDER, DocError, DocInfo, PageError, PageImage, RenderOptions
 
 __all__ = ["RenderWorker", "render_in_subprocess", "probe_in_subprocess"]
 
@@ -83,8 +76,11 @@ def _child_main(conn: Any) -> None:
         fatal = None
         try:
             if op == "render":
-                for item in _render.iter_render_pages(**kwargs):
-                    conn.send(("item", item))
+                fault: RenderFault = kwargs.pop("fault")
+                pages = _render.iter_render_pages(**kwargs)  # lazy: each next() renders one page
+                for done in range(len(kwargs["page_indices"])):
+                    fault.before_page(done)
+                    conn.send(("item", next(pages)))
             elif op == "probe":
                 conn.send(("item", _render.probe_document(**kwargs)))
             else:
@@ -93,20 +89,6 @@ def _child_main(conn: Any) -> None:
             fatal = f"{type(e).__name__}: {e}"
         pymupdf.TOOLS.store_shrink(100)  # drop MuPDF's resource cache between tasks
         conn.send(("done", {"rss": _rss_bytes(), "fatal": fatal}))
-
-
-def _shift_fault(fault: str, consumed: int) -> str:
-    """The test fault for a retry that starts `consumed` pages into the request.
-
-    `hang:N` / `crash:N` mean "at the request's page N" (see `render._inject`); a fresh child
-    counts from 0, so N is re-based, and a fault whose page has already gone by is dropped.
-    `sleep:S` (every page) is kept as it is.
-    """
-    kind, _, arg = fault.partition(":")
-    if kind not in ("hang", "crash"):
-        return fault
-    n = int(arg or 0) - consumed
-    return f"{kind}:{n}" if n >= 0 else ""
 
 
 def _exit_text(code: int | None) -> str:
@@ -236,39 +218,36 @@ class RenderWorker:
         data: bytes,
         password: str | None,
         page_indices: Sequence[int],
+        options: RenderOptions = DEFAULT_RENDER,
         *,
-        dpi: float = DEFAULT_DPI,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-        max_side_px: int | None = DEFAULT_MAX_SIDE_PX,
         output: Literal["array", "png", "both"] = "array",
         extract_text: bool = True,
         count_blocks: bool = False,
-        timeout_s: float = 120.0,
-        page_timeout_s: float | None = None,
         retry_after_failure: bool = True,
-        max_failures: int = 3,
-        _test_fault: str | None = None,
     ) -> list[PageImage | PageError]:
         """Render pages in the child: exactly one result per requested index, in request order.
 
-        timeout_s bounds the whole call; page_timeout_s (optional) bounds each page. On a timeout
-        or crash the child is killed and the page being rendered gets a PageError; with
-        retry_after_failure and budget left, a fresh child renders the remaining pages, otherwise
-        they all get PageErrors carrying the same message.
+        options.timeout_s bounds the whole call; options.page_timeout_s (optional) bounds each
+        page. On a timeout or crash the child is killed and the page being rendered gets a
+        PageError; with retry_after_failure and budget left, a fresh child renders the remaining
+        pages (after options.max_failures failures they are quarantined), otherwise they all get
+        PageErrors carrying the same message.
         """
         indices = list(page_indices)
-        # "" (not None) when unset: the child must not fall back to its own, possibly stale, env.
-        fault = (_test_fault if _test_fault is not None else os.environ.get(FAULT_ENV)) or ""
-        opts = dict(
+        timeout_s, page_timeout_s, max_failures = (
+            options.timeout_s,
+            options.page_timeout_s,
+            options.max_failures,
+        )
+        fault = render_fault()
+        opts: dict[str, Any] = dict(
             data=data,
             password=password,
-            dpi=dpi,
-            max_pixels=max_pixels,
-            max_side_px=max_side_px,
+            options=options,
             output=output,
             extract_text=extract_text,
             count_blocks=count_blocks,
-            _test_fault=fault,
+            fault=fault,
         )
         out: list[PageImage | PageError] = []
         failures = 0
@@ -295,7 +274,7 @@ class RenderWorker:
                 if not retry_after_failure or time.monotonic() >= deadline:
                     out.extend(PageError(i, "render_error", failure) for i in indices[len(out) :])
                 # The fault hook counts pages per child call; re-based so a retry doesn't fire it again.
-                opts["_test_fault"] = _shift_fault(fault, len(out))
+                opts["fault"] = fault.after(len(out))
         if len(out) != len(indices):  # protocol invariant; never silently drop a page
             raise RuntimeError(f"renderer returned {len(out)} results for {len(indices)} pages")
         return out
@@ -325,26 +304,14 @@ def render_in_subprocess(
     data: bytes,
     password: str | None,
     page_indices: Sequence[int],
-    dpi: float = DEFAULT_DPI,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    max_side_px: int | None = DEFAULT_MAX_SIDE_PX,
+    options: RenderOptions = DEFAULT_RENDER,
     *,
-    timeout_s: float = 120.0,
     start_method: Literal["forkserver", "spawn"] | None = None,
     **kwargs: Any,
 ) -> list[PageImage | PageError]:
     """One-shot `RenderWorker.render` in a fresh child (see there for kwargs and failure rules)."""
     with RenderWorker(recycle_after=1, start_method=start_method) as w:
-        return w.render(
-            data,
-            password,
-            page_indices,
-            dpi=dpi,
-            max_pixels=max_pixels,
-            max_side_px=max_side_px,
-            timeout_s=timeout_s,
-            **kwargs,
-        )
+        return w.render(data, password, page_indices, options, **kwargs)
 
 
 def probe_in_subprocess(

@@ -213,12 +213,8 @@ class RenderStage:
                         data,
                         password,
                         todo,
-                        dpi=r.dpi,
-                        max_pixels=r.max_pixels,
+                        r.options(),
                         output="png",
-                        max_side_px=r.max_side_px,
-                        timeout_s=r.timeout_s,
-                        max_failures=r.max_failures,
                         count_blocks=self.count_blocks,
                     )
                     if todo

@@ -12,19 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoint import (
-    CheckpointMismatch,
-    CheckpointUnavailable,
-    init_random_fast,
-    load_checkpoint,
-    official_key_map,
-    official_state_dict,
-    random_model,
-    resolve_config_json,
-)
+from model.checkpoint import CheckpointMismatch, load_checkpoint, official_key_map, official_state_dict
 from model.config import ConfigError, OcrConfig
+from model.hub import CheckpointUnavailable, resolve_config_json
 from model.ocr import OcrModel
-from model.synth import synth_rule, synth_seed, synth_tensor
+from model.synth import init_random_fast, random_model, synth_rule, synth_seed, synth_tensor
 
 
 def _tiny_config_json(cfg: OcrConfig) -> dict:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import init_random
 from model.config import OcrConfig
 from model.engine import Engine, EngineConfig, Request
 from model.generate import greedy_generate
 from model.ocr import OcrModel
 from model.preprocess import preprocess_image
+from model.synth import init_random
 from model.tokenizer import DEFAULT_PROMPT, OcrTokenizer
 from model.vision import PageViews
 

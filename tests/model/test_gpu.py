@@ -41,11 +41,11 @@ def test_engine_graphs_equal_eager() -> None:
     import numpy as np
     from PIL import Image
 
-    from model.checkpoint import init_random
     from model.config import OcrConfig
     from model.engine import Engine, EngineConfig, Request
     from model.ocr import OcrModel
     from model.preprocess import preprocess_image
+    from model.synth import init_random
     from model.tokenizer import DEFAULT_PROMPT, OcrTokenizer
     from model.vision import PageViews
 

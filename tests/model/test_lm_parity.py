@@ -1,7 +1,7 @@
 """Language-model parity against the reference goldens (shared/parity/README.md, steps 2 and 5).
 
 The reduced reference model (full vision, 2 LM layers, full vocabulary; 690 official keys) is built
-on the meta device and filled through `model.checkpoint.load_official_state_dict` from the parity
+on the meta device and filled through `model.checkpoint.load_weights` from the parity
 generator's own `synth_tensor` under the OFFICIAL key names, so this also proves the rename table
 on a real-sized model. Comparisons run in float32 on one CPU thread, at the README's tolerances.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.checkpoint import load_official_state_dict, official_key_map, params_on_meta
+from model.checkpoint import load_weights, official_key_map
 from model.config import OcrConfig
 from model.generate import greedy_generate
 from model.ocr import OcrModel
@@ -59,11 +59,9 @@ def reduced(parity_dir: Path):
     drop = tuple(f"model.layers.{i}." for i in range(2, 12))
     shapes = {k: tuple(v) for k, v in official.items() if not k.startswith(drop)}
     assert len(shapes) == 690
-    with params_on_meta():
+    with torch.device("meta"):
         model = OcrModel(OcrConfig.official().with_layers(2))
-    loaded = load_official_state_dict(
-        model, _ReferenceSynth(synth, shapes), strict=True, device="cpu", dtype=torch.float32
-    )
+    loaded = load_weights(model, _ReferenceSynth(synth, shapes), device="cpu", dtype=torch.float32)
     assert loaded == set(shapes)  # exactly the 690 keys, nothing missing or extra
     model.eval()
     yield model

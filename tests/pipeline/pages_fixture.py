@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.outputs import encode_png
-from pipeline.render import PageImage, render_pages
+from pipeline.render import PageImage, RenderOptions, render_pages
 from pipeline.sources import content_id
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ TITLE_BOX_PX = (59, 42, 536, 101)
 
 
 def render_paper(dpi: float = 72) -> PageImage:
-    (page,) = render_pages(PAPER.read_bytes(), None, [0], dpi=dpi)
+    (page,) = render_pages(PAPER.read_bytes(), None, [0], RenderOptions(dpi=dpi))
     assert isinstance(page, PageImage)
     return page
 

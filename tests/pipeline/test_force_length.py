@@ -21,9 +21,9 @@ import pytest
 from model.tokenizer import PROMPTS, OcrTokenizer
 from pipeline.config import ConfigValueError, GenerationConfig
 from pipeline.forced import MIN_TEXT_CHARS, cap_forced_length, forced_from_text, forced_length
-from pipeline.render import PageImage, render_pages
+from pipeline.render import PageImage, RenderOptions, render_pages
 from pipeline.run import compose
-from tests.pipeline.test_e2e import REPO, _env, read_pages
+from tests.pipeline.e2e.helpers import REPO, job_env, read_pages
 
 # (file, forced lengths at max_model_len 1024 in tiny mode): short, different, with a text layer
 SMALL = ("slides-odp-table-01.pdf", "form-libreoffice-01.pdf")  # 3 pages (359, 71, 176) + 1 (196)
@@ -67,8 +67,8 @@ def test_forced_length_rule(corpus_dir: Path, tok: OcrTokenizer) -> None:
     # the renderer counts the text blocks only when asked (no tokenizer there); the OCR stage's
     # length from that count and the text layer (prompt length 0) is the rule's
     data = (corpus_dir / SMALL[1]).read_bytes()
-    (plain,) = render_pages(data, None, [0], dpi=72)
-    (forced,) = render_pages(data, None, [0], dpi=72, count_blocks=True)
+    (plain,) = render_pages(data, None, [0], RenderOptions(dpi=72))
+    (forced,) = render_pages(data, None, [0], RenderOptions(dpi=72), count_blocks=True)
     assert isinstance(plain, PageImage) and isinstance(forced, PageImage)
     assert plain.text_blocks == -1 and forced.text_blocks > 0 and forced.text == plain.text
     assert forced_from_text(forced.text, forced.text_blocks, tok, 0, MAX_MODEL_LEN) == 196
@@ -90,7 +90,7 @@ def test_bad_force_length_names_the_key(tmp_path: Path) -> None:
             "generation.force_length=bogus",
         ],
         cwd=REPO,
-        env=_env(),
+        env=job_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -134,7 +134,7 @@ def test_pipeline_forced_lengths_and_bench_smoke(tmp_path: Path, tok: OcrTokeniz
         # model=tiny_random caps generation at 64 tokens (the demo); forced lengths need room
         f"generation.max_new_tokens={MAX_MODEL_LEN}",
     ]
-    env = {**_env(), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**job_env(), "CUDA_VISIBLE_DEVICES": ""}
     refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "CUDA" in refused.stderr and not out.exists()
     proc = subprocess.run(

@@ -1,7 +1,8 @@
 """PDF probing and rendering (pipeline.render) and the killable renderer child (pipeline.render_proc).
 
-Real MuPDF on the real dev corpus; the worker tests use the documented fault hook (`_inject`) to
-make the child hang or SIGSEGV, with short timeouts so the whole file stays fast.
+Real MuPDF on the real dev corpus; the worker tests use the documented fault hook
+(`PAGEMILL_TEST_RENDER_FAULT`, pipeline.faults) to make the child hang or SIGSEGV, with short
+timeouts so the whole file stays fast.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import pymupdf
 import pytest
 from PIL import Image
 
+from pipeline.faults import RENDER_FAULT_ENV, RenderFault, render_fault
 from pipeline.render import (
-    DEFAULT_MAX_SIDE_PX,
-    FAULT_ENV,
     DocError,
     DocInfo,
     PageError,
     PageImage,
+    RenderOptions,
     fit_zoom,
     page_ranges,
     probe_document,
@@ -210,7 +211,7 @@ def test_render_size_matches_page_size_times_dpi(corpus_bytes, name, pages, dpi)
     data = corpus_bytes[name]
     info = probe_document(data, extract_text=False)
     assert isinstance(info, DocInfo)
-    out = render_pages(data, None, pages, dpi=dpi, extract_text=False)
+    out = render_pages(data, None, pages, RenderOptions(dpi=dpi), extract_text=False)
     assert [r.page_index for r in out] == pages
     for r in out:
         assert isinstance(r, PageImage), r
@@ -232,8 +233,12 @@ def test_render_size_matches_page_size_times_dpi(corpus_bytes, name, pages, dpi)
 
 def test_very_tall_page_is_shrunk_to_max_side(corpus_bytes) -> None:
     data = corpus_bytes["odd-page-very-tall-01.pdf"]
-    for max_side in (DEFAULT_MAX_SIDE_PX, 2000):
-        first, tall = render_pages(data, None, [0, 1], dpi=144, max_side_px=max_side, extract_text=False)
+    default_side = RenderOptions().max_side_px
+    assert default_side is not None
+    for max_side in (default_side, 2000):
+        first, tall = render_pages(
+            data, None, [0, 1], RenderOptions(dpi=144, max_side_px=max_side), extract_text=False
+        )
         assert isinstance(first, PageImage) and isinstance(tall, PageImage)
         assert not first.scaled_down and first.dpi == 144 and (first.width_px, first.height_px) == (1224, 792)
         assert tall.height_pt > 14000 and tall.scaled_down
@@ -248,7 +253,7 @@ def test_very_tall_page_is_shrunk_to_max_side(corpus_bytes) -> None:
 
 def test_max_pixels_bound_and_fit_zoom(corpus_bytes) -> None:
     data = corpus_bytes["scan-book-6p-01.pdf"]  # page 1 is a 2160 x 2160 pt scan
-    (img,) = render_pages(data, None, [1], dpi=144, max_pixels=1_000_000, extract_text=False)
+    (img,) = render_pages(data, None, [1], RenderOptions(dpi=144, max_pixels=1_000_000), extract_text=False)
     assert isinstance(img, PageImage) and img.scaled_down and img.width_pt == 2160
     assert 0.98e6 < img.width_px * img.height_px <= 1_000_000
     for w, h in [(612, 792), (234, 14295), (2160, 2160), (1, 5000), (5000, 1)]:
@@ -268,8 +273,8 @@ def _px_mupdf(length_pt: float, zoom: float) -> int:
 
 def test_render_outputs_text_and_errors(corpus_bytes) -> None:
     data = corpus_bytes["paper-arxiv-math-01.pdf"]
-    (both,) = render_pages(data, None, [0], dpi=50, output="both")
-    (png,) = render_pages(data, None, [0], dpi=50, output="png", extract_text=False)
+    (both,) = render_pages(data, None, [0], RenderOptions(dpi=50), output="both")
+    (png,) = render_pages(data, None, [0], RenderOptions(dpi=50), output="png", extract_text=False)
     assert isinstance(both, PageImage) and isinstance(png, PageImage)
     assert both.png is not None and both.png.startswith(b"\x89PNG\r\n\x1a\n") and png.pixels is None
     assert png.png is not None and both.pixels is not None
@@ -280,7 +285,7 @@ def test_render_outputs_text_and_errors(corpus_bytes) -> None:
         render_pages(data, None, [0], output="jpeg")  # type: ignore[arg-type]
 
     # out-of-range pages become PageErrors in place; nothing is dropped or reordered
-    out = render_pages(data, None, [5, 0, -1, 0], dpi=36, extract_text=False)
+    out = render_pages(data, None, [5, 0, -1, 0], RenderOptions(dpi=36), extract_text=False)
     assert [type(r) for r in out] == [PageError, PageImage, PageError, PageImage]
     assert [r.page_index for r in out] == [5, 0, -1, 0]
     assert isinstance(out[0], PageError) and "out of range" in out[0].message
@@ -295,7 +300,7 @@ def test_render_outputs_text_and_errors(corpus_bytes) -> None:
         (2, "render_error"),
     ]
     assert all(isinstance(e, PageError) and "needs_password" in e.message for e in errs)
-    (ok,) = render_pages(locked, "openpassword", [0], dpi=36)
+    (ok,) = render_pages(locked, "openpassword", [0], RenderOptions(dpi=36))
     assert isinstance(ok, PageImage) and ok.text_chars > 20
     assert page_ranges(5, 2) == [range(0, 2), range(2, 4), range(4, 5)] and page_ranges(0, 3) == []
 
@@ -303,6 +308,22 @@ def test_render_outputs_text_and_errors(corpus_bytes) -> None:
 # ---------------------------------------------------------------- RenderWorker (child process)
 
 DOC = "paper-2col-tracemonkey-01.pdf"  # 14 born-digital pages, fast at 36 dpi
+
+
+@pytest.fixture
+def fault(monkeypatch):
+    """set(spec): the renderer fault of the next renders (None: none). The variable is parsed once
+    per process (`render_fault` is cached), so each change clears the cache, as a new process would."""
+
+    def set_(spec: str | None) -> None:
+        if spec is None:
+            monkeypatch.delenv(RENDER_FAULT_ENV, raising=False)
+        else:
+            monkeypatch.setenv(RENDER_FAULT_ENV, spec)
+        render_fault.cache_clear()
+
+    yield set_
+    set_(None)
 
 
 def _alive(pid: int) -> bool:
@@ -316,10 +337,10 @@ def _alive(pid: int) -> bool:
 def test_worker_matches_in_process_render_and_probe(corpus_bytes) -> None:
     data = corpus_bytes[DOC]
     with RenderWorker() as w:
-        got = w.render(data, None, [3, 0, 99], dpi=40)
+        got = w.render(data, None, [3, 0, 99], RenderOptions(dpi=40))
         info = w.probe(data, extract_text=False)
         assert w.children_started == 1
-    want = render_pages(data, None, [3, 0, 99], dpi=40)
+    want = render_pages(data, None, [3, 0, 99], RenderOptions(dpi=40))
     assert [type(r) for r in got] == [PageImage, PageImage, PageError]
     for g, e in zip(got[:2], want[:2]):
         assert isinstance(g, PageImage) and isinstance(e, PageImage)
@@ -338,21 +359,20 @@ def test_worker_matches_in_process_render_and_probe(corpus_bytes) -> None:
     )
     err = probe_in_subprocess(b"")
     assert isinstance(err, DocError) and err.code == "empty_file"
-    one = render_in_subprocess(data, None, [1], dpi=36)
+    one = render_in_subprocess(data, None, [1], RenderOptions(dpi=36))
     assert len(one) == 1 and isinstance(one[0], PageImage) and one[0].page_index == 1
 
 
-def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
+def test_worker_kills_hung_render_and_recovers(corpus_bytes, fault) -> None:
     data = corpus_bytes[DOC]
     with RenderWorker() as w:
-        assert isinstance(w.render(data, None, [0], dpi=36)[0], PageImage)
+        assert isinstance(w.render(data, None, [0], RenderOptions(dpi=36))[0], PageImage)
         pid = w.pid
         assert pid is not None and _alive(pid)
         t0 = time.monotonic()
         # every page times out: all PageErrors (asserted below; the cast is for pyright)
-        out = cast(
-            list[PageError], w.render(data, None, [0, 1, 2], dpi=36, timeout_s=1.5, _test_fault="hang:0")
-        )
+        fault("hang:0")
+        out = cast(list[PageError], w.render(data, None, [0, 1, 2], RenderOptions(dpi=36, timeout_s=1.5)))
         elapsed = time.monotonic() - t0
         assert 1.4 < elapsed < 10, elapsed
         assert [(type(r), r.page_index, r.code) for r in out] == [
@@ -360,15 +380,15 @@ def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
         ]
         assert all("timed out" in r.message for r in out)
         assert w.pid is None and not _alive(pid)  # the hung child was killed and reaped
-        again = w.render(data, None, [2, 1], dpi=36)
+        fault(None)
+        again = w.render(data, None, [2, 1], RenderOptions(dpi=36))
         assert [(type(r), r.page_index) for r in again] == [(PageImage, 2), (PageImage, 1)]
         assert w.children_started == 2 and w.pid != pid
 
         # a per-page timeout kills only the page in flight; a fresh child does the rest
         t0 = time.monotonic()
-        out = w.render(
-            data, None, [0, 1, 2, 3], dpi=36, timeout_s=30, page_timeout_s=1.0, _test_fault="hang:1"
-        )
+        fault("hang:1")
+        out = w.render(data, None, [0, 1, 2, 3], RenderOptions(dpi=36, timeout_s=30, page_timeout_s=1.0))
         assert time.monotonic() - t0 < 10
         assert [(type(r), r.page_index) for r in out] == [
             (PageImage, 0),
@@ -380,11 +400,12 @@ def test_worker_kills_hung_render_and_recovers(corpus_bytes) -> None:
         assert w.children_started == 3
 
 
-def test_worker_crash_costs_only_the_page_in_flight(corpus_bytes, monkeypatch) -> None:
+def test_worker_crash_costs_only_the_page_in_flight(corpus_bytes, fault) -> None:
     data = corpus_bytes[DOC]
     pages = [4, 0, 7, 1, 2]
     with RenderWorker() as w:
-        out = w.render(data, None, pages, dpi=36, _test_fault="crash:1")
+        fault("crash:1")
+        out = w.render(data, None, pages, RenderOptions(dpi=36))
         assert [(type(r), r.page_index) for r in out] == [
             (PageImage, 4),
             (PageError, 0),
@@ -397,19 +418,19 @@ def test_worker_crash_costs_only_the_page_in_flight(corpus_bytes, monkeypatch) -
         assert w.children_started == 2
 
         # without retry, the rest of the request gets the same error instead
-        out = w.render(data, None, pages, dpi=36, _test_fault="crash:1", retry_after_failure=False)
+        out = w.render(data, None, pages, RenderOptions(dpi=36), retry_after_failure=False)
         assert [type(r) for r in out] == [PageImage] + [PageError] * 4
         assert [r.page_index for r in out] == pages and len(
             {r.message for r in cast(list[PageError], out[1:])}
         ) == 1
         assert w.children_started == 2 and w.pid is None  # the dead child is replaced when next needed
 
-        # the fault hook can come from the environment (read in the parent, passed to the child)
-        monkeypatch.setenv(FAULT_ENV, "crash:0")
-        out = w.render(data, None, [0, 1], dpi=36)
+        # the fault is read in the parent and sent with each request (the child's env is stale)
+        fault("crash:0")
+        out = w.render(data, None, [0, 1], RenderOptions(dpi=36))
         assert [type(r) for r in out] == [PageError, PageImage] and w.children_started == 4
-        monkeypatch.delenv(FAULT_ENV)
-        assert all(isinstance(r, PageImage) for r in w.render(data, None, [0, 1], dpi=36))
+        fault(None)
+        assert all(isinstance(r, PageImage) for r in w.render(data, None, [0, 1], RenderOptions(dpi=36)))
 
 
 def test_worker_recycles_child(corpus_bytes) -> None:
@@ -420,33 +441,32 @@ def test_worker_recycles_child(corpus_bytes) -> None:
             if i == 2:
                 assert isinstance(w.probe(data, extract_text=False), DocInfo)  # a probe is a task too
             else:
-                assert isinstance(w.render(data, None, [i], dpi=36)[0], PageImage)
+                assert isinstance(w.render(data, None, [i], RenderOptions(dpi=36))[0], PageImage)
             pids.append(w.pid)
         # recycled right after the 2nd and 4th task: the child is stopped (pid None) until needed
         assert pids[1] is None and pids[3] is None and pids[0] != pids[2]
         assert pids[4] is not None and w.children_started == 3
     with RenderWorker(max_rss_mb=1) as w:  # every child ends above 1 MB: replaced after each task
         for _ in range(2):
-            w.render(data, None, [0], dpi=36)
+            w.render(data, None, [0], RenderOptions(dpi=36))
             assert w.pid is None and w.last_rss_bytes > 2**20
         assert w.children_started == 2
     with pytest.raises(ValueError):
         RenderWorker(recycle_after=0)
 
 
-def test_document_that_keeps_crashing_renderers_is_quarantined(corpus_dir: Path) -> None:
+def test_document_that_keeps_crashing_renderers_is_quarantined(corpus_dir: Path, fault) -> None:
     """Every page kills its renderer: after `max_failures` crashes the rest of the range is not
     tried again but gets `quarantined` errors, one per page, and the worker still works after."""
     from pipeline.render_proc import RenderWorker
 
     data = (corpus_dir / "slides-deck-26p-01.pdf").read_bytes()
     with RenderWorker(recycle_after=50) as w:
+        fault("crashall")
         # every page fails: all PageErrors (the cast is for pyright; the codes are asserted below)
         out = cast(
             list[PageError],
-            w.render(
-                data, None, list(range(6)), dpi=36, timeout_s=60, max_failures=2, _test_fault="crashall"
-            ),
+            w.render(data, None, list(range(6)), RenderOptions(dpi=36, timeout_s=60, max_failures=2)),
         )
         assert [r.page_index for r in out] == list(range(6))
         assert [r.code for r in out] == [
@@ -458,5 +478,37 @@ def test_document_that_keeps_crashing_renderers_is_quarantined(corpus_dir: Path)
             "quarantined",
         ]
         assert "quarantined after 2 renderer crashes" in out[2].message and "SIGSEGV" in out[2].message
-        again = w.render(data, None, [0], dpi=36, timeout_s=60)
+        fault(None)
+        again = w.render(data, None, [0], RenderOptions(dpi=36, timeout_s=60))
         assert isinstance(again[0], PageImage) and again[0].width_px > 0
+
+
+def test_render_fault_spec_is_parsed_once_and_strictly(fault) -> None:
+    """A malformed PAGEMILL_TEST_RENDER_FAULT is an error, not a test silently run without its
+    fault; a retry's fault is re-based on the pages already done."""
+    assert RenderFault.parse("") == RenderFault() and not RenderFault()
+    assert (
+        RenderFault.parse("crash:2") == RenderFault("crash", 2) and RenderFault.parse("sleep:0.5").arg == 0.5
+    )
+    assert RenderFault.parse("crash") == RenderFault("crash", 0)  # no page: the first
+    for bad in ("hang:x", "hang:1.5", "explode:1", "sleep:-1"):
+        with pytest.raises(ValueError, match=RENDER_FAULT_ENV):
+            RenderFault.parse(bad)
+    assert RenderFault("hang", 3).after(2) == RenderFault("hang", 1)
+    assert not RenderFault("hang", 3).after(4) and RenderFault("sleep", 1).after(9) == RenderFault("sleep", 1)
+    fault("crash:1")
+    assert render_fault() == RenderFault("crash", 1)
+    os.environ[RENDER_FAULT_ENV] = "hang:0"  # a later change is not seen: parsed once per process
+    assert render_fault() == RenderFault("crash", 1)
+
+
+def test_render_options_are_the_job_defaults() -> None:
+    """The job's RenderConfig takes its render bounds from RenderOptions and hands them back whole:
+    the benchmarks (RenderOptions()) and the job cannot render under different bounds."""
+    from pipeline.config import RenderConfig
+
+    assert RenderConfig().options() == RenderOptions()
+    custom = RenderConfig(dpi=200, max_pixels=10_000, max_side_px=900, timeout_s=5, max_failures=1)
+    assert custom.options() == RenderOptions(200.0, 10_000, 900, timeout_s=5, max_failures=1)
+    with pytest.raises(ValueError, match="max_failures"):
+        RenderOptions(max_failures=0)

@@ -115,10 +115,10 @@ def test_render_stage(rendered) -> None:
 
 
 def test_views_from_the_png_equal_the_pil_path_on_raw_pixels() -> None:
-    from pipeline.render import PageImage, render_pages
+    from pipeline.render import PageImage, RenderOptions, render_pages
 
     for dpi in (144, 100):
-        (page,) = render_pages(PAPER.read_bytes(), None, [0], dpi=dpi, output="both")
+        (page,) = render_pages(PAPER.read_bytes(), None, [0], RenderOptions(dpi=dpi), output="both")
         assert isinstance(page, PageImage) and page.pixels is not None and page.png is not None
         for mode in ("gundam", "base", "small"):
             want = preprocess_image(Image.fromarray(page.pixels), mode)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.run import EXIT_CONFIG, EXIT_ROWS_MISSING
-from tests.pipeline.test_e2e import run_job as _run_job
+from tests.pipeline.e2e.helpers import run_job as _run_job
 
 
 def run_job(*overrides: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]

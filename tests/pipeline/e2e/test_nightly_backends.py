@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.dataset as ds
 import pytest
 
-from tests.pipeline.test_e2e import REPO, _env
+from tests.pipeline.e2e.helpers import REPO, job_env
 
 pytestmark = pytest.mark.slow
 FAST = [
@@ -79,7 +79,7 @@ def _cmd(src: str, out: str, extra: list[str]) -> list[str]:
 
 
 def _env_local() -> dict[str, str]:
-    return {**_env(), "RAY_ADDRESS": "local"}  # embedded Ray even if another cluster runs here
+    return {**job_env(), "RAY_ADDRESS": "local"}  # embedded Ray even if another cluster runs here
 
 
 def _run(src: str, out: str, extra: list[str]) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ import pytest
 from pipeline.cluster import NoGpuError
 from pipeline.config import ConfigValueError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
 FAST = [
     "model=tiny_random",

@@ -19,12 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 
 from pipeline.schema import COLUMNS, DOC_ERROR_CODES, STATUSES
+from tests.pipeline.e2e.helpers import REPO, job_env, read_pages, run_job
 
-REPO = Path(__file__).resolve().parents[2]
 PAGE_STATUSES = {"ok", "truncated", "repetition", "render_error", "ocr_error"}
 ERROR_CODE = {
     "error:empty-file": "empty_file",
@@ -34,27 +33,6 @@ ERROR_CODE = {
 }
 
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    # as in an activated venv: the job's `python` entrypoint is this interpreter
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def run_job(
-    *overrides: str, timeout: float = 900, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "pipeline.run", "model=tiny_random", "progress=false", *overrides]
-    return subprocess.run(
-        cmd, cwd=REPO, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def read_pages(out: Path) -> list[dict]:
-    return ds.dataset(out / "pages", format="parquet").to_table().to_pylist()
 
 
 def manifest(corpus: Path) -> list[dict[str, str]]:
@@ -184,7 +162,7 @@ def test_ray_job_submit_on_local_cluster(tmp_path: Path) -> None:
     """`ray start --head`, then the README's `ray job submit ... -- python -m pipeline.run` from the
     repo root (working dir uploaded with jobs/runtime_env.yaml); wait for success; check output."""
     ray_bin = Path(sys.executable).with_name("ray")
-    env = _env()
+    env = job_env()
     env.pop("RAY_ADDRESS", None)
     env["RAY_AUTH_MODE"] = "disabled"  # a throwaway loopback cluster; real clusters keep their auth
     temp = Path("/tmp") / f"pm-ray-{os.getpid()}"  # short: unix socket paths are length-limited
@@ -303,7 +281,7 @@ def test_unreachable_weights_name_the_offline_option(tmp_path: Path) -> None:
         f"model.source={tmp_path / 'no-weights'}",
         f"output.uri={tmp_path / 'o'}",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3
     assert "model=tiny_random" in proc.stderr and "does not exist" in proc.stderr
     assert not (tmp_path / "o" / "pages").exists()

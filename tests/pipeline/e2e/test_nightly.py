@@ -24,7 +24,7 @@ import pytest
 
 from pipeline.ledger import LEDGER_DIR, Ledger, commit_entry
 from pipeline.outputs import OutputStore
-from tests.pipeline.test_e2e import REPO, _env, run_job
+from tests.pipeline.e2e.helpers import REPO, job_env, run_job
 
 pytestmark = pytest.mark.slow
 FAST = [
@@ -151,7 +151,7 @@ def test_sigkill_driver_then_resume_equals_uninterrupted(tmp_path: Path, corpus_
     proc = subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=_env(),
+        env=job_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -244,7 +244,7 @@ def test_pages_without_eos_get_one_fallback_pass(tmp_path: Path) -> None:
 
 
 def test_nightly_wrapper_dated_and_incremental_layouts(tmp_path: Path) -> None:
-    env = {**_env(), "NIGHTLY_DATE": "2026-01-02"}
+    env = {**job_env(), "NIGHTLY_DATE": "2026-01-02"}
     common = ["model=tiny_random", "progress=false", "input.uri=tests/data", *FAST]
     dated = subprocess.run(
         ["bash", "jobs/nightly.sh", f"output.uri={tmp_path / 'n'}", *common],

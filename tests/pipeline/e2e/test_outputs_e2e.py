@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.schema import DOCUMENT_SCHEMA
-from tests.pipeline.test_e2e import REPO, _env, read_pages, run_job
+from tests.pipeline.e2e.helpers import REPO, job_env, read_pages, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_report_and_inspect_on_the_run(run_output: Path, tmp_path: Path) -> None
     rep = subprocess.run(
         [sys.executable, "-m", "pipeline.report", str(run_output), "--out", str(tmp_path / "rep")],
         cwd=REPO,
-        env=_env(),
+        env=job_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -103,7 +103,7 @@ def test_report_and_inspect_on_the_run(run_output: Path, tmp_path: Path) -> None
             "0",
         ],
         cwd=REPO,
-        env=_env(),
+        env=job_env(),
         capture_output=True,
         text=True,
         timeout=300,
