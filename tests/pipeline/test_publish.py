@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 
 from pipeline.publish import build_snapshot
+from tests.pipeline.e2e.helpers import REPO, job_env, run_job
 from tests.pipeline.pages_fixture import GROUNDING, IMAGE_BOX_PX, render_paper
-from tests.pipeline.test_e2e import REPO, _env, run_job
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +196,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "publish", *args],
         cwd=REPO,
-        env={**_env(), **(env or {})},
+        env={**job_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=300,
