@@ -45,6 +45,7 @@ def load_model(
     dtype: str = "bfloat16",
     seed: int = 0,
     device: torch.device | str | None = None,
+    revision: str = "",
 ) -> tuple[OcrModel, OcrTokenizer]:
     """(model in eval mode on `device`, tokenizer) for `deepseek_ocr` (from `source`), `tiny_random`
     or `full_random` (full size, built and filled on `device`: meaningless text, for benchmarks)."""
@@ -63,7 +64,7 @@ def load_model(
         return random_model(device, seed, dtype=DTYPES[dtype]), OcrTokenizer.default()
     if name != "deepseek_ocr":
         raise ValueError(f"unknown model {name!r}: expected deepseek_ocr, tiny_random or full_random")
-    root = resolve_source(source)
+    root = resolve_source(source, revision or None)  # the driver's resolved revision (a hub commit)
     model = load_checkpoint(root, device=device, dtype=DTYPES[dtype])
     tok = OcrTokenizer.from_dir(root) if (Path(root) / "tokenizer.json").is_file() else OcrTokenizer.default()
     return model, tok
@@ -142,9 +143,10 @@ class PageOcr:
         seed: int = 0,
         prompt: str = "document",
         device: str | None = None,
+        revision: str = "",
         **engine: Any,
     ) -> PageOcr:
-        model, tok = load_model(name, source, dtype, seed, device)
+        model, tok = load_model(name, source, dtype, seed, device, revision)
         if not engine.get("max_batch"):  # None (or 0): auto, as many KV rows as the device holds
             if engine.get("engine", EngineConfig.engine) == "paged":  # rows are cheap; the block pool limits
                 if model.decoder.embed_tokens.weight.device.type != "cuda":

@@ -277,6 +277,7 @@ def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
         cfg.model.dtype,
         cfg.model.seed,
         prompt=g.prompt,
+        revision=cfg.model.revision,  # resolved on the driver: every worker loads the same snapshot
         max_batch=ocr_rows(cfg, on_gpu),
         max_model_len=g.max_model_len,
         max_new_tokens=g.max_new_tokens,
