@@ -25,7 +25,7 @@ from typing import Any
 class StrEnum(str, Enum):
     """A str-valued enum: each member is its value wherever a string goes (comparisons, f-strings,
     json, Arrow/Parquet columns), so stored data keeps plain strings. Member names equal their
-    values (tests/model/test_tokenizer.py checks it), because OmegaConf looks an Enum-typed config
+    values (tests/pipeline/test_config.py checks it), because OmegaConf looks an Enum-typed config
     field up by name: `model.dtype=float32` on the command line or in YAML is the member itself."""
 
     def __str__(self) -> str:
@@ -249,14 +249,19 @@ def read_hf_config(cfg: dict[str, Any] | str | Path) -> dict[str, Any]:
     """``config.json`` (a path to the file or to its directory, or its content) as transformers
     reads it: ``PretrainedConfig.from_json_file`` / ``from_dict``, then ``to_dict()``. Keys of a
     model type transformers does not know (deepseek_vl_v2) are kept as they are."""
+    import warnings
+
     from transformers import PretrainedConfig
 
-    if isinstance(cfg, dict):
-        hf = PretrainedConfig.from_dict(cfg)
-    else:
+    file = None
+    if not isinstance(cfg, dict):
         p = Path(cfg)
         file = p / "config.json" if p.is_dir() else p
         if not file.is_file():
             raise ConfigError(f"no config.json at {file}")
-        hf = PretrainedConfig.from_json_file(str(file))
+    with warnings.catch_warnings():
+        # transformers 5 deprecates the `rope_scaling` key the official file has (null); nothing
+        # here reads it, and the warning would land in every OCR actor's log
+        warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
+        hf = PretrainedConfig.from_dict(cfg) if file is None else PretrainedConfig.from_json_file(str(file))
     return hf.to_dict()

@@ -128,7 +128,13 @@ def test_rows_under_an_old_hash_stay_and_a_run_works_under_the_new_one(tmp_path:
     led = Ledger.load(store, new_hash)
     assert led.done == set() and led.reconciled == led.dropped == 0
     docs = [
-        {"doc_id": r["doc_id"], "source_uri": r["source_uri"], "page_count": 1, "error_code": None, "error": None}
+        {
+            "doc_id": r["doc_id"],
+            "source_uri": r["source_uri"],
+            "page_count": 1,
+            "error_code": None,
+            "error": None,
+        }
         for r in old_rows
     ]
     plan = plan_pages(cfg, docs, led.done)
