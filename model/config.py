@@ -263,5 +263,8 @@ def read_hf_config(cfg: dict[str, Any] | str | Path) -> dict[str, Any]:
         # transformers 5 deprecates the `rope_scaling` key the official file has (null); nothing
         # here reads it, and the warning would land in every OCR actor's log
         warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
-        hf = PretrainedConfig.from_dict(cfg) if file is None else PretrainedConfig.from_json_file(str(file))
+        if isinstance(cfg, dict):
+            hf = PretrainedConfig.from_dict(cfg)
+        else:
+            hf = PretrainedConfig.from_json_file(str(file))
     return hf.to_dict()

@@ -52,8 +52,9 @@ class PromptName(StrEnum):
     describe = "describe"
 
 
-# Official prompt strings, verbatim: "\n" is a real newline, no trailing space.
-PROMPTS: dict[PromptName, str] = {
+# Official prompt strings, verbatim: "\n" is a real newline, no trailing space. Keyed by the enum
+# members, which are str: PROMPTS["document"] works too.
+PROMPTS: dict[str, str] = {
     PromptName.document: "<image>\n<|grounding|>Convert the document to markdown.",
     PromptName.ocr_image: "<image>\n<|grounding|>OCR this image.",
     PromptName.free_ocr: "<image>\nFree OCR.",
@@ -160,6 +161,8 @@ class OcrTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text for ``ids``; by default special tokens (``<|ref|>``, ``<td>``, EOS) are kept."""
-        return self._tok.decode(
+        text = self._tok.decode(
             [int(i) for i in ids], skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
+        assert isinstance(text, str)  # one sequence in, one string out
+        return text

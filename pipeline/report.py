@@ -46,7 +46,7 @@ COLUMNS = (
 )
 TEXT_COLUMNS = ("doc_id", "source_uri", "status", "error_code", "finish_reason", "config_hash")
 PLOTS = ("status", "throughput", "tokens", "compression", "agreement")
-STATUS_COLOURS = {
+STATUS_COLOURS: dict[str, str] = {
     Status.ok: "#2e8b57",
     Status.truncated: "#e6a700",
     Status.repetition: "#d2691e",

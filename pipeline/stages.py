@@ -492,7 +492,7 @@ class OcrStage:
 
 
 # the final status of a row the model finished (FinishReason.error and anything else: ocr_error)
-STATUS_BY_FINISH = {
+STATUS_BY_FINISH: dict[str, Status] = {
     FinishReason.stop: Status.ok,
     FinishReason.length: Status.truncated,
     FinishReason.repetition: Status.repetition,

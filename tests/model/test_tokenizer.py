@@ -166,7 +166,7 @@ def _texts(parity_dir: Path) -> list[str]:
             with pymupdf.open(pdf) as doc:
                 if doc.needs_pass:
                     continue
-                texts += [page.get_text() for page in doc]
+                texts += [str(page.get_text()) for page in doc]
         except pymupdf.FileDataError:  # the not-a-PDF fixture
             continue
     texts += texts_md

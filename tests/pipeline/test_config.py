@@ -270,12 +270,11 @@ def test_on_disk_statuses_are_the_status_enum(tmp_path: Path) -> None:
         ocr_row(doc_id=f"{i:064x}", finish_reason=f, config_hash=cfg.config_hash())
         for i, f in enumerate(("stop", "length", "repetition", "error"))
     ]
+    error = {"raw_output": None, "finish_reason": None, "num_output_tokens": None}
     rows.append(
-        ocr_row(doc_id=f"{5:064x}", status=Status.render_error, error_code="bad_image", raw_output=None)
+        {**ocr_row(doc_id=f"{5:064x}"), **error, "status": Status.render_error, "error_code": "bad_image"}
     )
-    rows.append(
-        {**ocr_row(doc_id=f"{6:064x}", raw_output=None), "page_index": -1, "status": Status.doc_error}
-    )
+    rows.append({**ocr_row(doc_id=f"{6:064x}"), **error, "page_index": -1, "status": Status.doc_error})
     assert {r["status"] for r in rows[:4]} == {None}  # in flight until the writer
     WriteStage(cfg, str(tmp_path))(to_batch(rows))
     got = ds.dataset(tmp_path / "pages", format="parquet").to_table(columns=["doc_id", "status"]).to_pylist()
