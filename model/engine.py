@@ -477,7 +477,9 @@ class Engine:
             if bad is None:
                 return req
             errors.append(
-                Result(req.tag, [], FinishReason.error, len(req.input_ids), error=bad, request_id=req.request_id)
+                Result(
+                    req.tag, [], FinishReason.error, len(req.input_ids), error=bad, request_id=req.request_id
+                )
             )
 
     @torch.inference_mode()
