@@ -91,7 +91,7 @@ def inspect_example(tmp: Path) -> None:
         "height_px": page.height_px,
         "dpi": page.dpi,
         "mode": "base",
-        "status": "pending",
+        "status": None,  # in flight: the writer's post-processing sets the final status
         "raw_output": grounding_from_pdf(PAGE),
         "num_vision_tokens": 273,
         "num_output_tokens": 0,

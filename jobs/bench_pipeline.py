@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-OCR_DONE = ("ok", "truncated", "repetition")  # OCR produced output (forced pages end `truncated`)
+# OCR produced output (forced pages end `truncated`)
+from pipeline.schema import OUTPUT_STATUSES as OCR_DONE
 
 
 def read_rows(out: Path, config_hash: str) -> list[dict[str, Any]]:
@@ -179,12 +180,13 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
     import hashlib
 
     from model.runner import OcrInput
+    from pipeline.config import ForceLength
     from pipeline.forced import forced_from_text
     from pipeline.render import PageImage, render_pages
     from pipeline.stages import load_page_ocr, page_views
 
     r, g = cfg.render, cfg.generation
-    force = g.force_length == "text_layer"
+    force = g.force_length == ForceLength.text_layer
     ocr = load_page_ocr(cfg, on_gpu=on_gpu)
     cache: dict[str, list[OcrInput]] = {}
     inputs: list[OcrInput] = []

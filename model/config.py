@@ -2,8 +2,12 @@
 
 The official checkpoint hard-codes the vision dimensions (SAM-ViT-B, CLIP-L) and keeps the
 language-model hyper-parameters at the top level of ``config.json``. ``OcrConfig.from_hf_config``
-reads exactly those keys (defaults = DeepseekV2Config defaults, spec 1.6); ``OcrConfig.tiny()``
-is a random-weight model of the *same architecture* with small widths for CPU tests.
+reads exactly those keys (defaults = DeepseekV2Config defaults), through transformers'
+``PretrainedConfig`` as the model authors' code does; ``OcrConfig.tiny()`` is a random-weight model
+of the *same architecture* with small widths for CPU tests.
+
+The model side's vocabulary lives here too: ``StrEnum`` (str-valued enums, the base of every named
+choice in the project), ``ModelName`` (the model sources) and ``DType``.
 
 NOTE: the SAM patch size (16) and the two stride-2 convs are part of the architecture in every
 config, so one view of side S always yields (S/64)^2 vision tokens; preprocessing and token
@@ -12,10 +16,43 @@ counts therefore do not depend on which config is loaded.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
+
+
+class StrEnum(str, Enum):
+    """A str-valued enum: each member is its value wherever a string goes (comparisons, f-strings,
+    json, Arrow/Parquet columns), so stored data keeps plain strings. Member names equal their
+    values (tests/pipeline/test_config.py checks it), because OmegaConf looks an Enum-typed config
+    field up by name: `model.dtype=float32` on the command line or in YAML is the member itself."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class ModelName(StrEnum):
+    """Where the weights come from (`model.runner.load_model`)."""
+
+    deepseek_ocr = "deepseek_ocr"  # the official checkpoint (hub id or local directory)
+    tiny_random = "tiny_random"  # same architecture, tiny widths, synthetic weights (tests, offline)
+    full_random = "full_random"  # full size, random weights drawn on the device (GPU benchmarks)
+
+
+class DType(StrEnum):
+    """Parameter and activation dtype of the model (`torch.<name>`)."""
+
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
 
 
 class ConfigError(ValueError):
@@ -130,9 +167,10 @@ class OcrConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any] | str | Path) -> OcrConfig:
-        """Build from an official ``config.json`` (dict or path); LM keys are read at top level."""
-        if not isinstance(cfg, dict):
-            cfg = cast("dict[str, Any]", json.loads(Path(cfg).read_text()))
+        """Build from an official ``config.json`` (its path, or its content as a dict); LM keys are
+        read at top level. Either form goes through ``transformers.PretrainedConfig`` (the reader
+        the model authors' code uses), so a file and its dict give the same config."""
+        cfg = read_hf_config(cfg)
         if cfg.get("use_mla"):
             raise ConfigError("config.json has use_mla=true: DeepSeek-OCR uses plain MHA")
         names = DecoderConfig.__dataclass_fields__.keys()
@@ -205,3 +243,28 @@ class OcrConfig:
     def with_layers(self, n: int) -> OcrConfig:
         """Same config with `n` decoder layers (the parity goldens use a 2-layer LM)."""
         return replace(self, decoder=replace(self.decoder, num_hidden_layers=n))
+
+
+def read_hf_config(cfg: dict[str, Any] | str | Path) -> dict[str, Any]:
+    """``config.json`` (a path to the file or to its directory, or its content) as transformers
+    reads it: ``PretrainedConfig.from_json_file`` / ``from_dict``, then ``to_dict()``. Keys of a
+    model type transformers does not know (deepseek_vl_v2) are kept as they are."""
+    import warnings
+
+    from transformers import PretrainedConfig
+
+    file = None
+    if not isinstance(cfg, dict):
+        p = Path(cfg)
+        file = p / "config.json" if p.is_dir() else p
+        if not file.is_file():
+            raise ConfigError(f"no config.json at {file}")
+    with warnings.catch_warnings():
+        # transformers 5 deprecates the `rope_scaling` key the official file has (null); nothing
+        # here reads it, and the warning would land in every OCR actor's log
+        warnings.filterwarnings("ignore", message=".*rope_scaling.*", category=FutureWarning)
+        if isinstance(cfg, dict):
+            hf = PretrainedConfig.from_dict(cfg)
+        else:
+            hf = PretrainedConfig.from_json_file(str(file))
+    return hf.to_dict()

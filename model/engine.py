@@ -48,12 +48,24 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.config import StrEnum
 from model.kv_cache import KVCache, PagedKVCache
 from model.ocr import OcrModel
 from model.sampling import NGRAM_WHITELIST, no_repeat_ngram_mask, repetition_flags
 from model.vision import PageViews
 
-FINISH_REASONS = ("running", "stop", "length", "repetition")  # device codes 0..3
+
+class FinishReason(StrEnum):
+    """Why a request ended (the `finish_reason` of a result and of a stored page row)."""
+
+    stop = "stop"  # the model emitted EOS
+    length = "length"  # max new tokens / model length reached
+    repetition = "repetition"  # the loop detector flagged the tail
+    error = "error"  # the request could not run (`Result.error` says why)
+
+
+# the device state's codes: 0 = the row is still running (in flight, never on a Result)
+DEVICE_FINISH = {1: FinishReason.stop, 2: FinishReason.length, 3: FinishReason.repetition}
 # paged engine, max_batch=None (auto): row slots; a row costs ~70 KiB of state, the block pool does the limiting
 PAGED_AUTO_ROWS = 1024
 
@@ -134,7 +146,7 @@ class Request:
 class Result:
     tag: Any
     ids: list[int]  # generated ids; ends with EOS when finish_reason == "stop"
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_len: int
     error: str | None = None  # a request that could not run (e.g. prompt too long)
     ms: float = 0.0  # admission to retirement, wall time
@@ -142,7 +154,7 @@ class Result:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.ids) - (1 if self.finish_reason == "stop" else 0)
+        return len(self.ids) - (1 if self.finish_reason == FinishReason.stop else 0)
 
 
 @dataclass
@@ -465,7 +477,9 @@ class Engine:
             if bad is None:
                 return req
             errors.append(
-                Result(req.tag, [], "error", len(req.input_ids), error=bad, request_id=req.request_id)
+                Result(
+                    req.tag, [], FinishReason.error, len(req.input_ids), error=bad, request_id=req.request_id
+                )
             )
 
     @torch.inference_mode()
@@ -671,7 +685,7 @@ class Engine:
                 yield Result(
                     req.tag,
                     ids,
-                    FINISH_REASONS[int(reason[row])],
+                    DEVICE_FINISH[int(reason[row])],
                     len(req.input_ids),
                     ms=(time.perf_counter() - t_admit) * 1000.0,
                     request_id=req.request_id,

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from model.engine import FinishReason
+
 if TYPE_CHECKING:
     from model.ocr import OcrModel
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 @dataclass
 class GenerationResult:
     ids: list[int]  # generated ids; ends with eos_id when finish_reason == "stop"
-    finish_reason: str  # "stop" (eos emitted) | "length" (max_new_tokens reached)
+    finish_reason: FinishReason  # stop (eos emitted) | length (max_new_tokens reached)
     prompt_len: int
     step_logits: list[Tensor] = field(default_factory=list)  # (V,) fp32 model logits per step, if asked
 
@@ -59,7 +61,7 @@ def greedy_generate(
     logits = model(
         ids, positions, image_embeds, cache, logits_index=torch.tensor([L - 1], device=dev)
     )  # (1, V)
-    result = GenerationResult([], "length", L)
+    result = GenerationResult([], FinishReason.length, L)
     for step in range(max_new_tokens):
         if return_logits:
             result.step_logits.append(logits[0].clone())
@@ -72,7 +74,7 @@ def greedy_generate(
         tok_id = int(tok)  # host sync: the EOS check
         result.ids.append(tok_id)
         if tok_id == eos_id:
-            result.finish_reason = "stop"
+            result.finish_reason = FinishReason.stop
             break
         if step + 1 == max_new_tokens:
             break

@@ -26,13 +26,14 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig, Request, Result, fit_max_batch
+from model.config import DType, ModelName, OcrConfig
+from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig, FinishReason, Request, Result, fit_max_batch
 from model.ocr import OcrModel
 from model.preprocess import to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer
 from model.vision import PageViews
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
 
 
 def default_device() -> torch.device:
@@ -54,16 +55,13 @@ def load_model(
     from model.synth import init_random, random_model
 
     device = torch.device(device) if device is not None else default_device()
-    if name == "tiny_random":
-        from model.config import OcrConfig  # noqa: PLC0415
-
+    name, dtype = ModelName(name), DType(dtype)  # ValueError for a name or dtype that is not one
+    if name == ModelName.tiny_random:
         model = OcrModel(OcrConfig.tiny())
         init_random(model, seed=seed)
         return model.to(device=device, dtype=DTYPES[dtype]).eval(), OcrTokenizer.default()
-    if name == "full_random":
+    if name == ModelName.full_random:
         return random_model(device, seed, dtype=DTYPES[dtype]), OcrTokenizer.default()
-    if name != "deepseek_ocr":
-        raise ValueError(f"unknown model {name!r}: expected deepseek_ocr, tiny_random or full_random")
     root = resolve_source(source, revision or None)  # the driver's resolved revision (a hub commit)
     model = load_checkpoint(root, device=device, dtype=DTYPES[dtype])
     tok = OcrTokenizer.from_dir(root) if (Path(root) / "tokenizer.json").is_file() else OcrTokenizer.default()
@@ -99,7 +97,7 @@ class OcrOutput:
     ids: list[int]
     num_output_tokens: int
     num_vision_tokens: int
-    finish_reason: str  # stop | length | repetition | error
+    finish_reason: FinishReason
     ocr_ms: float
     error: str | None = None
 
@@ -112,7 +110,7 @@ class OcrOutput:
             ids=[],
             num_output_tokens=0,
             num_vision_tokens=x.num_image_tokens,
-            finish_reason="error",
+            finish_reason=FinishReason.error,
             ocr_ms=0.0,
             error=error,
         )

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from pipeline.config import ConfigValueError, PipelineConfig
+from pipeline.config import ConfigValueError, Device, PipelineConfig
 
 log = logging.getLogger("pagemill")
 
@@ -66,9 +66,9 @@ def ocr_resource_name(cfg: PipelineConfig) -> str:
 def ocr_on_gpu(cfg: PipelineConfig, connected: bool) -> bool:
     """Whether OCR actors request GPUs: always on a cluster unless model.device=cpu; locally only
     with GPUs present (or model.device=cuda)."""
-    if cfg.model.device == "cpu":
+    if cfg.model.device == Device.cpu:
         return False
-    if connected or cfg.model.device == "cuda":
+    if connected or cfg.model.device == Device.cuda:
         return True
     import ray
 

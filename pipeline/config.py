@@ -5,24 +5,29 @@ Gundam mode with at most 6 tiles, n-gram ban 20/50 with the `<td>` whitelist). V
 `__post_init__`, which OmegaConf runs when the composed config is turned into objects, so a bad
 value stops the job before any Ray work starts with one message naming the key and what is allowed.
 This module has no Hydra import: `pipeline/run.py` registers the schema in the ConfigStore.
+
+Named choices are str-valued enums (`model.config.StrEnum`): OmegaConf itself rejects a value that
+is not a member, naming the key and the allowed values. The model side owns its names (`ModelName`,
+`DType`, `PromptName`); `Fallback`, `ForceLength` and `Device` are the pipeline's.
+
+`config_hash`: every leaf field says in its metadata whether it changes what a row contains
+(`HASH`: it is hashed) or not (`NO_HASH`: where, how fast, how robustly); a field without a decision
+makes `config_hash` raise, so a new setting cannot slip past the ledger unnoticed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from typing import Any
 
+from model.config import DType, ModelName, StrEnum
 from model.engine import EngineConfig
 from model.preprocess import MODES
-from model.tokenizer import PROMPTS
+from model.tokenizer import PromptName
 from pipeline.render import DEFAULT_RENDER, RenderOptions
-
-MODEL_NAMES = ("deepseek_ocr", "tiny_random", "full_random")
-FORCE_LENGTHS = ("none", "text_layer")
-DTYPES = ("bfloat16", "float16", "float32")
-PROMPT_NAMES = tuple(PROMPTS)  # the model side owns the prompt texts
 
 # The engine's knobs have one home, model.engine.EngineConfig; GenerationConfig re-exposes the
 # ones a job sets and takes their defaults from there (tests/pipeline/test_config.py checks it).
@@ -39,6 +44,33 @@ def _bound(value: int | None) -> int:
 # Version of the code that shapes a row (grounding parser, post-processing, prompts, random-weight
 # synthesis): bump it when a change alters output so config_hash (and the ledger) sees new work.
 OUTPUT_CODE_VERSION = 1
+# Version of the hash input's layout (which fields, how they are spelled): bump it when the way
+# config_hash is built changes. 2: built from field metadata (1: a hand-written dict).
+CONFIG_HASH_VERSION = 2
+HASH = {"hash": True}  # the field changes what a page's row contains: part of config_hash
+NO_HASH = {"hash": False}  # it does not (where rows go, speed, robustness, secrets)
+
+
+class Fallback(StrEnum):
+    """What a page that ends without EOS gets (`generation.fallback`)."""
+
+    none = "none"  # keep the first result
+    ngram = "ngram"  # one more pass with a stronger no-repeat ban
+
+
+class ForceLength(StrEnum):
+    """`generation.force_length` (benchmarks only)."""
+
+    none = "none"  # normal decoding
+    text_layer = "text_layer"  # every page generates exactly `pipeline.forced.forced_length` tokens
+
+
+class Device(StrEnum):
+    """`model.device`: where the model runs."""
+
+    auto = "auto"  # on a cluster one GPU per OCR actor; locally the GPUs if any, else CPU
+    cpu = "cpu"  # the model on CPU on purpose
+    cuda = "cuda"  # require GPUs
 
 
 class ConfigValueError(ValueError):
@@ -54,14 +86,14 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
 class InputConfig:
     # Directory, glob, text file listing URIs, or any fsspec URI (s3://bucket/prefix/, ...).
     # The default is the embedded sample set so `make run` works on a fresh machine.
-    uri: str = "tests/data"
-    suffixes: list[str] = field(default_factory=lambda: [".pdf"])
+    uri: str = field(default="tests/data", metadata=NO_HASH)
+    suffixes: list[str] = field(default_factory=lambda: [".pdf"], metadata=NO_HASH)
     # sha256 of the file bytes, or its file name -> user password (for encrypted PDFs). Set it in a
     # YAML experiment, or keep the secrets in `passwords_file` (lines `key<TAB>password`, any fsspec
     # URI): Hydra's command-line grammar cannot add dict keys that contain dots or start with digits.
-    passwords: dict[str, str] = field(default_factory=dict)
-    passwords_file: str = ""
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    passwords: dict[str, str] = field(default_factory=dict, metadata=NO_HASH)
+    passwords_file: str = field(default="", metadata=NO_HASH)
+    storage_options: dict[str, Any] = field(default_factory=dict, metadata=NO_HASH)
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "input.uri", self.uri, "a directory, glob, list file or fsspec URI")
@@ -69,16 +101,18 @@ class InputConfig:
 
 @dataclass
 class OutputConfig:
-    uri: str = "out/run"
-    include_images: bool = False  # PNG bytes of each rendered page, for image-text pairs
-    write_figures: bool = True  # crops of `image` blocks -> <uri>/figures/ (markdown refs either way)
+    uri: str = field(default="out/run", metadata=NO_HASH)
+    # PNG bytes of each rendered page, for image-text pairs (a column of the row: hashed)
+    include_images: bool = field(default=False, metadata=HASH)
+    # crops of `image` blocks -> <uri>/figures/ (the markdown refs are there either way)
+    write_figures: bool = field(default=True, metadata=NO_HASH)
     # Parquet sizing: a writer batch is split into files of at most ~target_file_mb, and each file
     # into row groups of at most ~row_group_mb (and row_group_rows rows) so streaming readers
     # (datasets streaming, Ray Data) fetch small units. Small rows: a file holds one writer batch.
-    target_file_mb: float = 256.0
-    row_group_mb: float = 32.0
-    row_group_rows: int = 1000
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    target_file_mb: float = field(default=256.0, metadata=NO_HASH)
+    row_group_mb: float = field(default=32.0, metadata=NO_HASH)
+    row_group_rows: int = field(default=1000, metadata=NO_HASH)
+    storage_options: dict[str, Any] = field(default_factory=dict, metadata=NO_HASH)
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", self.uri, "a directory or fsspec URI")
@@ -94,30 +128,28 @@ class OutputConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "deepseek_ocr"
+    name: ModelName = field(default=ModelName.deepseek_ocr, metadata=HASH)
     # Hugging Face hub id or local directory with config.json + *.safetensors (+ tokenizer.json).
-    source: str = "deepseek-ai/DeepSeek-OCR"
-    dtype: str = "bfloat16"
-    seed: int = 0  # random-weight models only (tiny_random, full_random)
+    source: str = field(default="deepseek-ai/DeepSeek-OCR", metadata=HASH)
+    dtype: DType = field(default=DType.bfloat16, metadata=HASH)
+    seed: int = field(default=0, metadata=HASH)  # random-weight models only (tiny_random, full_random)
     # not a setting: the driver resolves it at start (pipeline.provenance) to the hub commit sha,
     # local-<digest>, "" for random weights; part of config_hash and model_id
-    revision: str = ""
+    revision: str = field(default="", metadata=HASH)
     # auto: on a cluster one GPU per OCR actor (waiting for GPU nodes), locally GPUs if present;
     # cpu: run the model on CPU on purpose; cuda: require GPUs locally too
-    device: str = "auto"
+    device: Device = field(default=Device.auto, metadata=NO_HASH)
 
     def __post_init__(self) -> None:
-        _check(self.name in MODEL_NAMES, "model.name", self.name, " | ".join(MODEL_NAMES))
-        _check(self.dtype in DTYPES, "model.dtype", self.dtype, " | ".join(DTYPES))
-        _check(self.device in ("auto", "cpu", "cuda"), "model.device", self.device, "auto | cpu | cuda")
-        if self.name == "deepseek_ocr":
+        if self.name == ModelName.deepseek_ocr:
             _check(bool(self.source), "model.source", self.source, "a hub id or local directory")
 
 
 @dataclass
 class ModeConfig:
-    name: str = "gundam"
-    max_crops: int = MODES["gundam"].max_crops  # official PDF pipeline; the HF infer() default is 9
+    name: str = field(default="gundam", metadata=HASH)
+    # official PDF pipeline; the HF infer() default is 9
+    max_crops: int = field(default=MODES["gundam"].max_crops, metadata=HASH)
 
     def __post_init__(self) -> None:
         _check(self.name in MODES, "mode", self.name, " | ".join(MODES))
@@ -126,14 +158,20 @@ class ModeConfig:
 
 @dataclass
 class RenderConfig:
-    dpi: int = int(_RENDER.dpi)
-    timeout_s: float = _RENDER.timeout_s  # per render task (one page range); the child is killed after it
-    pages_per_task: int = 16  # long documents are split into ranges of this many pages
-    max_pages: int = 10_000  # pages beyond this get render_error rows instead of being rendered
-    max_side_px: int = _bound(_RENDER.max_side_px)  # zoom is lowered per page so the longer side fits
-    max_pixels: int = _bound(_RENDER.max_pixels)
-    recycle_after: int = 50  # render-worker child is replaced after this many tasks (MuPDF leaks)
-    max_failures: int = _RENDER.max_failures  # renderer crashes/timeouts in one task before quarantine
+    dpi: int = field(default=int(_RENDER.dpi), metadata=HASH)
+    # per render task (one page range); the child is killed after it
+    timeout_s: float = field(default=_RENDER.timeout_s, metadata=NO_HASH)
+    # long documents are split into ranges of this many pages
+    pages_per_task: int = field(default=16, metadata=NO_HASH)
+    # pages beyond this get render_error rows instead of being rendered (a bound on work)
+    max_pages: int = field(default=10_000, metadata=NO_HASH)
+    # zoom is lowered per page so the longer side fits
+    max_side_px: int = field(default=_bound(_RENDER.max_side_px), metadata=HASH)
+    max_pixels: int = field(default=_bound(_RENDER.max_pixels), metadata=HASH)
+    # render-worker child is replaced after this many tasks (MuPDF leaks)
+    recycle_after: int = field(default=50, metadata=NO_HASH)
+    # renderer crashes/timeouts within one task before its pages are quarantined
+    max_failures: int = field(default=_RENDER.max_failures, metadata=NO_HASH)
 
     def __post_init__(self) -> None:
         _check(36 <= self.dpi <= 600, "render.dpi", self.dpi, "an integer in 36..600")
@@ -157,28 +195,29 @@ class RenderConfig:
 
 @dataclass
 class GenerationConfig:
-    prompt: str = "document"  # key of model.tokenizer.PROMPTS
-    max_new_tokens: int = _ENGINE.max_new_tokens  # also capped by max_model_len - prompt length
-    max_model_len: int = _ENGINE.max_model_len
-    ngram_size: int = _ENGINE.ngram_size  # official PDF script; 0 disables the ban
-    ngram_window: int = _ENGINE.ngram_window
-    loop_min_span: int = _ENGINE.loop_min_span  # stop a page whose tail repeats exactly this long
+    prompt: PromptName = field(default=PromptName.document, metadata=HASH)  # model.tokenizer.PROMPTS
+    # also capped by max_model_len - prompt length
+    max_new_tokens: int = field(default=_ENGINE.max_new_tokens, metadata=HASH)
+    max_model_len: int = field(default=_ENGINE.max_model_len, metadata=HASH)
+    ngram_size: int = field(default=_ENGINE.ngram_size, metadata=HASH)  # official PDF script; 0: no ban
+    ngram_window: int = field(default=_ENGINE.ngram_window, metadata=HASH)
+    # stop a page whose tail repeats exactly this long
+    loop_min_span: int = field(default=_ENGINE.loop_min_span, metadata=HASH)
     # pages decoded together per OCR actor (KV rows; ~60 KiB/token each); None: as many as fit the
-    # GPU (on CPU: one Ray batch)
-    max_batch: int | None = None
+    # GPU (on CPU: one Ray batch). How many pages decode together, not what they produce.
+    max_batch: int | None = field(default=None, metadata=NO_HASH)
     # A page that ends without EOS (loop or length) is retried once: "ngram" = with a stronger
     # no-repeat ban (smaller n, wider window); "none" = keep the first result.
-    fallback: str = "ngram"
-    fallback_ngram_size: int = 12
-    fallback_ngram_window: int = 200
+    fallback: Fallback = field(default=Fallback.ngram, metadata=HASH)
+    fallback_ngram_size: int = field(default=12, metadata=HASH)
+    fallback_ngram_window: int = field(default=200, metadata=HASH)
     # Benchmarks only: "text_layer" forces every page to generate exactly the length
     # `pipeline.forced.forced_length` gives (its text layer's tokens + 20 per text block, or 1,000
     # without a text layer; capped by max_model_len - prompt, and by max_new_tokens). Forced pages
     # end `length` (status truncated) by design and get no fallback pass. "none": normal decoding.
-    force_length: str = "none"
+    force_length: ForceLength = field(default=ForceLength.none, metadata=HASH)
 
     def __post_init__(self) -> None:
-        _check(self.prompt in PROMPT_NAMES, "generation.prompt", self.prompt, " | ".join(PROMPT_NAMES))
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", self.max_new_tokens, ">= 1")
         _check(
             1024 <= self.max_model_len <= 8192,
@@ -200,18 +239,11 @@ class GenerationConfig:
             self.max_batch,
             ">= 1, or null: as many as fit the GPU",
         )
-        _check(self.fallback in ("none", "ngram"), "generation.fallback", self.fallback, "none | ngram")
         _check(
             2 <= self.fallback_ngram_size <= self.fallback_ngram_window,
             "generation.fallback_ngram_size",
             self.fallback_ngram_size,
             "2..fallback_ngram_window",
-        )
-        _check(
-            self.force_length in FORCE_LENGTHS,
-            "generation.force_length",
-            self.force_length,
-            " | ".join(FORCE_LENGTHS),
         )
 
 
@@ -258,38 +290,56 @@ class PipelineConfig:
     mode: ModeConfig = field(default_factory=ModeConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    progress: bool = True
-    force: bool = False  # redo every row of this configuration (default: skip rows the ledger has)
+    # only where and how the work runs: no ray.* setting changes a row (the whole group is NO_HASH)
+    ray: RayConfig = field(default_factory=RayConfig, metadata=NO_HASH)
+    progress: bool = field(default=True, metadata=NO_HASH)
+    # redo every row of this configuration (default: skip rows the ledger has)
+    force: bool = field(default=False, metadata=NO_HASH)
     # a document whose rows could not be produced in this many runs gets `quarantined` rows
     # (status ocr_error) instead of another attempt; delete <output>/_failures/ to retry it
-    quarantine_after: int = 2
+    quarantine_after: int = field(default=2, metadata=NO_HASH)
 
     def output_affecting(self) -> dict[str, Any]:
-        """The settings that change what a page's row contains (not where or how fast)."""
-        return {
-            "model": {
-                "name": self.model.name,
-                "source": self.model.source,
-                "seed": self.model.seed,
-                "dtype": self.model.dtype,
-            },
-            "mode": asdict(self.mode),
-            "dpi": self.render.dpi,
-            "max_side_px": self.render.max_side_px,
-            "max_pixels": self.render.max_pixels,
-            # max_batch only changes how many pages decode together, not what they produce;
-            # force_length only when set, so configurations from before it keep their hash (ledger)
-            "generation": {
-                k: v
-                for k, v in asdict(self.generation).items()
-                if k != "max_batch" and not (k == "force_length" and v == "none")
-            },
-            "include_images": self.output.include_images,
-            "model_revision": self.model.revision,
-            "code_version": OUTPUT_CODE_VERSION,
-        }
+        """The settings that change what a page's row contains (not where or how fast), by dotted
+        key: every field whose metadata says HASH (`hash_decisions`)."""
+        return {key: _plain(value) for key, hashed, value in _decisions(self) if hashed}
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.output_affecting(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """16 hex digits of sha256 over the output-affecting settings, OUTPUT_CODE_VERSION and
+        CONFIG_HASH_VERSION. Rows and ledger entries carry it: another hash is another configuration."""
+        blob = {
+            "config_hash_version": CONFIG_HASH_VERSION,
+            "code_version": OUTPUT_CODE_VERSION,
+            "settings": self.output_affecting(),
+        }
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hash_decisions(cfg: Any = None) -> dict[str, bool]:
+    """Every setting's dotted key -> whether config_hash covers it (default: a PipelineConfig())."""
+    return {key: hashed for key, hashed, _ in _decisions(cfg if cfg is not None else PipelineConfig())}
+
+
+def _decisions(obj: Any, prefix: str = "", inherited: bool | None = None) -> list[tuple[str, bool, Any]]:
+    """(dotted key, hashed?, value) of each leaf field of the config dataclass `obj`. A field's own
+    metadata decides; without one, the decision of the config it sits in (e.g. all of `ray`); a leaf
+    with neither is a programming error, raised here so no setting escapes the hash unnoticed."""
+    out: list[tuple[str, bool, Any]] = []
+    for f in fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        decision = f.metadata.get("hash", inherited)
+        if is_dataclass(value) and not isinstance(value, type):
+            out += _decisions(value, f"{key}.", decision)
+        elif decision is None:
+            raise TypeError(
+                f"pipeline.config: {key} has no config_hash decision; give the field "
+                "metadata=HASH (it changes what a row contains) or metadata=NO_HASH"
+            )
+        else:
+            out.append((key, bool(decision), value))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready form of a setting: enum members by value (json would too; explicit is stable)."""
+    return value.value if isinstance(value, Enum) else value

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.outputs import MB, OutputStore, split_by_bytes
-from pipeline.schema import DOCUMENT_SCHEMA, PAGE_SCHEMA, PAGE_SEPARATOR, STATUSES
+from pipeline.schema import DOCUMENT_SCHEMA, PAGE_SCHEMA, PAGE_SEPARATOR, STATUSES, Status
 
 log = logging.getLogger("pagemill")
 
@@ -86,9 +86,9 @@ def _scan_keys(pages: ds.Dataset, flt: Any) -> dict[str, dict[str, Any]]:
             d["page_count"] = max(d["page_count"], r["page_count"] or 0)
             d["model_id"] = d["model_id"] or r["model_id"]
             d["counts"][r["status"]] += 1
-            if r["status"] == "doc_error":
+            if r["status"] == Status.doc_error:
                 d["error_code"] = r["error_code"]
-            elif r["status"] == "ok":
+            elif r["status"] == Status.ok:
                 d["ok"][r["page_index"]] = r["md_bytes"] or 0
     return docs
 
@@ -175,7 +175,7 @@ def _assemble(
         wanted = [d for d in ids if docs[d]["ok"]]
         if wanted:
             assert pages is not None  # docs (hence wanted) is empty when pages/ is
-            flt = (pc.field("status") == "ok") & pc.field("doc_id").isin(wanted)  # pyright: ignore[reportUnknownMemberType]
+            flt = (pc.field("status") == Status.ok) & pc.field("doc_id").isin(wanted)  # pyright: ignore[reportUnknownMemberType]
             if config_hash is not None:
                 flt = flt & (pc.field("config_hash") == config_hash)
             for batch in pages.to_batches(columns=["doc_id", "page_index", "markdown"], filter=flt):

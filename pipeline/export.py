@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from pipeline.outputs import MB, OutputStore
-from pipeline.schema import STATUSES
+from pipeline.schema import STATUSES, Status
 
 FORMATS = ("dolma", "jsonl", "webdataset")
 QUALITY = ("repetition_score", "text_layer_agreement", "compression_ratio")
@@ -70,7 +70,7 @@ def page_quality(store: OutputStore, config_hash: str | None) -> dict[str, dict[
     out: dict[str, dict[int, dict[str, float]]] = {}
     if not store.fs.exists(path):
         return out
-    flt = pc.field("status") == "ok"
+    flt = pc.field("status") == Status.ok
     if config_hash:
         flt = flt & (pc.field("config_hash") == config_hash)
     t = pds.dataset(path, filesystem=store.fs, format="parquet").to_table(

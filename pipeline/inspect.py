@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.outputs import OutputStore, figure_box_px
+from pipeline.schema import Status
 
 PALETTE = {
     "title": (220, 20, 60),
@@ -111,7 +112,7 @@ def page_image(row: dict[str, Any], password: str | None = None) -> Any:
     """The page as a PIL image of the row's pixel size: stored PNG, else rendered again."""
     from PIL import Image
 
-    if row["status"] == "doc_error" or not row["width_px"]:
+    if row["status"] == Status.doc_error or not row["width_px"]:
         raise InspectError(f"row has no page image ({row['status']}: {row['error_code']})")
     stored = row.get("page_image")
     if stored and stored.get("bytes"):

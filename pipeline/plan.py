@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.config import ModelName
 from pipeline.config import PipelineConfig
+from pipeline.schema import Status
 
 
 @dataclass
@@ -65,7 +67,7 @@ def plan_pages(
                     {
                         **common,
                         "page_index": -1,
-                        "status": "doc_error",
+                        "status": Status.doc_error,
                         "error_code": d["error_code"],
                         "error": d["error"],
                     }
@@ -78,7 +80,13 @@ def plan_pages(
         if missing and len(past) >= cfg.quarantine_after:
             why = f"quarantined after {len(past)} runs that could not process it (last: {past[-1]})"
             plan.tasks.extend(
-                {**common, "page_index": i, "status": "ocr_error", "error_code": "quarantined", "error": why}
+                {
+                    **common,
+                    "page_index": i,
+                    "status": Status.ocr_error,
+                    "error_code": "quarantined",
+                    "error": why,
+                }
                 for i in missing
             )
             plan.quarantined += 1
@@ -88,7 +96,7 @@ def plan_pages(
                 {
                     **common,
                     "page_index": r.start,
-                    "status": "pending",
+                    "status": None,  # in flight: the stages give it its final status
                     "_range_start": r.start,
                     "_range_stop": r.stop,
                 }
@@ -103,6 +111,6 @@ def _base_row(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def model_id(cfg: PipelineConfig) -> str:
-    if cfg.model.name in ("tiny_random", "full_random"):
+    if cfg.model.name in (ModelName.tiny_random, ModelName.full_random):
         return f"{cfg.model.name}:seed={cfg.model.seed}"  # the seed is the revision
     return f"{cfg.model.source}@{cfg.model.revision}" if cfg.model.revision else cfg.model.source

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from model.config import ModelName
 from model.engine import PAGED_AUTO_ROWS, EngineConfig
 from pipeline.config import PipelineConfig
 
@@ -15,7 +16,7 @@ class ModelUnavailable(RuntimeError):
 
 def check_model_available(cfg: PipelineConfig) -> None:
     """Fail fast, on the driver, when the real weights cannot be reached (cheap: config.json only)."""
-    if cfg.model.name != "deepseek_ocr":
+    if cfg.model.name != ModelName.deepseek_ocr:
         return
     from model.hub import CheckpointUnavailable, resolve_config_json
 

@@ -1,6 +1,6 @@
 """Provenance: which model revision and which version of the output-affecting code made a row.
 
-`config_hash` (PipelineConfig.output_affecting) covers `model.revision` and OUTPUT_CODE_VERSION, so
+`config_hash` (PipelineConfig.output_affecting: the HASH fields) covers `model.revision` and OUTPUT_CODE_VERSION, so
 a hub update or a parser change writes rows under a new hash instead of being counted as done by
 the ledger. The driver resolves the revision once at start (`resolve_revision`), before any hash
 is computed, and the resolved value travels to the workers inside the config.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from model.config import ModelName
 from pipeline.config import PipelineConfig
 
 
@@ -19,7 +20,7 @@ def resolve_revision(cfg: PipelineConfig) -> str:
     config.json and weight file names and sizes ("local-…"); for the random-weight models ""
     (their weights are a function of the seed and OUTPUT_CODE_VERSION, both already hashed, so a
     composed config hashes like a resolved one)."""
-    if cfg.model.name != "deepseek_ocr":
+    if cfg.model.name != ModelName.deepseek_ocr:
         return ""
     from model.hub import resolve_config_json
 

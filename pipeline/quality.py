@@ -19,7 +19,8 @@ from typing import Any
 
 from rapidfuzz.distance import Levenshtein
 
-OCR_STATUSES = ("ok", "truncated", "repetition")  # rows that carry model output
+from pipeline.schema import OUTPUT_STATUSES as OCR_STATUSES  # rows that carry model output
+
 EOS = "<｜end▁of▁sentence｜>"
 
 _FIGURE_REF = re.compile(r"!\[[^\]]*\]\([^)]*\)")

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.outputs import OutputStore
 from pipeline.quality import OCR_STATUSES
-from pipeline.schema import STATUSES
+from pipeline.schema import STATUSES, Status
 
 COLUMNS = (
     "doc_id",
@@ -46,13 +46,13 @@ COLUMNS = (
 )
 TEXT_COLUMNS = ("doc_id", "source_uri", "status", "error_code", "finish_reason", "config_hash")
 PLOTS = ("status", "throughput", "tokens", "compression", "agreement")
-STATUS_COLOURS = {
-    "ok": "#2e8b57",
-    "truncated": "#e6a700",
-    "repetition": "#d2691e",
-    "render_error": "#b22222",
-    "ocr_error": "#8b0000",
-    "doc_error": "#708090",
+STATUS_COLOURS: dict[str, str] = {
+    Status.ok: "#2e8b57",
+    Status.truncated: "#e6a700",
+    Status.repetition: "#d2691e",
+    Status.render_error: "#b22222",
+    Status.ocr_error: "#8b0000",
+    Status.doc_error: "#708090",
 }
 # DeepSeek-OCR paper (Fox benchmark): ~97% decoding precision below 10x, ~60% at 20x.
 PAPER_RATIOS = ((10.0, "10x: ~97% precision"), (20.0, "20x: ~60%"))

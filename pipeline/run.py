@@ -59,6 +59,19 @@ def to_config(cfg: Any) -> PipelineConfig:
     return obj
 
 
+def schema_error(e: BaseException) -> ConfigValueError | None:
+    """Hydra's composition error for a value the schema rejects (OmegaConf: wrong type, not one of
+    an enum's values) as a one-line ConfigValueError naming the key and what is allowed; None for
+    other composition errors (unknown key or group: Hydra's own message says it best)."""
+    from omegaconf.errors import ValidationError
+
+    cause = e.__cause__
+    if not isinstance(cause, ValidationError):
+        return None
+    detail = str(cause).splitlines()[0]
+    return ConfigValueError(f"invalid config value {cause.full_key}={cause.value!r}: {detail}")
+
+
 def compose(overrides: list[str] | None = None) -> PipelineConfig:
     """Compose `conf/` with overrides, as the CLI does (used by tests and notebooks)."""
     from hydra import compose as hydra_compose
@@ -66,7 +79,13 @@ def compose(overrides: list[str] | None = None) -> PipelineConfig:
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides or [])
+        try:
+            cfg = hydra_compose(config_name="config", overrides=overrides or [])
+        except Exception as e:
+            err = schema_error(e)
+            if err is None:
+                raise
+            raise err from None
     return to_config(cfg)
 
 
@@ -295,9 +314,26 @@ def print_summary(s: dict[str, Any]) -> None:
         print("  documents with missing rows: " + ", ".join(s["missing_documents"]))
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Exit with EXIT_CONFIG for a bad value before Hydra's own run: Hydra rejects a value outside
+    the schema (`model.dtype=bogus`, `render.dpi=abc`) while composing and exits 1 as for an unknown
+    key, so the overrides are composed once here first. With Hydra flags (`--cfg`, `-m`, ...) this
+    is skipped and Hydra reports everything itself."""
+    if any(a.startswith("-") for a in argv):
+        return
+    try:
+        compose(argv)
+    except ConfigValueError as e:
+        print(f"pagemill: configuration error: {redact.scrub(str(e))}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    except Exception:  # noqa: BLE001 - Hydra's own composition errors: hydra.main reports them (exit 1)
+        return
+
+
 def main() -> None:
     import hydra
 
+    check_overrides(sys.argv[1:])
     register_configs()
 
     # absolute: the same conf/ whether this runs as __main__ or from `pagemill run` (pipeline.cli)

@@ -14,10 +14,27 @@ from typing import Any
 
 import pyarrow as pa
 
+from model.config import StrEnum
+
 SCHEMA_VERSION = 2  # 2: page_image became an Image struct; quality columns
 
-# Final page statuses. `ok` = the model ended the page with EOS.
-STATUSES = ("ok", "render_error", "ocr_error", "truncated", "repetition", "doc_error")
+
+class Status(StrEnum):
+    """A row's final status: the only values of the `status` column on disk. A row still in flight
+    between the stages has no status yet (null in the work batches, `stages.pending_rows`);
+    `rows_to_table` refuses a row without one of these."""
+
+    ok = "ok"  # the model ended the page with EOS
+    render_error = "render_error"
+    ocr_error = "ocr_error"
+    truncated = "truncated"  # no EOS within the token cap
+    repetition = "repetition"  # stopped by the loop detector
+    doc_error = "doc_error"  # the document could not be opened (one row, page_index -1)
+
+
+STATUSES = Status.values()
+# rows that carry model output (markdown, layout, quality columns); plain strings (numpy's isin)
+OUTPUT_STATUSES = (Status.ok.value, Status.truncated.value, Status.repetition.value)
 
 # Document-level reason codes carried in `error_code` of doc_error rows.
 DOC_ERROR_CODES = (
@@ -193,5 +210,8 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     unknown = {k for r in rows for k in r} - set(COLUMNS)
     if unknown:
         raise KeyError(f"row fields not in the page schema: {sorted(unknown)}")
+    bad = {r.get("status") for r in rows} - set(STATUSES)
+    if bad:  # e.g. None: a row still in flight must never reach disk
+        raise ValueError(f"rows without a final status: {sorted(map(repr, bad))} (allowed {STATUSES})")
     cols = {name: [r.get(name) for r in rows] for name in COLUMNS}
     return pa.table(cols, schema=PAGE_SCHEMA)

@@ -7,8 +7,9 @@ The stage contract. Every stage takes and returns Arrow batches in one internal 
 stages always unify. Each stage declares the columns it reads (`READS`) and writes (`WRITES`) and
 works column by column: it reads only its `READS` columns out of the batch and replaces only its
 `WRITES` columns, every other column passes through as the same Arrow buffers. One row in gives
-one row out. A row's `status` is `pending` while it travels; a stage only works on pending rows,
-so error rows (doc_error, render_error, ocr_error) reach the writer like any other row.
+one row out. A row's `status` is null while it travels (in flight: it has no final status yet); a
+stage only works on those rows, so error rows (doc_error, render_error, ocr_error) reach the writer
+like any other row. Only final statuses (`schema.Status`) reach disk: the writer sets them.
 
 What travels between stages is small: a page is a compressed image (`_page_png`, PNG encoded by
 MuPDF in the render child; lossless, so the views built from it are the views of the raw pixels),
@@ -25,9 +26,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import PipelineConfig
+from model.engine import FinishReason
+from pipeline.config import Fallback, ForceLength, PipelineConfig
 from pipeline.plan import Plan
-from pipeline.schema import COLUMNS, PAGE_SCHEMA
+from pipeline.schema import COLUMNS, PAGE_SCHEMA, Status
 
 log = logging.getLogger("pagemill")
 
@@ -38,7 +40,10 @@ WORK_FIELDS = [
     pa.field("_text_layer", pa.string()),
     pa.field("_text_blocks", pa.int32()),  # generation.force_length: text blocks (pipeline/forced.py)
 ]
-WORK_SCHEMA = pa.schema(list(PAGE_SCHEMA) + WORK_FIELDS)
+# the page schema, except that `status` is null while a row is in flight
+WORK_SCHEMA = pa.schema(
+    [f.with_nullable(True) if f.name == "status" else f for f in PAGE_SCHEMA] + WORK_FIELDS
+)
 
 RECEIPT_SCHEMA = pa.schema(
     [("doc_id", pa.string()), ("page_index", pa.int32()), ("status", pa.string()), ("file", pa.string())]
@@ -69,7 +74,8 @@ def with_columns(batch: pa.Table, rows: Sequence[int], values: dict[str, list[An
 
 
 def pending_rows(batch: pa.Table) -> list[int]:
-    return [i for i, s in enumerate(batch.column("status").to_pylist()) if s == "pending"]
+    """Positions of the rows still in flight (no final status yet)."""
+    return [i for i, s in enumerate(batch.column("status").to_pylist()) if s is None]
 
 
 def _index(rows: list[int]) -> pa.Array:
@@ -187,7 +193,7 @@ class RenderStage:
         self.cfg = cfg
         self.worker = RenderWorker(recycle_after=cfg.render.recycle_after)
         self.passwords = config_passwords(cfg)
-        self.count_blocks = cfg.generation.force_length == "text_layer"
+        self.count_blocks = cfg.generation.force_length == ForceLength.text_layer
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.render import PageError
@@ -195,7 +201,7 @@ class RenderStage:
 
         out: list[dict[str, Any]] = []
         for task in batch.to_pylist():  # task rows: a few small scalars each
-            if task["status"] != "pending":
+            if task["status"] is not None:  # a finished row (doc_error, quarantined)
                 out.append(task)
                 continue
             r = self.cfg.render
@@ -226,9 +232,9 @@ class RenderStage:
                     for i in todo
                 ]
             for res in results:
-                row = {**base, "page_index": res.page_index, "status": "pending"}
+                row = {**base, "page_index": res.page_index, "status": None}
                 if isinstance(res, PageError):
-                    row.update(status="render_error", error_code=res.code, error=res.message)
+                    row.update(status=Status.render_error, error_code=res.code, error=res.message)
                 else:
                     row.update(
                         width_pt=res.width_pt,
@@ -248,7 +254,7 @@ class RenderStage:
                     {
                         **base,
                         "page_index": i,
-                        "status": "render_error",
+                        "status": Status.render_error,
                         "error_code": "too_many_pages",
                         "error": f"page beyond render.max_pages={r.max_pages}",
                     }
@@ -343,7 +349,7 @@ class OcrStage:
             ec.max_batch,
             ec.max_model_len,
         )
-        self.fallback = g.fallback == "ngram"
+        self.fallback = g.fallback == Fallback.ngram
         self._retry_lock: asyncio.Lock | None = None
         self.faults.die_once("ocr")
 
@@ -367,7 +373,7 @@ class OcrStage:
     def _forced(self, batch: pa.Table, todo: list[int]) -> list[int | None]:
         """`generation.force_length=text_layer`: each page's forced length (prompt length 0 here;
         the engine caps it with the real prompt's length); otherwise None."""
-        if self.g.force_length != "text_layer":
+        if self.g.force_length != ForceLength.text_layer:
             return [None] * len(todo)
         from pipeline.forced import forced_from_text
 
@@ -403,7 +409,8 @@ class OcrStage:
         retry = [
             i
             for i, r in enumerate(results)
-            if r.finish_reason in ("length", "repetition") and inputs[i].force_len is None
+            if r.finish_reason in (FinishReason.length, FinishReason.repetition)
+            and inputs[i].force_len is None
         ]
         if retry and self.fallback:  # no EOS: once more with the stronger ban
             again = await self._run(
@@ -417,7 +424,7 @@ class OcrStage:
                 ]
             )
             for i, res in zip(retry, again):
-                if res.finish_reason != "error":
+                if res.finish_reason != FinishReason.error:
                     res.ocr_ms += results[i].ocr_ms
                     results[i] = res
         cols: dict[str, list[Any]] = {c: [] for c in self.WRITES}
@@ -434,7 +441,7 @@ class OcrStage:
                 _page_png=pngs[k] if self.keep_png else None,
             )
             if k in bad:
-                vals.update(status="render_error", error_code="bad_image", error=bad[k], _page_png=None)
+                vals.update(status=Status.render_error, error_code="bad_image", error=bad[k], _page_png=None)
             else:
                 i = by_k[k]
                 res = results[i]
@@ -447,9 +454,9 @@ class OcrStage:
                     attempts=1,
                 )
                 if self.fallback and i in retry:
-                    vals.update(attempts=2, fallback=f"ngram:{first[i]}->{res.finish_reason}")
+                    vals.update(attempts=2, fallback=f"{Fallback.ngram}:{first[i]}->{res.finish_reason}")
                 if res.error:
-                    vals.update(status="ocr_error", error_code="ocr_error", error=res.error)
+                    vals.update(status=Status.ocr_error, error_code="ocr_error", error=res.error)
             for c in self.WRITES:
                 cols[c].append(vals[c])
         return with_columns(batch, todo, cols)
@@ -457,7 +464,7 @@ class OcrStage:
     async def _run(self, inputs: list[Any]) -> list[Any]:
         """Results of `inputs`, in order. If the engine raised while a page was in flight, that
         page is submitted again on its own (one retry at a time, so a page that keeps failing only
-        fails itself) and, failing again, gets an error result (finish_reason "error")."""
+        fails itself) and, failing again, gets an error result (finish_reason `error`)."""
         import asyncio
 
         from model.runner import OcrOutput
@@ -481,7 +488,12 @@ class OcrStage:
         return list(out)
 
 
-STATUS_BY_FINISH = {"stop": "ok", "length": "truncated", "repetition": "repetition"}
+# the final status of a row the model finished (FinishReason.error and anything else: ocr_error)
+STATUS_BY_FINISH: dict[str, Status] = {
+    FinishReason.stop: Status.ok,
+    FinishReason.length: Status.truncated,
+    FinishReason.repetition: Status.repetition,
+}
 
 
 def postprocess_row(row: dict[str, Any], quality: Any = None) -> dict[str, Any]:
@@ -492,7 +504,7 @@ def postprocess_row(row: dict[str, Any], quality: Any = None) -> dict[str, Any]:
     from model.grounding import parse_grounding
     from pipeline.schema import figure_name
 
-    if row["status"] != "pending":
+    if row["status"] is not None:  # already final (an error row)
         return row
     doc_id, page_index = row["doc_id"], row["page_index"]
     parsed = parse_grounding(
@@ -512,8 +524,8 @@ def postprocess_row(row: dict[str, Any], quality: Any = None) -> dict[str, Any]:
         for b in parsed.blocks
     ]
     row["_figures"] = [(i, b.bbox_norm, b.figure_ref) for i, b in enumerate(parsed.blocks) if b.figure_ref]
-    row["status"] = STATUS_BY_FINISH.get(row["finish_reason"] or "", "ocr_error")
-    if row["status"] == "ocr_error" and not row.get("error"):
+    row["status"] = STATUS_BY_FINISH.get(row["finish_reason"] or "", Status.ocr_error)
+    if row["status"] == Status.ocr_error and not row.get("error"):
         row["error"] = f"unknown finish reason {row['finish_reason']!r}"
     if quality is not None:
         quality.fill(row, row.get("_text_layer"))

@@ -138,3 +138,115 @@ def test_from_dir_missing(tmp_path: Path) -> None:
 def test_pickle_roundtrip(tok: OcrTokenizer) -> None:
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.build_prompt_ids(DEFAULT_PROMPT, 7) == tok.build_prompt_ids(DEFAULT_PROMPT, 7)
+
+
+# ---------------------------------------------------------------- transformers is the loader
+
+
+def _raw(path: Path):
+    """The tokenizer as pagemill loaded it before transformers did: the `tokenizers` file itself."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path / "tokenizer.json"))
+
+
+def _texts(parity_dir: Path) -> list[str]:
+    """Real text to tokenise: the prompts, the reference's decoded outputs, every page of the
+    bundled test PDFs (Latin, maths, a Japanese vertical page, a form), grounding markup and this
+    repository's README (markdown tables, code, arrows and dashes)."""
+    import pymupdf
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    texts_md = (data.parents[1] / "README.md").read_text().split("\n## ")
+    texts = [*PROMPTS.values(), "\n<|grounding|>Convert the document to markdown.", " lead", "a\n\n b\t"]
+    lm = json.loads((parity_dir / "cases.json").read_text())["lm"]
+    texts += [v["greedy_text"] for v in lm.values() if "greedy_text" in v]
+    for pdf in sorted(data.glob("*.pdf")):
+        try:
+            with pymupdf.open(pdf) as doc:
+                if doc.needs_pass:
+                    continue
+                texts += [str(page.get_text()) for page in doc]
+        except pymupdf.FileDataError:  # the not-a-PDF fixture
+            continue
+    texts += texts_md
+    texts.append("<|ref|>table<|/ref|><|det|>[[1, 2, 998, 999]]<|/det|>\n<table><tr><td>1</td></tr></table>")
+    return [t for t in texts if t]
+
+
+@pytest.mark.parity
+def test_transformers_loader_equals_the_tokenizers_file(tok: OcrTokenizer, parity_dir: Path) -> None:
+    """OcrTokenizer (transformers' PreTrainedTokenizerFast over the tokenizer files) gives exactly
+    the ids, tokens and text of the raw `tokenizers` file the project used before, for the bundled
+    copy and the parity fixture's tokenizer."""
+    import random
+
+    from model.tokenizer import DEFAULT_TOKENIZER_DIR
+
+    texts = _texts(parity_dir)
+    assert sum(len(t) for t in texts) > 20_000 and any("\u3000" <= c <= "\u9fff" for t in texts for c in t)
+    rng = random.Random(0)
+    for path in (DEFAULT_TOKENIZER_DIR, parity_dir / "tokenizer"):
+        ours, raw = OcrTokenizer.from_dir(path), _raw(path)
+        assert type(ours.hf).__module__.startswith("transformers")
+        n = raw.get_vocab_size(with_added_tokens=True)
+        assert len(ours) == n == 128827
+        assert ours.hf.convert_ids_to_tokens(list(range(n))) == [raw.id_to_token(i) for i in range(n)]
+        for t in texts:
+            assert ours.encode(t) == raw.encode(t, add_special_tokens=False).ids, t[:80]
+        for _ in range(200):  # any ids, special tokens included, both decode modes
+            ids = [rng.randrange(n) for _ in range(rng.randrange(1, 40))]
+            for skip in (False, True):
+                assert ours.decode(ids, skip_special_tokens=skip) == raw.decode(ids, skip_special_tokens=skip)
+    lm = json.loads((parity_dir / "cases.json").read_text())["lm"]
+    for v in lm.values():  # the reference implementation's own decode of its greedy ids
+        if "greedy_new_ids" in v:
+            assert tok.decode(v["greedy_new_ids"]) == v["greedy_text"]
+
+
+@pytest.mark.parity
+def test_autotokenizer_as_the_model_authors_load_it(tok: OcrTokenizer, parity_dir: Path) -> None:
+    """The authors' `AutoTokenizer.from_pretrained` on the fixture's tokenizer files builds the
+    golden input_ids the same way (BOS + text ids, no special tokens added) as OcrTokenizer."""
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(parity_dir / "tokenizer"))
+    cases = json.loads((parity_dir / "cases.json").read_text())["cases"]
+    before, after = DEFAULT_PROMPT.split("<image>")
+    for case in cases:
+        n = case["n_image_positions"]
+        ids = [BOS_ID, *auto.encode(before, add_special_tokens=False), *[IMAGE_TOKEN_ID] * n]
+        ids += auto.encode(after, add_special_tokens=False)
+        assert ids == case["input_ids"] == tok.build_prompt_ids(DEFAULT_PROMPT, n), case["id"]
+    for t in _texts(parity_dir):
+        assert auto.encode(t, add_special_tokens=False) == tok.encode(t), t[:80]
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (BOS_ID, EOS_ID, 2)
+
+
+def _readme_config(parity_dir: Path) -> dict[str, object]:
+    """The exact configuration dict the goldens were made with (parity README, its only JSON block)."""
+    text = (parity_dir / "README.md").read_text()
+    block = text.split("```json", 1)[1].split("```", 1)[0]
+    return json.loads(block)
+
+
+@pytest.mark.parity
+def test_config_json_through_pretrained_config(parity_dir: Path, tmp_path: Path) -> None:
+    """config.json is read by transformers' PretrainedConfig; the parity goldens' configuration
+    (2-layer LM, official otherwise) reads as the official config with 2 layers, from a dict, a
+    file or its directory."""
+    from model.config import ConfigError, DecoderConfig, OcrConfig, read_hf_config
+
+    cfg = _readme_config(parity_dir)
+    want = OcrConfig.official().with_layers(2)
+    assert OcrConfig.from_hf_config(cfg) == want
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "deepseek_vl_v2"}))
+    assert OcrConfig.from_hf_config(tmp_path) == OcrConfig.from_hf_config(tmp_path / "config.json") == want
+    read = read_hf_config(tmp_path)
+    assert "transformers_version" in read  # PretrainedConfig.to_dict() wrote it: transformers read the file
+    # every key the model reads comes through unchanged (transformers 5 drops a few generic ones
+    # nothing here reads, such as use_cache and a null rope_scaling)
+    decoder_keys = set(DecoderConfig.__dataclass_fields__) & set(cfg)
+    assert len(decoder_keys) >= 15 and all(read[k] == cfg[k] for k in decoder_keys)
+    with pytest.raises(ConfigError, match="no config.json"):
+        read_hf_config(tmp_path / "nowhere")

@@ -48,7 +48,7 @@ def ocr_row(
     num_vision_tokens: int = 273,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A row as the OCR stage hands it to the writer (status still `pending`)."""
+    """A row as the OCR stage hands it to the writer (in flight: no status yet)."""
     page = page or render_paper()
     row = {
         "doc_id": doc_id or content_id(PAPER.read_bytes()),
@@ -61,7 +61,7 @@ def ocr_row(
         "height_px": page.height_px,
         "dpi": page.dpi,
         "mode": "base",
-        "status": "pending",
+        "status": None,
         "raw_output": raw_output,
         "num_vision_tokens": num_vision_tokens,
         "num_output_tokens": num_output_tokens,

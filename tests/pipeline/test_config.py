@@ -1,24 +1,34 @@
 """Config schema (pipeline.config) and Hydra composition of conf/ (pipeline.run.compose), plus the CLI's
-refusal of a bad value before any work starts."""
+refusal of a bad value before any work starts; the str-valued enums of the named choices."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from model.config import DType, ModelName, StrEnum
+from model.engine import FinishReason
+from model.tokenizer import PROMPTS, PromptName
 from pipeline.config import (
     ConfigValueError,
+    Device,
+    Fallback,
+    ForceLength,
     GenerationConfig,
     ModeConfig,
     PipelineConfig,
     RenderConfig,
 )
 from pipeline.run import compose
+from pipeline.schema import Status
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +85,7 @@ def test_config_hash_tracks_output_affecting_settings_only() -> None:
         ("generation.max_new_tokens=0", ["generation.max_new_tokens", ">= 1"]),
         ("mode.name=huge", ["mode", "huge", "gundam"]),
         ("mode.max_crops=1", ["mode.max_crops"]),
-        ("model.dtype=int8", ["model.dtype", "bfloat16"]),
+        ("model.dtype=int8", ["model.dtype", "[bfloat16, float16, float32]"]),
         ("generation.ngram_window=5", ["generation.ngram_window"]),
         ("render.timeout_s=0", ["render.timeout_s"]),
         ("output.uri=", ["output.uri"]),
@@ -104,7 +114,14 @@ def test_schema_validation_without_hydra() -> None:
     assert RenderConfig(dpi=36).dpi == 36 and RenderConfig(dpi=600).dpi == 600
 
 
-def test_cli_rejects_bad_value_before_any_work(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("render.dpi=5", ["render.dpi", "36..600"]),  # a range check (__post_init__)
+        ("model.dtype=bogus", ["model.dtype", "[bfloat16, float16, float32]"]),  # OmegaConf: not a member
+    ],
+)
+def test_cli_rejects_bad_value_before_any_work(tmp_path: Path, override: str, names: list[str]) -> None:
     out = tmp_path / "out"
     work = tmp_path / "cwd"
     work.mkdir()
@@ -115,7 +132,7 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "pipeline.run",
-            "render.dpi=5",
+            override,
             f"output.uri={out}",
             f"input.uri={REPO / 'tests' / 'data'}",
             "model=tiny_random",
@@ -127,8 +144,8 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path: Path) -> None:
         timeout=60,
     )
     elapsed = time.monotonic() - t0
-    assert proc.returncode != 0, proc.stdout + proc.stderr
-    assert "render.dpi" in proc.stderr and "36..600" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # EXIT_CONFIG, either way the value is refused
+    assert "configuration error" in proc.stderr and all(n in proc.stderr for n in names), proc.stderr
     assert elapsed < 30, f"took {elapsed:.1f}s: the bad value should stop the job before Ray starts"
     assert not out.exists(), sorted(p.name for p in out.rglob("*"))
     assert list(work.iterdir()) == []  # no hydra outputs, logs or partial pages in the cwd either
@@ -188,3 +205,93 @@ def test_generation_defaults_are_the_engine_defaults() -> None:
     for f in shared:
         assert f.default == engine[f.name], f.name
     assert GenerationConfig().max_batch is None
+
+
+ENUMS = (ModelName, DType, PromptName, FinishReason, Status, Fallback, ForceLength, Device)
+
+
+def test_every_str_enum_is_its_value() -> None:
+    """Members are plain strings wherever data goes (json, Arrow, f-strings, dict keys), and names
+    equal values: OmegaConf looks a member up by name, so the YAML / command-line spelling is the value."""
+    assert set(ENUMS) <= set(_subclasses(StrEnum))
+    for enum in _subclasses(StrEnum):
+        for m in enum:
+            assert m.name == m.value, m
+            assert m == m.value and str(m) == f"{m}" == m.value and hash(m) == hash(m.value)
+            assert json.dumps(m) == json.dumps(m.value)
+            assert pa.array([m]).to_pylist() == [m.value] and type(pa.array([m]).to_pylist()[0]) is str
+    assert set(PROMPTS) == set(PromptName)  # a text for every prompt name
+    assert ModelName.values() == ("deepseek_ocr", "tiny_random", "full_random")
+
+
+def _subclasses(cls: type) -> list[type[Enum]]:
+    out: list[type[Enum]] = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("key", "enum"),
+    [
+        ("model.name", ModelName),
+        ("model.dtype", DType),
+        ("model.device", Device),
+        ("generation.prompt", PromptName),
+        ("generation.fallback", Fallback),
+        ("generation.force_length", ForceLength),
+    ],
+)
+def test_enum_settings_are_validated_by_omegaconf(key: str, enum: type[StrEnum]) -> None:
+    """A value that is not a member is refused while composing, with the key and every allowed
+    value in the message; each member composes and arrives as the enum member."""
+    with pytest.raises(ConfigValueError) as ei:
+        compose(["model=tiny_random", f"{key}=bogus"])
+    msg = str(ei.value)
+    assert f"{key}='bogus'" in msg and f"[{', '.join(enum.values())}]" in msg, msg
+    group, name = key.split(".")
+    for m in enum:
+        extra = ["model.source=x"] if key == "model.name" else []  # deepseek_ocr needs a source
+        got = getattr(getattr(compose(["model=tiny_random", f"{key}={m.value}", *extra]), group), name)
+        assert got is m
+
+
+def test_on_disk_statuses_are_the_status_enum(tmp_path: Path) -> None:
+    """The writer turns in-flight rows (status None) into final ones: what lands in pages/ is exactly
+    the Status enum over rows of every kind, and a row without a final status is refused."""
+    import pyarrow.dataset as ds
+
+    from pipeline.schema import DOCUMENT_SCHEMA, STATUSES, rows_to_table
+    from pipeline.stages import WriteStage, to_batch
+    from tests.pipeline.pages_fixture import ocr_row
+
+    cfg = compose(["model=tiny_random", f"output.uri={tmp_path}", "output.write_figures=false"])
+    rows = [
+        ocr_row(doc_id=f"{i:064x}", finish_reason=f, config_hash=cfg.config_hash())
+        for i, f in enumerate(("stop", "length", "repetition", "error"))
+    ]
+    error = {"raw_output": None, "finish_reason": None, "num_output_tokens": None}
+    rows.append(
+        {**ocr_row(doc_id=f"{5:064x}"), **error, "status": Status.render_error, "error_code": "bad_image"}
+    )
+    rows.append({**ocr_row(doc_id=f"{6:064x}"), **error, "page_index": -1, "status": Status.doc_error})
+    assert {r["status"] for r in rows[:4]} == {None}  # in flight until the writer
+    WriteStage(cfg, str(tmp_path))(to_batch(rows))
+    got = ds.dataset(tmp_path / "pages", format="parquet").to_table(columns=["doc_id", "status"]).to_pylist()
+    by_doc = {r["doc_id"]: r["status"] for r in got}
+    assert [by_doc[f"{i:064x}"] for i in range(4)] == ["ok", "truncated", "repetition", "ocr_error"]
+    assert {r["status"] for r in got} == set(Status) == set(STATUSES)
+    counts = {f.name for f in DOCUMENT_SCHEMA if f.name.startswith("pages_") and f.name != "pages_included"}
+    assert counts == {f"pages_{s}" for s in Status}
+    for bad in (None, "pending"):  # in flight, or the old in-flight marker: never written
+        for row in (rows[0], rows[4]):
+            page_row = {k: v for k, v in row.items() if not k.startswith("_")}
+            with pytest.raises(ValueError, match="without a final status"):
+                rows_to_table([{**page_row, "status": bad}])
+    # the README's output contract names exactly these values
+    readme = (REPO / "README.md").read_text()
+    for column, enum in (("status", Status), ("finish_reason", FinishReason)):
+        (line,) = [x for x in readme.splitlines() if x.startswith(f"| `{column}` |")]
+        cell = line.split("|")[3]
+        named = {w for w in cell.split("`")[1::2]}
+        assert named == set(enum.values()), (column, named)

@@ -56,7 +56,7 @@ def _cfg(tmp_path: Path, *extra: str) -> PipelineConfig:
     )
 
 
-def _task(path: Path, cfg: PipelineConfig, status: str = "pending", **extra: object) -> dict[str, object]:
+def _task(path: Path, cfg: PipelineConfig, status: str | None = None, **extra: object) -> dict[str, object]:
     return {
         "doc_id": content_id(path.read_bytes()),
         "source_uri": path.as_uri(),
@@ -102,7 +102,7 @@ def test_render_stage(rendered) -> None:
     cfg, out = rendered
     assert out.schema == WORK_SCHEMA and out.num_rows == 3  # two one-page tasks + a passed-through error row
     rows = out.to_pylist()
-    assert [r["status"] for r in rows] == ["pending", "pending", "doc_error"]
+    assert [r["status"] for r in rows] == [None, None, "doc_error"]  # None: in flight
     for r in rows[:2]:  # the locked document opened with the password from the config, found by name
         img = Image.open(io.BytesIO(r["_page_png"]))
         assert img.format == "PNG" and img.size == (r["width_px"], r["height_px"]) and r["dpi"] == 144
@@ -143,7 +143,7 @@ def test_ocr_stage_contract(ocred) -> None:
     _unchanged_outside(before, after, OcrStage.WRITES)
     rows = after.to_pylist()
     for r in rows[:2]:
-        assert r["status"] == "pending" and r["finish_reason"] in ("stop", "length", "repetition")
+        assert r["status"] is None and r["finish_reason"] in ("stop", "length", "repetition")
         assert 0 < r["num_output_tokens"] <= 8 and r["num_vision_tokens"] > 273  # Gundam: tiles too
         assert (
             r["_page_png"] == before.column("_page_png")[0 if r is rows[0] else 1].as_py()
