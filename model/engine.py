@@ -174,6 +174,7 @@ class EngineStats:
     blocks_used: list[tuple[float, int]] = field(
         default_factory=list[tuple[float, int]]
     )  # paged: (time, blocks held) per sync
+    live_rows: int = 0  # KV rows decoding now (set at admission and retirement; for metrics)
 
 
 def kv_bytes_per_token(model: OcrModel) -> int:
@@ -631,7 +632,9 @@ class Engine:
                 now = time.perf_counter()
                 for row, req in zip(new_rows, new_reqs):
                     live[row] = [req, now, 1, next(seq)]
+                self.stats.live_rows = len(live)
             if not live:
+                self.stats.live_rows = 0
                 if exhausted and not waiting and not ahead:
                     self._count_vision(wait=True)
                     return
@@ -673,6 +676,7 @@ class Engine:
             for k, row in enumerate(out_rows):
                 assert toks is not None  # out_rows is not empty
                 req, t_admit, _, _ = live.pop(row)
+                self.stats.live_rows = len(live)
                 if self.paged:
                     self._release(row)
                 # torch's stub types Tensor.tolist() as a bare list; a 1-D long tensor gives list[int]

@@ -116,6 +116,22 @@ class OcrOutput:
         )
 
 
+@dataclass(frozen=True)
+class EngineNumbers:
+    """A snapshot of the engine's counters for the caller's metrics (model/ knows no metrics
+    library: the pipeline's OCR stage records these through Ray)."""
+
+    device_name: str  # torch.cuda device name, or "cpu"
+    kv_rows: int  # KV rows (sequences the engine can hold)
+    kv_rows_in_use: int
+    kv_blocks: int  # paged pool size (0: slotted)
+    kv_blocks_in_use: int
+    decode_steps: int  # cumulative
+    decode_s: float  # cumulative wall time of decode steps
+    pages: int  # cumulative (every pass)
+    output_tokens: int  # cumulative (every pass)
+
+
 class PageOcr:
     def __init__(
         self,
@@ -155,6 +171,25 @@ class PageOcr:
                     model, engine.get("max_model_len", EngineConfig.max_model_len)
                 )
         return cls(model, tok, EngineConfig(**engine), prompt)
+
+    def device_name(self) -> str:
+        dev = self.engine.device
+        return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+    def engine_numbers(self) -> EngineNumbers:
+        """The engine's counters now; safe to call from another thread while it serves."""
+        st, blocks = self.engine.stats, self.engine.stats.blocks_used
+        return EngineNumbers(
+            device_name=self.device_name(),
+            kv_rows=self.engine.cfg.max_batch,
+            kv_rows_in_use=st.live_rows,
+            kv_blocks=st.kv_blocks or getattr(self.engine, "stats_kv_blocks", 0),
+            kv_blocks_in_use=blocks[-1][1] if blocks else 0,
+            decode_steps=st.decode_steps,
+            decode_s=st.decode_s,
+            pages=st.pages,
+            output_tokens=st.output_tokens,
+        )
 
     def _request(self, x: OcrInput, future: Future[OcrOutput] | None = None) -> Request:
         dev = self.engine.device

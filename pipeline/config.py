@@ -267,6 +267,9 @@ class RayConfig:
     shared_fs: bool = (
         False  # local paths are a filesystem every node mounts (NFS, Lustre): allowed on a cluster
     )
+    # embedded local Ray only: the Prometheus port of Ray's metrics agent (0: Ray picks one); on a
+    # cluster the port is the cluster's (`ray start --metrics-export-port`)
+    metrics_export_port: int = 0
 
     def __post_init__(self) -> None:
         _check(self.ocr_actors >= 0, "ray.ocr_actors", self.ocr_actors, ">= 0")
@@ -280,6 +283,21 @@ class RayConfig:
             "[] or [min, max], 1 <= min <= max",
         )
         _check(self.gpu_wait_s >= 0, "ray.gpu_wait_s", self.gpu_wait_s, ">= 0 (seconds)")
+        _check(
+            0 <= self.metrics_export_port <= 65535,
+            "ray.metrics_export_port",
+            self.metrics_export_port,
+            "0 (Ray picks) or a TCP port",
+        )
+
+
+@dataclass
+class CostConfig:
+    # price of one GPU-hour (USD); > 0: each `_runs/` record gives $ per million pages
+    gpu_hour_usd: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.gpu_hour_usd >= 0, "cost.gpu_hour_usd", self.gpu_hour_usd, ">= 0 (USD)")
 
 
 @dataclass
@@ -298,6 +316,15 @@ class PipelineConfig:
     # a document whose rows could not be produced in this many runs gets `quarantined` rows
     # (status ocr_error) instead of another attempt; delete <output>/_failures/ to retry it
     quarantine_after: int = field(default=2, metadata=NO_HASH)
+    cost: CostConfig = field(default_factory=CostConfig, metadata=NO_HASH)
+    # discovery and planning only: print what a run would do (new/changed/done documents and pages,
+    # a GPU-hour estimate from `_runs/`); no model, no OCR actor, nothing written
+    dry_run: bool = field(default=False, metadata=NO_HASH)
+    # a status line in the job log this often; 0: none
+    status_interval_s: float = field(default=30.0, metadata=NO_HASH)
+
+    def __post_init__(self) -> None:
+        _check(self.status_interval_s >= 0, "status_interval_s", self.status_interval_s, ">= 0 (seconds)")
 
     def output_affecting(self) -> dict[str, Any]:
         """The settings that change what a page's row contains (not where or how fast), by dotted

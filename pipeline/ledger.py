@@ -123,14 +123,20 @@ class Ledger:
         return Counter(self.status[k] for k in keys if k in self.status)
 
     @classmethod
-    def load(cls, store: Any, config_hash: str) -> Ledger:
-        """Reconcile the output root, then read this configuration's committed keys."""
-        _remove_temporaries(store)
+    def load(cls, store: Any, config_hash: str, read_only: bool = False) -> Ledger:
+        """Reconcile the output root, then read this configuration's committed keys. `read_only`
+        (dry runs): the same keys, with nothing written or removed (orphan parts are indexed in
+        memory, stale entries skipped, temporaries left alone)."""
+        if not read_only:
+            _remove_temporaries(store)
         pages, entries = _names(store, PAGES_DIR), _names(store, LEDGER_DIR)
         led = cls(config_hash)
         for name in sorted(set(entries) - set(pages)):  # rows gone: they must be redone
-            store.fs.rm(entries.pop(name))
+            path = entries.pop(name)
+            if not read_only:
+                store.fs.rm(path)
             led.dropped += 1
+        reindexed: list[pa.Table] = []
         for name in sorted(pages):  # crash between the two commits (new part, or a rewrite)
             rows = pq.read_metadata(pages[name], filesystem=store.fs).num_rows
             if name in entries and pq.read_metadata(entries[name], filesystem=store.fs).num_rows == rows:
@@ -138,13 +144,26 @@ class Ledger:
             table = pq.read_table(
                 pages[name], filesystem=store.fs, columns=["doc_id", "page_index", "config_hash", "status"]
             )
-            commit_entry(store, table, f"{PAGES_DIR}/{name}")
+            if read_only:
+                entries.pop(name, None)
+                reindexed.append(ledger_table(table, f"{PAGES_DIR}/{name}"))
+            else:
+                commit_entry(store, table, f"{PAGES_DIR}/{name}")
             led.reconciled += 1
-        for sub in SIDE_DIRS:  # side outputs of a batch whose pages part never committed
+        for sub in () if read_only else SIDE_DIRS:  # side outputs of a batch whose pages part never committed
             for name, path in _names(store, sub).items():
                 if name not in pages:
                     store.fs.rm(path)
-        table = store.read_table(LEDGER_DIR) if _names(store, LEDGER_DIR) else LEDGER_SCHEMA.empty_table()
+        if read_only:
+            parts = [
+                pq.read_table(p, filesystem=store.fs).select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
+                for p in entries.values()
+            ] + reindexed
+            table = pa.concat_tables(parts) if parts else LEDGER_SCHEMA.empty_table()
+        elif _names(store, LEDGER_DIR):
+            table = store.read_table(LEDGER_DIR)
+        else:
+            table = LEDGER_SCHEMA.empty_table()
         for d, p, c, s, f in zip(*(table.column(n).to_pylist() for n in LEDGER_SCHEMA.names)):
             if c == config_hash:
                 key = (d, int(p))

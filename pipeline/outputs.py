@@ -40,7 +40,7 @@ def fresh_options(uri: str, storage_options: dict[str, Any] | None) -> dict[str,
 
 
 class OutputStore:
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, create: bool = True):
         fs, path = fsspec.core.url_to_fs(uri, **fresh_options(uri, storage_options))
         self.fs = fs
         self.path = path.rstrip("/")
@@ -49,7 +49,8 @@ class OutputStore:
         self.root = self.path if self.posix else f"{protocol}://{self.path}"
         self.storage_options = storage_options or {}
         self.uri = uri
-        self.fs.makedirs(self.path, exist_ok=True)
+        if create:  # False: a reader that must leave the tree as it is (dry runs)
+            self.fs.makedirs(self.path, exist_ok=True)
 
     def join(self, *parts: str) -> str:
         return "/".join([self.path, *parts])

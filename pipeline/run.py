@@ -144,6 +144,9 @@ def init_ray(cfg: PipelineConfig) -> bool:
     }
     # Embedded local Ray. Logical CPUs are over-committed on small machines so the
     # long-lived render and OCR actors cannot starve the light per-batch tasks.
+    port: dict[str, Any] = (
+        {"_metrics_export_port": cfg.ray.metrics_export_port} if cfg.ray.metrics_export_port else {}
+    )
     ray.init(
         num_cpus=max(4, os.cpu_count() or 1),
         namespace=cfg.ray.namespace,
@@ -151,6 +154,7 @@ def init_ray(cfg: PipelineConfig) -> bool:
         runtime_env=env,
         log_to_driver=log_to_driver,
         logging_level=level,
+        **port,  # Prometheus endpoint of Ray's metrics agent (ray_pagemill_* metrics)
     )
     if not cfg.ray.verbose:
         logging.getLogger("ray").setLevel(logging.ERROR)
@@ -182,6 +186,10 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     from pipeline.cluster import check_paths
 
     check_paths(cfg)  # local paths on a multi-node cluster: a config error before anything is written
+    if cfg.dry_run:  # discovery and planning only: no model, no OCR actor, nothing written
+        from pipeline.dryrun import dry_run
+
+        return dry_run(cfg)
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     ledger = Ledger.load(store, cfg.config_hash())
     ctx = ray.data.DataContext.get_current()
@@ -213,17 +221,38 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     new_counts: Counter[str] = Counter()
     bar = _progress(cfg, todo, local)
     ds = None
+    from pipeline import metrics
+    from pipeline.status import StatusLine
+
+    metrics.inc("quarantined_documents", plan.quarantined)
+    actors: dict[str, Any] = metrics.actors_summary([])
     if plan.tasks:  # nothing to do: no Ray work at all, no model loaded
-        ds = stages.process(cfg, plan, store)
-        for receipt in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            statuses = receipt.column("status").to_pylist()
-            new_counts.update(statuses)
-            written.update(
-                zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist())
-            )
-            new_files.update(receipt.column("file").to_pylist())
-            if bar is not None:
-                bar.update(len(statuses))
+        reg_name = metrics.registry_name(run_id, cfg.config_hash())
+        registry = metrics.start_registry(reg_name, cfg.ray.namespace)
+        # above the local tqdm bar (bar.write) so the bar stays intact; else a log line
+        emit = (
+            None
+            if bar is None
+            else (lambda line: bar.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=sys.stderr))
+        )
+        status = StatusLine(todo, cfg.status_interval_s, emit=emit).start()
+        try:
+            ds = stages.process(cfg, plan, store, registry=reg_name)
+            for receipt in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                statuses = receipt.column("status").to_pylist()
+                new_counts.update(statuses)
+                written.update(
+                    zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist())
+                )
+                new_files.update(receipt.column("file").to_pylist())
+                metrics.record_pages(statuses)
+                status.update(statuses)
+                if bar is not None:
+                    bar.update(len(statuses))
+        finally:
+            status.stop()
+        actors = ray.get(registry.summary.remote())
+        ray.kill(registry)
     if bar is not None:
         bar.close()
     counts.update(new_counts)
@@ -272,6 +301,10 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
         "wall_time_s": round(wall, 3),
         "pages_per_s": round(len(written) / wall, 4) if wall > 0 else 0.0,
         "accounting_ok": not missing and sum(counts.values()) == plan.expected_rows,
+        "versions": metrics.versions(),
+        **actors,  # ocr_actors, gpus (torch.cuda names -> count; empty on CPU), gpu_hours
+        **metrics.cost_fields(len(written), actors["gpu_hours"], cfg.cost.gpu_hour_usd),
+        "gpu_hour_usd": cfg.cost.gpu_hour_usd or None,
     }
     store.write_json(f"_runs/{run_id}-{cfg.config_hash()}.json", summary)
     store.write_json("_summary.json", summary)
@@ -302,6 +335,9 @@ def print_summary(s: dict[str, Any]) -> None:
         ("rows out", s["rows_out"]),
         *((f"  {k}", v) for k, v in s["rows_by_status"].items() if v),
         ("pages/s", s["pages_per_s"]),
+        *((("GPUs", ", ".join(f"{n}x {k}" for k, n in s["gpus"].items())),) if s.get("gpus") else ()),
+        *((("GPU-hours", s["gpu_hours"]),) if s.get("gpus") else ()),
+        *((("$ per million pages", s["usd_per_million_pages"]),) if s.get("usd_per_million_pages") else ()),
         ("wall time (s)", s["wall_time_s"]),
         ("accounting", "ok" if s["accounting_ok"] else f"FAILED: {s['missing_rows']} rows missing"),
         ("output", s["output_uri"]),
@@ -365,7 +401,7 @@ def main() -> None:
         except InputError as e:
             print(f"pagemill: input error: {redact.scrub(str(e))}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
-        if not summary["accounting_ok"]:
+        if not summary.get("dry_run") and not summary["accounting_ok"]:
             sys.exit(EXIT_ROWS_MISSING)
 
     _main()

@@ -111,8 +111,9 @@ def configure_data_context(cfg: PipelineConfig) -> None:
     ctx.execution_options.preserve_order = False
 
 
-def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
-    """The streaming dataset of write receipts (one row per page row written)."""
+def process(cfg: PipelineConfig, plan: Plan, store: Any, registry: str = "") -> Any:
+    """The streaming dataset of write receipts (one row per page row written). `registry`: the
+    name of the run's OCR actor registry (`pipeline.metrics.ActorRegistry`), if any."""
     import ray
 
     from pipeline.cluster import connected, ocr_pool
@@ -132,7 +133,7 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any) -> Any:
     )
     ds = ds.map_batches(
         OcrStage,
-        fn_constructor_kwargs={"cfg": cfg},
+        fn_constructor_kwargs={"cfg": cfg, "registry": registry},
         batch_size=cfg.ray.ocr_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
@@ -231,6 +232,12 @@ class RenderStage:
                     PageError(page_index=i, code="render_error", message=f"{type(e).__name__}: {e}")
                     for i in todo
                 ]
+            from pipeline import metrics
+
+            metrics.inc(
+                "render_timeouts",
+                sum(1 for x in results if isinstance(x, PageError) and metrics.is_render_timeout(x.message)),
+            )
             for res in results:
                 row = {**base, "page_index": res.page_index, "status": None}
                 if isinstance(res, PageError):
@@ -325,15 +332,17 @@ class OcrStage:
         "_page_png",
     )
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, registry: str = ""):
         import asyncio
         import os
+        import time
         from concurrent.futures import ThreadPoolExecutor
 
         from model.runner import default_device
         from pipeline.faults import ocr_faults
 
         g = cfg.generation
+        t_start = time.time()  # GPU time counts from the model load on
         on_cpu = default_device().type == "cpu"
         self.cfg, self.g = cfg, g
         self.faults = ocr_faults()
@@ -352,6 +361,29 @@ class OcrStage:
         self.fallback = g.fallback == Fallback.ngram
         self._retry_lock: asyncio.Lock | None = None
         self.faults.die_once("ocr")
+        self._metrics(registry, t_start)
+
+    def _metrics(self, registry: str, t_start: float) -> None:
+        """Engine numbers -> Ray metrics (a sampler thread), and this actor in the run's registry
+        (device name, start time: the run record's GPUs by type and GPU-hours)."""
+        from pipeline.metrics import EngineSampler, RegistryClient
+
+        self.sampler = EngineSampler(self.ocr)
+        self.registry = (
+            RegistryClient(registry, self.cfg.ray.namespace, self.ocr.device_name(), t_start)
+            if registry
+            else None
+        )
+
+    @staticmethod
+    def _count(results: list[Any], passes: list[str], fallbacks: int) -> None:
+        """This batch's OCR counters: tokens of the rows, fallback passes, loop-detector stops
+        (`passes`: the finish reason of every pass, first and fallback)."""
+        from pipeline import metrics
+
+        metrics.inc("output_tokens", sum(r.num_output_tokens for r in results))
+        metrics.inc("fallback_passes", fallbacks)
+        metrics.inc("repetition_stops", sum(1 for f in passes if f == "repetition"))
 
     async def _input(self, png: bytes, force_len: int | None) -> Any:
         import asyncio
@@ -412,6 +444,7 @@ class OcrStage:
             if r.finish_reason in (FinishReason.length, FinishReason.repetition)
             and inputs[i].force_len is None
         ]
+        second: list[str] = []
         if retry and self.fallback:  # no EOS: once more with the stronger ban
             again = await self._run(
                 [
@@ -423,10 +456,15 @@ class OcrStage:
                     for i in retry
                 ]
             )
+            second = [r.finish_reason for r in again]
             for i, res in zip(retry, again):
                 if res.finish_reason != FinishReason.error:
                     res.ocr_ms += results[i].ocr_ms
                     results[i] = res
+        self._count(results, first + second, len(second))
+        self.sampler.sample()  # the engine's gauges after every batch too, not only every SAMPLE_S
+        if self.registry is not None:
+            await self.registry.beat(len(todo))
         cols: dict[str, list[Any]] = {c: [] for c in self.WRITES}
         status = batch.column("status").take(_index(todo)).to_pylist()
         err_code = batch.column("error_code").take(_index(todo)).to_pylist()

@@ -1,0 +1,228 @@
+"""Application metrics (Ray's `ray.util.metrics`, exported by every node's metrics agent on its
+Prometheus endpoint, as `ray_pagemill_*`), the run's OCR-actor registry (GPUs by type and
+GPU-hours for the `_runs/` record) and the run record's versions and cost figures.
+
+Where each metric is recorded:
+- the driver, from the writer's receipts: `pagemill_pages_total{status}` (rows written by this
+  run; they sum to `_summary.json`'s `rows_written_by_status`) and
+  `pagemill_quarantined_documents_total` (documents given `quarantined` rows by the plan);
+- the render stage: `pagemill_render_timeouts_total` (pages whose renderer was killed at
+  `render.timeout_s`);
+- the OCR stage: `pagemill_output_tokens_total` (the rows' `num_output_tokens`),
+  `pagemill_fallback_passes_total`, `pagemill_repetition_stops_total` (every pass stopped by the
+  loop detector), and from the engine's numbers (`model.runner.PageOcr.engine_numbers`, sampled
+  by a thread every `SAMPLE_S`): the gauges `pagemill_kv_rows_in_use` / `pagemill_kv_rows` and
+  the histogram `pagemill_decode_step_seconds` (mean decode step time per sample).
+Metric objects are made lazily in each process (Ray must be initialised there first).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from functools import lru_cache
+from typing import Any
+
+log = logging.getLogger("pagemill")
+
+SAMPLE_S = 5.0  # how often an OCR actor samples its engine's numbers
+STEP_BUCKETS = [0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.0]
+REGISTRY_PREFIX = "pagemill-ocr-actors-"
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.pages = Counter("pagemill_pages", "page rows written, by status", tag_keys=("status",))
+        self.quarantined_documents = Counter(
+            "pagemill_quarantined_documents", "documents given quarantined rows instead of another attempt"
+        )
+        self.render_timeouts = Counter(
+            "pagemill_render_timeouts", "pages whose renderer was killed at render.timeout_s"
+        )
+        self.output_tokens = Counter("pagemill_output_tokens", "generated tokens in the written rows")
+        self.fallback_passes = Counter("pagemill_fallback_passes", "second OCR passes (no EOS on the first)")
+        self.repetition_stops = Counter(
+            "pagemill_repetition_stops", "OCR passes stopped by the loop detector (finish_reason repetition)"
+        )
+        self.kv_rows_in_use = Gauge("pagemill_kv_rows_in_use", "KV rows decoding now, per OCR actor")
+        self.kv_rows = Gauge("pagemill_kv_rows", "KV rows of the engine, per OCR actor")
+        self.decode_step = Histogram(
+            "pagemill_decode_step_seconds",
+            "mean decode step time over a sample interval, per OCR actor",
+            boundaries=STEP_BUCKETS,
+        )
+
+
+@lru_cache(maxsize=1)
+def metrics() -> _Metrics:
+    """This process's metric objects (made once, after Ray is initialised)."""
+    return _Metrics()
+
+
+def inc(name: str, value: float, tags: dict[str, str] | None = None) -> None:
+    """Add `value` to counter `name`; zero adds nothing (Ray refuses non-positive increments)."""
+    if value > 0:
+        getattr(metrics(), name).inc(value, tags=tags)
+
+
+def record_pages(statuses: list[str]) -> None:
+    from collections import Counter
+
+    for status, n in Counter(statuses).items():
+        inc("pages", n, {"status": status})
+
+
+def is_render_timeout(error: str | None) -> bool:
+    """A render_error row's message says the renderer was killed at its timeout (render_proc)."""
+    return bool(error) and "timed out" in (error or "")
+
+
+class EngineSampler:
+    """An OCR actor's thread: every `interval_s`, the engine's KV rows in use (gauge) and its mean
+    decode step time since the last sample (histogram)."""
+
+    def __init__(self, ocr: Any, interval_s: float = SAMPLE_S) -> None:
+        self.ocr, self.interval_s = ocr, interval_s
+        n = ocr.engine_numbers()
+        self._steps, self._decode_s = n.decode_steps, n.decode_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pagemill-metrics", daemon=True)
+        self._thread.start()
+
+    def sample(self) -> None:
+        n = self.ocr.engine_numbers()
+        m = metrics()
+        m.kv_rows.set(n.kv_rows)
+        m.kv_rows_in_use.set(n.kv_rows_in_use)
+        steps = n.decode_steps - self._steps
+        if steps > 0:
+            m.decode_step.observe((n.decode_s - self._decode_s) / steps)
+        self._steps, self._decode_s = n.decode_steps, n.decode_s
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sample()
+            except Exception as e:  # noqa: BLE001 - metrics must never stop the OCR actor
+                log.debug("metrics sample failed: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# ----------------------------------------------------------------------------- OCR actor registry
+
+
+def registry_name(run_id: str, config_hash: str) -> str:
+    return f"{REGISTRY_PREFIX}{run_id}-{config_hash}"
+
+
+class ActorRegistry:
+    """A small Ray actor (no CPU) the OCR actors report to: device name at start, a heartbeat
+    after each batch. Its `summary` gives the run's GPUs by type and GPU-hours (each GPU actor's
+    life from the start of its model load to its last batch)."""
+
+    def __init__(self) -> None:
+        self.actors: dict[str, dict[str, Any]] = {}
+
+    def register(self, key: str, device: str, t: float) -> None:
+        self.actors[key] = {"device": device, "start": t, "last": t, "pages": 0}
+
+    def beat(self, key: str, t: float, pages: int) -> None:
+        a = self.actors.get(key)
+        if a is not None:
+            a["last"] = max(a["last"], t)
+            a["pages"] += pages
+
+    def summary(self) -> dict[str, Any]:
+        return actors_summary(list(self.actors.values()))
+
+
+def actors_summary(actors: list[dict[str, Any]]) -> dict[str, Any]:
+    """GPUs by type (`cpu` actors are not GPUs) and GPU-hours from the registered OCR actors."""
+    gpus: dict[str, int] = {}
+    gpu_s = 0.0
+    for a in actors:
+        if a["device"] == "cpu":
+            continue
+        gpus[a["device"]] = gpus.get(a["device"], 0) + 1
+        gpu_s += max(0.0, a["last"] - a["start"])
+    return {"ocr_actors": len(actors), "gpus": gpus, "gpu_hours": round(gpu_s / 3600.0, 6)}
+
+
+def start_registry(name: str, namespace: str) -> Any:
+    import ray
+
+    return (
+        ray.remote(num_cpus=0)(ActorRegistry)
+        .options(name=name, namespace=namespace, max_concurrency=4)
+        .remote()
+    )
+
+
+class RegistryClient:
+    """The OCR actor's side of the registry."""
+
+    def __init__(self, name: str, namespace: str, device: str, t_start: float) -> None:
+        import os
+
+        import ray
+
+        self.key = f"{os.getpid()}-{id(self)}"
+        self.handle: Any = None
+        try:
+            self.handle = ray.get_actor(name, namespace=namespace)
+            ray.get(self.handle.register.remote(self.key, device, t_start), timeout=60)
+        except Exception as e:  # noqa: BLE001 - the run record then lacks this actor's GPU time
+            log.warning("OCR actor registry %s not reachable: %s", name, e)
+            self.handle = None
+
+    async def beat(self, pages: int) -> None:
+        """After each batch (awaited, so the run's last beat lands before its rows are counted)."""
+        if self.handle is None:
+            return
+        try:
+            await self.handle.beat.remote(self.key, time.time(), pages)
+        except Exception as e:  # noqa: BLE001 - a lost beat only shortens GPU-hours
+            log.debug("registry beat failed: %s", e)
+
+
+# ----------------------------------------------------------------------------- run record
+
+
+def versions() -> dict[str, str]:
+    """Versions of what made the rows (the `_runs/` record)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str] = {}
+    for key, dist in (("pagemill", "pagemill"), ("torch", "torch"), ("ray", "ray"), ("pymupdf", "pymupdf")):
+        try:
+            out[key] = version(dist)
+        except PackageNotFoundError:
+            out[key] = ""
+    if not out["pagemill"]:  # run from a checkout without an install: pyproject's version
+        out["pagemill"] = _checkout_version()
+    return out
+
+
+def _checkout_version() -> str:
+    import re
+    from pathlib import Path
+
+    p = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    m = re.search(r'^version\s*=\s*"([^"]+)"', p.read_text(), re.M) if p.is_file() else None
+    return m.group(1) if m else ""
+
+
+def cost_fields(pages: int, gpu_hours: float, gpu_hour_usd: float) -> dict[str, float | None]:
+    """Pages per GPU-hour and, given a price, $ per million pages (None where undefined: no GPU
+    time, as on CPU, or no price)."""
+    per_hour = pages / gpu_hours if gpu_hours > 0 else None
+    usd = gpu_hour_usd * 1e6 / per_hour if per_hour and gpu_hour_usd > 0 else None
+    return {
+        "pages_per_gpu_hour": round(per_hour, 3) if per_hour is not None else None,
+        "usd_per_million_pages": round(usd, 4) if usd is not None else None,
+    }
