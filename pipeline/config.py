@@ -62,6 +62,9 @@ class InputConfig:
     passwords: dict[str, str] = field(default_factory=dict)
     passwords_file: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # discovery skips reading and hashing an input whose (uri, size, etag or mtime) is in the
+    # output's stat cache (<output>/_cache/stat/); true: read and hash every input again
+    rehash: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "input.uri", self.uri, "a directory, glob, list file or fsspec URI")
@@ -79,9 +82,13 @@ class OutputConfig:
     row_group_mb: float = 32.0
     row_group_rows: int = 1000
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # one run at a time per output root (pipeline/lease.py): a lease whose heartbeat (refreshed
+    # every lease_timeout_s / 6) is older than this may be taken over by another run
+    lease_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", self.uri, "a directory or fsspec URI")
+        _check(self.lease_timeout_s > 0, "output.lease_timeout_s", self.lease_timeout_s, "> 0 (seconds)")
         _check(self.target_file_mb > 0, "output.target_file_mb", self.target_file_mb, "> 0 (MB)")
         _check(
             0 < self.row_group_mb <= self.target_file_mb,

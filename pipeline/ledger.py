@@ -9,7 +9,7 @@ Why it can be trusted after a crash:
 - A crash between the two renames leaves a pages part without its ledger part. `Ledger.load`
   reconciles on every start: such orphans are indexed from their own key columns (the pages part
   is the truth), ledger parts whose pages part vanished are dropped, and leftover `.tmp-*` files
-  are removed. So the ledger always describes exactly the committed rows.
+  older than this run's lease (pipeline/lease.py: one run at a time per root) are removed. So the ledger always describes exactly the committed rows.
 - A key that is in the ledger is never processed again (unless `force`), so no row is written twice;
   a key that is not is processed, so nothing is lost. Re-running a finished build writes nothing.
 - `force` takes the current inputs' rows out of the committed parts first (`forget`), so the redo
@@ -93,13 +93,31 @@ def _names(store: Any, sub: str) -> dict[str, str]:
     }
 
 
-def _remove_temporaries(store: Any) -> int:
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Modification time (epoch seconds) of an fsspec `ls(detail=True)` entry, if it has one."""
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if isinstance(v, (int, float)):
+            return float(v)
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+    return None
+
+
+def _remove_temporaries(store: Any, before: float | None = None) -> int:
+    """Remove leftover `.tmp-*` files (a crashed run's uncommitted writes). With `before` (the
+    start of this run's lease), only those last modified earlier: a temporary written since is
+    in flight and not ours to delete. One without a time is kept unless `before` is None."""
     n = 0
     for sub in (PAGES_DIR, LEDGER_DIR, SOURCES_DIR, FAILURES_DIR, *SIDE_DIRS):
         path = store.join(sub)
         if store.fs.exists(path):
-            for p in store.fs.ls(path, detail=False):
-                if p.rsplit("/", 1)[-1].startswith(".tmp-"):
+            for info in store.fs.ls(path, detail=True):
+                p = str(info["name"])
+                if not p.rsplit("/", 1)[-1].startswith(".tmp-"):
+                    continue
+                t = _mtime(info)
+                if before is None or (t is not None and t < before):
                     store.fs.rm(p)
                     n += 1
     return n
@@ -123,9 +141,10 @@ class Ledger:
         return Counter(self.status[k] for k in keys if k in self.status)
 
     @classmethod
-    def load(cls, store: Any, config_hash: str) -> Ledger:
-        """Reconcile the output root, then read this configuration's committed keys."""
-        _remove_temporaries(store)
+    def load(cls, store: Any, config_hash: str, temporaries_before: float | None = None) -> Ledger:
+        """Reconcile the output root, then read this configuration's committed keys.
+        `temporaries_before`: remove only temporaries older than this (the run lease's start)."""
+        _remove_temporaries(store, temporaries_before)
         pages, entries = _names(store, PAGES_DIR), _names(store, LEDGER_DIR)
         led = cls(config_hash)
         for name in sorted(set(entries) - set(pages)):  # rows gone: they must be redone
