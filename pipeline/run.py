@@ -190,7 +190,7 @@ def _run_leased(
     # missing by the accounting below (non-zero exit) and the next run retries them.
     ctx.max_errored_blocks = -1
 
-    docs = discover(cfg)
+    docs = discover(cfg, store)  # unchanged inputs come from the stat cache in the output root
     plan = plan_pages(cfg, docs, ledger.done, ledger.failures)
     if cfg.force and plan.done_keys:  # redo this input's rows: take them out of the outputs first
         log.info("force: %d committed rows will be redone", ledger.forget(store, plan.expected_keys))

@@ -122,8 +122,8 @@ def test_killed_holder_on_this_host_is_replaced_at_once(root) -> None:
 
 
 def test_startup_removes_only_temporaries_older_than_the_lease(tmp_path: Path) -> None:
-    from pipeline.ledger import Ledger
     from pipeline.lease import Lease
+    from pipeline.ledger import Ledger
     from pipeline.outputs import OutputStore
 
     store = OutputStore(str(tmp_path / "out"))
