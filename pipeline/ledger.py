@@ -24,7 +24,7 @@ import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
 import pyarrow.parquet as pq  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
@@ -99,8 +99,9 @@ def _mtime(info: dict[str, Any]) -> float | None:
         v = info.get(k)
         if isinstance(v, (int, float)):
             return float(v)
-        if hasattr(v, "timestamp"):
-            return float(v.timestamp())
+        stamp = getattr(v, "timestamp", None)  # datetime (object stores)
+        if callable(stamp):
+            return float(cast(float, stamp()))
     return None
 
 

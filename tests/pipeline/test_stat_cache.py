@@ -52,7 +52,8 @@ def test_cache_round_trip_skips_what_it_must_not_keep(tmp_path: Path) -> None:
     assert cache.add(rows, live=set()) == 0  # nothing new: no second part
     again = StatCache.load(store)
     assert set(again.entries) == {("file:///a.pdf", 10, "etag:1"), ("file:///d.pdf", 10, "etag:4")}
-    assert again.get("file:///a.pdf", 10, "etag:1")["doc_id"] == "d1"
+    hit = again.get("file:///a.pdf", 10, "etag:1")
+    assert hit is not None and hit["doc_id"] == "d1"
     assert again.get("file:///a.pdf", 10, "etag:other") is None  # a new version is a miss
     assert len(list((tmp_path / "out" / CACHE_DIR).glob("part-*.parquet"))) == 1
 
