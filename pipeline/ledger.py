@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -151,9 +152,19 @@ class Ledger:
         for name in sorted(set(entries) - set(pages)):  # rows gone: they must be redone
             store.fs.rm(entries.pop(name))
             led.dropped += 1
-        for name in sorted(pages):  # crash between the two commits (new part, or a rewrite)
-            rows = pq.read_metadata(pages[name], filesystem=store.fs).num_rows
-            if name in entries and pq.read_metadata(entries[name], filesystem=store.fs).num_rows == rows:
+
+        def rows(path: str | None) -> int:
+            return -1 if path is None else int(pq.read_metadata(path, filesystem=store.fs).num_rows)
+
+        def both(name: str) -> tuple[int, int]:
+            return rows(pages[name]), rows(entries.get(name))
+
+        # the footers are many small reads (two per committed part): in threads, not one by one
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            names = sorted(pages)
+            counts = list(pool.map(both, names))
+        for name, (n_pages, n_entry) in zip(names, counts):  # crash between the two commits
+            if n_entry == n_pages:
                 continue
             table = pq.read_table(
                 pages[name], filesystem=store.fs, columns=["doc_id", "page_index", "config_hash", "status"]
