@@ -252,6 +252,10 @@ def _run_leased(
             for d in {d for d, p in missing if p >= 0}
         },
     )
+    try:  # the next start reads this one file plus only the parts newer than it
+        Ledger.write_snapshot(store)
+    except Exception as e:  # only a speed-up: without it the next start reads every part
+        log.warning("ledger: snapshot not written: %s: %s", type(e).__name__, redact.scrub(str(e)))
     summary = {
         "run_id": run_id,
         "output_uri": store.root,
