@@ -57,7 +57,9 @@ def _first_line(p: subprocess.Popen[str], timeout: float = 60) -> str:
 def _records(fs: Any, uri: str) -> list[dict[str, Any]]:
     path = uri.split("://", 1)[-1]
     fs.invalidate_cache()
-    names = sorted(p for p in fs.ls(f"{path}/_lease", detail=False) if p.rsplit("/", 1)[-1].startswith("gen-"))
+    names = sorted(
+        p for p in fs.ls(f"{path}/_lease", detail=False) if p.rsplit("/", 1)[-1].startswith("gen-")
+    )
     return [json.loads(fs.cat_file(p)) for p in names]
 
 
