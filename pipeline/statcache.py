@@ -95,11 +95,14 @@ class StatCache:
             if r.get("stamp") is not None
             and r["error_code"] in CACHEABLE_ERRORS
             and not r.get("password")
-            and (r["source_uri"], r["size"], r["stamp"]) not in self.entries
+            and self.entries.get((r["source_uri"], r["size"], r["stamp"])) != {k: r[k] for k in SCHEMA.names}
         ]
+        # an entry that a rehash contradicts (same stamp, other bytes): parts have no order, so
+        # the whole cache is rewritten without the old entry
+        conflict = any((r["source_uri"], r["size"], r["stamp"]) in self.entries for r in new)
         for r in new:
             self.entries[(r["source_uri"], r["size"], r["stamp"])] = r
-        if len(self.parts) + bool(new) > MAX_PARTS:  # consolidate: one part of the live entries
+        if conflict or len(self.parts) + bool(new) > MAX_PARTS:  # consolidate: the live entries
             keep = sorted((v for k, v in self.entries.items() if k in live), key=lambda r: r["source_uri"])
             written = self._write(keep)
             for p in self.parts:

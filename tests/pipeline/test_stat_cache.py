@@ -86,6 +86,43 @@ def test_consolidation_keeps_the_live_entries(tmp_path: Path, monkeypatch: pytes
     assert set(sc.StatCache.load(store).entries) == live
 
 
+def test_rehash_that_contradicts_an_entry_replaces_it(tmp_path: Path) -> None:
+    from pipeline.outputs import OutputStore
+    from pipeline.statcache import CACHE_DIR, StatCache
+
+    store = OutputStore(str(tmp_path / "out"))
+    StatCache.load(store).add([_row("file:///a.pdf", "etag:1"), _row("file:///b.pdf", "etag:2")], live=set())
+    key = ("file:///a.pdf", 10, "etag:1")
+    StatCache.load(store).add([_row("file:///a.pdf", "etag:1", doc_id="d2")], live={key})
+    assert len(list((tmp_path / "out" / CACHE_DIR).glob("part-*.parquet"))) == 1
+    hit = StatCache.load(store).get(*key)
+    assert hit is not None and hit["doc_id"] == "d2"
+
+
+def test_list_file_entries_are_stated_like_the_listing(root_and_files) -> None:
+    from pipeline.sources import expand_input_stats, stat_many
+
+    spec, opts = root_and_files
+    listed = expand_input_stats(spec, opts)
+    assert all(st is not None for _, st in listed)
+    assert stat_many([u for u, _ in listed] + [spec + "/missing.pdf"], opts) == [st for _, st in listed] + [
+        None
+    ]
+
+
+@pytest.fixture(params=["file", "s3"])
+def root_and_files(request, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    if request.param == "file":
+        (tmp_path / "in").mkdir()
+        for i in range(3):
+            (tmp_path / "in" / f"{i}.pdf").write_bytes(b"%PDF-1 " + bytes([i]))
+        return f"file://{tmp_path / 'in'}", {}
+    bucket, fs, so = request.getfixturevalue("s3_bucket")
+    for i in range(3):
+        fs.pipe(f"{bucket}/in/{i}.pdf", b"%PDF-1 " + bytes([i]))
+    return f"s3://{bucket}/in", dict(so)
+
+
 def test_stamp_changes_when_a_local_file_is_rewritten(tmp_path: Path) -> None:
     from pipeline.sources import expand_input_stats
 
