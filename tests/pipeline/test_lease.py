@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.pipeline.test_e2e import REPO, _env
+from tests.pipeline.e2e.helpers import REPO, job_env
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -35,7 +35,7 @@ def _holder(uri: str, opts: dict[str, Any], timeout_s: float, run_id: str) -> su
     return subprocess.Popen(
         [sys.executable, "-m", "tests.pipeline.lease_holder", uri, str(timeout_s), run_id, json.dumps(opts)],
         cwd=REPO,
-        env=_env(),
+        env=job_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -161,7 +161,7 @@ def _job(src: Path, uri: str, opts: dict[str, Any], *extra: str) -> subprocess.C
         *(f"+output.storage_options.{k}='{v}'" for k, v in opts.items()),
         *extra,
     ]
-    env = {**_env(), "RAY_ADDRESS": "local"}
+    env = {**job_env(), "RAY_ADDRESS": "local"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pytest
 
-from tests.pipeline.test_e2e import REPO, _env
+from tests.pipeline.e2e.helpers import REPO, job_env
 
 DOCS = ("form-libreoffice-01.pdf", "not-a-pdf-01.pdf", "cjk-zh-text-01.pdf")
 
@@ -154,7 +154,7 @@ def _job(src: str, out: str, so: dict[str, Any], *extra: str) -> subprocess.Comp
         *opts,
         *extra,
     ]
-    env = {**_env(), "RAY_ADDRESS": "local"}
+    env = {**job_env(), "RAY_ADDRESS": "local"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
