@@ -94,6 +94,9 @@ class InputConfig:
     passwords: dict[str, str] = field(default_factory=dict, metadata=NO_HASH)
     passwords_file: str = field(default="", metadata=NO_HASH)
     storage_options: dict[str, Any] = field(default_factory=dict, metadata=NO_HASH)
+    # discovery skips reading and hashing an input whose (uri, size, etag or mtime) is in the
+    # output's stat cache (<output>/_cache/stat/); true: read and hash every input again
+    rehash: bool = field(default=False, metadata=NO_HASH)
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "input.uri", self.uri, "a directory, glob, list file or fsspec URI")
@@ -113,9 +116,13 @@ class OutputConfig:
     row_group_mb: float = field(default=32.0, metadata=NO_HASH)
     row_group_rows: int = field(default=1000, metadata=NO_HASH)
     storage_options: dict[str, Any] = field(default_factory=dict, metadata=NO_HASH)
+    # one run at a time per output root (pipeline/lease.py): a lease whose heartbeat (refreshed
+    # every lease_timeout_s / 6) is older than this may be taken over by another run
+    lease_timeout_s: float = field(default=600.0, metadata=NO_HASH)
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", self.uri, "a directory or fsspec URI")
+        _check(self.lease_timeout_s > 0, "output.lease_timeout_s", self.lease_timeout_s, "> 0 (seconds)")
         _check(self.target_file_mb > 0, "output.target_file_mb", self.target_file_mb, "> 0 (MB)")
         _check(
             0 < self.row_group_mb <= self.target_file_mb,

@@ -1,27 +1,37 @@
 """Discovery on Ray: list the input (one Ray task) and read, hash and probe every document (a Ray
 Data actor pool; MuPDF in a killable child). Only small per-document rows come back to the
 driver: `(source_uri, doc_id, page_count, error_code, error, password)`, never document bytes.
+Inputs unchanged since a previous run (same uri, size and etag or mtime: pipeline.statcache) are
+neither read nor hashed again.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.config import PipelineConfig
 
+log = logging.getLogger("pagemill")
 
-def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """List the input (a Ray task) and probe every document (Ray Data); small rows come back."""
+
+def discover(cfg: PipelineConfig, store: Any = None) -> list[dict[str, Any]]:
+    """List the input (a Ray task) and probe every document (Ray Data); small rows come back.
+
+    With `store` (the output root), inputs whose (uri, size, etag or mtime) is in its stat cache
+    (pipeline.statcache) are taken from there, not read, unless `input.rehash`; the others are
+    probed and added to it."""
     import ray
     from ray.exceptions import RayTaskError
 
-    from pipeline.sources import InputError, expand_input
+    from pipeline.sources import InputError, expand_input_stats, read_passwords, stat_many
+    from pipeline.statcache import StatCache
 
-    lister = ray.remote(num_cpus=0.5)(expand_input)
+    lister = ray.remote(num_cpus=0.5)(expand_input_stats)
     try:
-        uris = ray.get(
+        listed = ray.get(
             lister.remote(
                 cfg.input.uri,
                 cfg.input.storage_options,  # pyright: ignore[reportCallIssue]  # ray's .remote() typing: 1-arg fn
@@ -32,10 +42,64 @@ def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
         if isinstance(e.cause, InputError):
             raise e.cause from None
         raise
-    if not uris:
+    if not listed:
         return []
+    stats: dict[str, Any] = dict(listed)
+    cache = StatCache.load(store) if store is not None else None
+    unstated = [u for u, st in listed if st is None]  # list-file entries: one HEAD each, in workers
+    if cache is not None and unstated:
+        stat = ray.remote(num_cpus=0.5)(stat_many)
+        chunks = [unstated[i : i + 1000] for i in range(0, len(unstated), 1000)]
+        got = ray.get([stat.remote(c, cfg.input.storage_options) for c in chunks])  # pyright: ignore[reportCallIssue]  # ray's .remote() typing
+        stats.update(zip(unstated, (st for part in got for st in part)))
+    passwords = {**read_passwords(cfg.input.passwords_file, cfg.input.storage_options), **cfg.input.passwords}
+    cached: list[dict[str, Any]] = []
+    todo: list[str] = []
+    for uri, _ in listed:
+        st = stats[uri]
+        hit = cache.get(uri, *st) if cache is not None and st is not None and not cfg.input.rehash else None
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if hit is None or passwords.get(hit["doc_id"]) or passwords.get(name):
+            todo.append(uri)  # new, changed, rehash, or a password applies: read and probe it
+            continue
+        cached.append(
+            {
+                "source_uri": uri,
+                "doc_id": hit["doc_id"],
+                "page_count": hit["page_count"],
+                "error_code": hit["error_code"],
+                "error": hit["error"],
+                "password": "",
+            }
+        )
+    docs = _probe(cfg, todo) if todo else []
+    if cache is not None:
+        new = cache.add(
+            [
+                {**d, "size": stats[d["source_uri"]][0], "stamp": stats[d["source_uri"]][1]}
+                for d in docs
+                if stats[d["source_uri"]]
+            ],
+            live={(u, *st) for u, st in stats.items() if st is not None},
+        )
+        log.info(
+            "discovery: %d of %d document(s) from the stat cache, %d read and hashed (%d cached now)",
+            len(cached),
+            len(listed),
+            len(docs),
+            new,
+        )
+    docs += cached
+    docs.sort(key=lambda d: d["source_uri"])
+    return docs
+
+
+def _probe(cfg: PipelineConfig, uris: list[str]) -> list[dict[str, Any]]:
+    """Read, hash and probe `uris` on a Ray Data actor pool; one small row each."""
+    import ray
+
     ds = ray.data.from_items([{"source_uri": u} for u in uris], override_num_blocks=min(len(uris), 256))
-    docs = ds.map_batches(
+    return ds.map_batches(
         ProbeDocuments,
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=32,
@@ -43,8 +107,6 @@ def discover(cfg: PipelineConfig) -> list[dict[str, Any]]:
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=64),
         num_cpus=0.5,
     ).take_all()
-    docs.sort(key=lambda d: d["source_uri"])
-    return docs
 
 
 class ProbeDocuments:

@@ -18,13 +18,16 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
 from pipeline import redact
 from pipeline.config import ConfigValueError, PipelineConfig
 from pipeline.schema import STATUSES
+
+if TYPE_CHECKING:
+    from pipeline.lease import Lease
 
 log = logging.getLogger("pagemill")
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -36,6 +39,7 @@ EXIT_CONFIG = 2  # an invalid configuration value, or unusable input (e.g. a bad
 EXIT_MODEL = 3  # the model weights cannot be reached
 EXIT_ROWS_MISSING = 4  # the run finished but accounting failed: rows are missing (retried next run)
 EXIT_NO_GPU = 5  # on a cluster, no GPU (or `ray.ocr_resource`) node joined within `ray.gpu_wait_s`
+EXIT_LEASE = 6  # another run holds the output root's lease (or took this run's over)
 
 
 def register_configs() -> None:
@@ -166,13 +170,9 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     `dataset_stats`, the returned summary also holds Ray Data's per-operator stats text
     (`ray_data_stats`, `Dataset.stats()` of the processing run; benchmarks) and its per-operator
     figures (`ray_data_operators`, `pipeline.opstats.operator_stats`)."""
-    import ray
-
-    from pipeline import preflight, provenance, stages
-    from pipeline.discover import discover
-    from pipeline.ledger import Ledger
+    from pipeline import preflight, provenance
+    from pipeline.lease import Lease
     from pipeline.outputs import OutputStore
-    from pipeline.plan import plan_pages
     from pipeline.sources import read_passwords
 
     t0 = time.time()
@@ -191,7 +191,25 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
 
         return dry_run(cfg)
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
-    ledger = Ledger.load(store, cfg.config_hash())
+    lease = Lease(store, run_id, cfg.output.lease_timeout_s).acquire()  # LeaseHeld: another run is on it
+    try:
+        return _run_leased(cfg, store, lease, run_id, t0, local, dataset_stats)
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    cfg: PipelineConfig, store: Any, lease: Lease, run_id: str, t0: float, local: bool, dataset_stats: bool
+) -> dict[str, Any]:
+    """The rest of `run`, while it holds the output root's lease (released by `run`, also on failure)."""
+    import ray
+
+    from pipeline import stages
+    from pipeline.discover import discover
+    from pipeline.ledger import Ledger
+    from pipeline.plan import plan_pages
+
+    ledger = Ledger.load(store, cfg.config_hash(), temporaries_before=lease.started_at)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not local  # locally our own tqdm bar is the progress display
     ctx.log_internal_stack_trace_to_stdout = False
@@ -199,7 +217,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     # missing by the accounting below (non-zero exit) and the next run retries them.
     ctx.max_errored_blocks = -1
 
-    docs = discover(cfg)
+    docs = discover(cfg, store)  # unchanged inputs come from the stat cache in the output root
     plan = plan_pages(cfg, docs, ledger.done, ledger.failures)
     if cfg.force and plan.done_keys:  # redo this input's rows: take them out of the outputs first
         log.info("force: %d committed rows will be redone", ledger.forget(store, plan.expected_keys))
@@ -249,12 +267,14 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
                 status.update(statuses)
                 if bar is not None:
                     bar.update(len(statuses))
+                lease.check()  # taken over by another run (heartbeat stale): stop here, LeaseLost
         finally:
             status.stop()
         actors = ray.get(registry.summary.remote())
         ray.kill(registry)
     if bar is not None:
         bar.close()
+    lease.check()
     counts.update(new_counts)
     from pipeline.documents import build_for_run, has_documents
 
@@ -280,6 +300,10 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
             for d in {d for d, p in missing if p >= 0}
         },
     )
+    try:  # the next start reads this one file plus only the parts newer than it
+        Ledger.write_snapshot(store)
+    except Exception as e:  # only a speed-up: without it the next start reads every part
+        log.warning("ledger: snapshot not written: %s: %s", type(e).__name__, redact.scrub(str(e)))
     summary = {
         "run_id": run_id,
         "output_uri": store.root,
@@ -384,6 +408,7 @@ def main() -> None:
             print(f"pagemill: configuration error: {redact.scrub(str(e))}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
         from pipeline.cluster import NoGpuError
+        from pipeline.lease import LeaseHeld, LeaseLost
         from pipeline.preflight import ModelUnavailable
         from pipeline.sources import InputError
 
@@ -401,6 +426,9 @@ def main() -> None:
         except InputError as e:
             print(f"pagemill: input error: {redact.scrub(str(e))}", file=sys.stderr)
             sys.exit(EXIT_CONFIG)
+        except (LeaseHeld, LeaseLost) as e:
+            print(f"pagemill: {redact.scrub(str(e))}", file=sys.stderr)
+            sys.exit(EXIT_LEASE)
         if not summary.get("dry_run") and not summary["accounting_ok"]:
             sys.exit(EXIT_ROWS_MISSING)
 

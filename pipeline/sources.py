@@ -9,9 +9,11 @@ they are always protocol-prefixed (`file:///abs/x.pdf`), never relative or bare.
 tasks use. They hold at most one document in memory and can refuse oversized files *before*
 reading them (`max_bytes`), so one 2 GB upload cannot take a worker down.
 
-Deliberately not done here: list-file entries are not stat'ed (a 1M-line list would cost 1M
-round trips on S3); a missing entry surfaces later as a per-document read error, which keeps it in
-the ledger instead of aborting discovery.
+Deliberately not done here: list-file entries are not stat'ed while listing (a 1M-line list would
+cost 1M round trips on S3; discovery stats them in parallel workers, `stat_many`, for the stat
+cache); a missing entry surfaces later as a per-document read error, which keeps it in the
+ledger instead of aborting discovery. `expand_input_stats` keeps what a listing already says
+about each file (size, ETag or mtime: `stat_stamp`), free, for the stat cache.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ __all__ = [
     "InputError",
     "DocumentTooLarge",
     "expand_input",
+    "expand_input_stats",
+    "stat_stamp",
     "read_document",
     "read_passwords",
     "stat_size",
+    "stat_many",
     "content_id",
     "DEFAULT_SUFFIXES",
     "LIST_SUFFIXES",
@@ -106,27 +111,49 @@ def _read_list(fs: AbstractFileSystem, path: str, storage_options: dict[str, Any
     return out
 
 
+def stat_stamp(info: dict[str, Any]) -> str | None:
+    """What identifies one version of a file in an fsspec `info` record, without reading it: the
+    object store's ETag (or GCS generation), else the local mtime and inode. None: nothing usable
+    (such a file is never taken from the stat cache)."""
+    for k in ("ETag", "etag", "e_tag"):
+        if info.get(k):
+            return f"etag:{str(info[k]).strip(chr(34))}"
+    if info.get("generation"):
+        return f"gen:{info['generation']}"
+    if info.get("mtime") is not None:
+        return f"mtime:{float(info['mtime'])!r}:ino:{info.get('ino', '')}"
+    return None
+
+
+Stat = tuple[int, str] | None  # (size, stamp) from the listing, None where it gave none
+
+
+def _stat(info: dict[str, Any]) -> Stat:
+    stamp, size = stat_stamp(info), info.get("size")
+    return (int(size), stamp) if stamp is not None and isinstance(size, int) else None
+
+
 def _expand_one(
     uri: str,
     storage_options: dict[str, Any] | None,
     suffixes: Sequence[str] | None,
     list_suffixes: Sequence[str],
-) -> list[str]:
+) -> dict[str, Stat]:
     fs, path = _fs(uri, storage_options)
     if fs.exists(path):
         if fs.isdir(path):
-            found = fs.find(path, withdirs=False)
-            return [fs.unstrip_protocol(p) for p in found if _has_suffix(p, suffixes)]
+            found = cast(dict[str, dict[str, Any]], fs.find(path, withdirs=False, detail=True))
+            return {fs.unstrip_protocol(p): _stat(i) for p, i in found.items() if _has_suffix(p, suffixes)}
         if list_suffixes and _has_suffix(path, list_suffixes):
-            return _read_list(fs, path, storage_options)
-        return [fs.unstrip_protocol(path)]  # an explicitly named file is taken whatever its suffix
+            return dict.fromkeys(_read_list(fs, path, storage_options))
+        return {fs.unstrip_protocol(path): _stat(fs.info(path))}  # named: taken whatever its suffix
     if _GLOB_MAGIC.search(path):
         # The pattern is the user's filter: no suffix filtering, but directories are dropped.
         hits = cast(dict[str, dict[str, Any]], fs.glob(path, detail=True))  # detail=True -> {path: info}
-        files = [p for p, info in hits.items() if info.get("type") != "directory"]
+        files = {p: _stat(i) for p, i in hits.items() if i.get("type") != "directory"}
         if not files:
             raise InputError(f"glob {uri!r} matched no files")
-        return [fs.unstrip_protocol(p) for p in files]
+        return {fs.unstrip_protocol(p): st for p, st in files.items()}
     raise InputError(f"input {uri!r} does not exist")
 
 
@@ -145,10 +172,24 @@ def expand_input(
          sequence of these (results are merged).
     Raises InputError if a path does not exist or an input yields no documents.
     """
+    return [
+        u for u, _ in expand_input_stats(uri, storage_options, suffixes=suffixes, list_suffixes=list_suffixes)
+    ]
+
+
+def expand_input_stats(
+    uri: str | Sequence[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    suffixes: Sequence[str] | None = DEFAULT_SUFFIXES,
+    list_suffixes: Sequence[str] = LIST_SUFFIXES,
+) -> list[tuple[str, Stat]]:
+    """`expand_input` with each URI's (size, stamp) as the listing gave it (no extra request);
+    None for list-file entries, which are not stat'ed here."""
     specs = [uri] if isinstance(uri, str) else list(uri)
     if not specs:
         raise InputError("no input given")
-    found: set[str] = set()
+    found: dict[str, Stat] = {}
     for spec in specs:
         spec = str(spec).strip()
         if not spec:
@@ -157,8 +198,25 @@ def expand_input(
         if not hits:
             what = f"with suffix {tuple(suffixes)}" if suffixes is not None else ""
             raise InputError(f"input {spec!r} contains no files {what}".rstrip())
-        found.update(hits)
-    return sorted(found)
+        for u, st in hits.items():
+            found[u] = found.get(u) or st
+    return sorted(found.items())
+
+
+def stat_many(uris: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[Stat]:
+    """(size, stamp) of each URI, one metadata request each (HEAD on object stores), in threads;
+    None where it fails (the read then reports the error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(u: str) -> Stat:
+        try:
+            fs, path = _fs(u, storage_options)
+            return _stat(fs.info(path))
+        except Exception:
+            return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(one, uris))
 
 
 def stat_size(uri: str, storage_options: dict[str, Any] | None = None) -> int:

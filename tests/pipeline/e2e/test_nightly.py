@@ -52,10 +52,10 @@ def keyset(out: Path) -> set[tuple[str, int, str]]:
 
 
 def snapshot(out: Path) -> dict[str, tuple[int, str]]:
-    """Every data file (not the run records) with its mtime and content hash."""
+    """Every data file (not the run records, nor the run lease) with its mtime and content hash."""
     snap = {}
     for p in sorted(out.rglob("*")):
-        if p.is_file() and "_runs" not in p.parts and p.name != "_summary.json":
+        if p.is_file() and not {"_runs", "_lease"} & set(p.parts) and p.name != "_summary.json":
             snap[str(p.relative_to(out))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
     return snap
 
