@@ -26,6 +26,7 @@ see a document twice. Cost: the touched documents' pages plus one `id` column pe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 from collections import Counter
@@ -34,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from pipeline.outputs import MB, OutputStore, split_by_bytes
 from pipeline.schema import DOCUMENT_SCHEMA, PAGE_SCHEMA, PAGE_SEPARATOR, STATUSES, Status
@@ -227,8 +229,6 @@ def _document_parts(store: OutputStore, config_hash: str) -> dict[str, str]:
 
 def _ids_by_part(store: OutputStore, parts: dict[str, str]) -> dict[str, list[str]]:
     """{part name: the document ids it holds} (its `id` column only)."""
-    import pyarrow.parquet as pq
-
     return {
         name: pq.read_table(path, columns=["id"], filesystem=store.fs).column("id").to_pylist()
         for name, path in parts.items()
@@ -263,8 +263,6 @@ def update_documents(
         files = files | (files_of(twice) if files_of is not None else set())
     if not touched:
         return 0
-    import hashlib
-
     digest = hashlib.sha256("\n".join(sorted(touched)).encode()).hexdigest()[:8]
     n, fresh = _assemble(
         store,
@@ -279,8 +277,6 @@ def update_documents(
     for name, names in ids.items():  # the older parts: take the rebuilt documents out
         if name in fresh or not touched.intersection(names):
             continue
-        import pyarrow.parquet as pq
-
         table = pq.read_table(parts[name], filesystem=store.fs)
         keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(sorted(touched), pa.string())))  # pyright: ignore[reportAttributeAccessIssue]  # generated
         kept = table.filter(keep)

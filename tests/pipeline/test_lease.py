@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.pipeline.e2e.helpers import REPO, job_env
+from tests.pipeline.e2e.helpers import REPO, job_env, run_job
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -148,21 +148,16 @@ def test_startup_removes_only_temporaries_older_than_the_lease(tmp_path: Path) -
 
 
 def _job(src: Path, uri: str, opts: dict[str, Any], *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.run",
-        "model=tiny_random",
-        "progress=false",
+    return run_job(
         "mode=tiny",
         "generation.max_new_tokens=4",
         f"input.uri={src}",
         f"output.uri={uri}",
         *(f"+output.storage_options.{k}='{v}'" for k, v in opts.items()),
         *extra,
-    ]
-    env = {**job_env(), "RAY_ADDRESS": "local"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+        timeout=600,
+        env={"RAY_ADDRESS": "local"},
+    )
 
 
 @pytest.mark.slow

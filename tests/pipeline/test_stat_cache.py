@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pytest
 
-from tests.pipeline.e2e.helpers import REPO, job_env
+from tests.pipeline.e2e.helpers import run_job
 
 DOCS = ("form-libreoffice-01.pdf", "not-a-pdf-01.pdf", "cjk-zh-text-01.pdf")
 
@@ -141,21 +140,16 @@ def test_stamp_changes_when_a_local_file_is_rewritten(tmp_path: Path) -> None:
 
 def _job(src: str, out: str, so: dict[str, Any], *extra: str) -> subprocess.CompletedProcess[str]:
     opts = [f"+{side}.storage_options.{k}='{v}'" for side in ("input", "output") for k, v in so.items()]
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.run",
-        "model=tiny_random",
-        "progress=false",
+    return run_job(
         "mode=tiny",
         "generation.max_new_tokens=4",
         f"input.uri={src}",
         f"output.uri={out}",
         *opts,
         *extra,
-    ]
-    env = {**job_env(), "RAY_ADDRESS": "local"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+        timeout=600,
+        env={"RAY_ADDRESS": "local"},
+    )
 
 
 class Recording:
