@@ -353,10 +353,17 @@ def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: i
     return out
 
 
-def step_profile(model, rows_list: list[int], ctx_list: list[int]) -> list[dict[str, Any]]:
+def step_profile(
+    model,
+    rows_list: list[int],
+    ctx_list: list[int],
+    profile_at: tuple[int, int] | None = None,
+    out_dir: str = "",
+) -> list[dict[str, Any]]:
     """Whole decode step of the paged engine (graph replay, all layers) with `rows` rows live at
     context `ctx` in the low row slots; the step runs over them rounded up to the engine's row
-    bucket (as in the engine), idle slots in it attend one slot."""
+    bucket (as in the engine), idle slots in it attend one slot. At `profile_at` (rows, ctx), also
+    an eager op profile (`_profile_step`, table to `out_dir`)."""
     import torch
 
     from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig
@@ -403,9 +410,34 @@ def step_profile(model, rows_list: list[int], ctx_list: list[int]) -> list[dict[
                 }
             )
             print(f"  paged decode step {out[-1]}", flush=True)
+            if (rows, ctx) == profile_at:
+                _profile_step(engine, hi, out_dir)
     del engine
     torch.cuda.empty_cache()
     return out
+
+
+def _profile_step(engine: Any, hi: int, out_dir: str) -> None:
+    """Three eager paged decode steps (no graph: the kernels keep their aten op) under
+    torch.profiler, CPU and CUDA: the op table sorted by CUDA time attributes the step's cost."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with torch.inference_mode():
+            engine.cache.attend_len = MAX_MODEL_LEN
+            engine._step_body(hi)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    engine._step_body(hi)
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
+        print(table, flush=True)
+        if out_dir:
+            Path(out_dir, "paged_step_profile.txt").write_text(table)
+    except Exception as e:  # noqa: BLE001 - the step timings stand on their own
+        print(f"step profiler failed: {type(e).__name__}: {e}", flush=True)
 
 
 def vision_flops(model, page: dict[str, Any]) -> float:
@@ -465,10 +497,14 @@ def vision_bench(model, pages: list[dict[str, Any]], flops_per_page: float, out_
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        # CPU too: each kernel's CUDA time is then also summed under its aten op (which copy, which norm)
+        with (
+            torch.inference_mode(),
+            profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
+        ):
             model.vision.image_embeddings_batch(group, max_batch=32)
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
         print(table, flush=True)
         out["kernel_table"] = table
         if out_dir:
@@ -641,7 +677,9 @@ def main(argv: list[str] | None = None) -> int:
             os.path.dirname(args.json_out),
         )
         report["paged_kernel"] = kernel_bench(model, [256, 1024], [1024, 2048, 4096], 64)
-        report["paged_step"] = step_profile(model, [128, 256, 512, 1024], [1024, 2048])
+        report["paged_step"] = step_profile(
+            model, [128, 256, 512, 1024], [1024, 2048], (512, 2048), os.path.dirname(args.json_out)
+        )
     # warm-up: a few pages, so graph capture and kernel selection are not timed
     run_engine(model, pages[:8], "warm-up", max_batch=max_batch, **common)
     # the subset phases run first: their rate sizes the headline run under --time-budget-s
