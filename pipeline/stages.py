@@ -29,7 +29,7 @@ import pyarrow as pa
 from model.engine import FinishReason
 from pipeline.config import Fallback, ForceLength, PipelineConfig
 from pipeline.plan import Plan
-from pipeline.schema import COLUMNS, PAGE_SCHEMA, Status
+from pipeline.schema import PAGE_SCHEMA, Status
 
 log = logging.getLogger("pagemill")
 
@@ -48,10 +48,6 @@ WORK_SCHEMA = pa.schema(
 RECEIPT_SCHEMA = pa.schema(
     [("doc_id", pa.string()), ("page_index", pa.int32()), ("status", pa.string()), ("file", pa.string())]
 )
-
-
-def to_rows(batch: pa.Table) -> list[dict[str, Any]]:
-    return batch.to_pylist()
 
 
 def to_batch(rows: list[dict[str, Any]]) -> pa.Table:
@@ -570,11 +566,56 @@ def postprocess_row(row: dict[str, Any], quality: Any = None) -> dict[str, Any]:
     return row
 
 
+# the columns post-processing derives its output from, and the ones it writes; every other
+# column (the page PNG included) stays in Arrow through the writer
+POST_READS = (
+    "doc_id",
+    "page_index",
+    "status",
+    "raw_output",
+    "finish_reason",
+    "error",
+    "width_px",
+    "height_px",
+    "width_pt",
+    "height_pt",
+    "num_vision_tokens",
+    "text_layer_chars",
+    "_text_layer",
+)
+POST_WRITES = (
+    "markdown",
+    "layout",
+    "status",
+    "error",
+    "repetition_score",
+    "num_text_tokens",
+    "compression_ratio",
+    "text_layer_agreement",
+)
+
+
+def postprocess(batch: pa.Table, quality: Any = None) -> tuple[pa.Table, dict[int, list[Any]]]:
+    """`postprocess_row` over the pending rows of `batch`, column-wise: only the POST_READS
+    columns of those rows go to Python, only the POST_WRITES columns are replaced. Returns the
+    batch and, per row index with figures, its `_figures` list (for the writer's crops)."""
+    todo = pending_rows(batch)
+    if not todo:
+        return batch, {}
+    take = _index(todo)
+    inputs = {c: batch.column(c).take(take).to_pylist() for c in POST_READS if c in batch.column_names}
+    done = [postprocess_row({c: v[k] for c, v in inputs.items()}, quality) for k in range(len(todo))]
+    figures = {i: r["_figures"] for i, r in zip(todo, done) if r["_figures"]}
+    return with_columns(batch, todo, {c: [r.get(c) for r in done] for c in POST_WRITES}), figures
+
+
 class WriteStage:
     """Post-process, then write each batch as atomic Parquet parts of at most ~output.target_file_mb
     (row groups of ~output.row_group_mb); per part: its figure crops (`figures/`, same part name,
     cut from the page PNG), then the pages part, then its ledger entry. Emit small receipts (one
-    per page row). With `output.include_images`, the page PNG becomes the `page_image` column."""
+    per page row). With `output.include_images`, the page PNG becomes the `page_image` column.
+    Column-wise: the batch stays an Arrow table (see `postprocess`); only the pages with figures
+    have their PNG decoded, for the crops."""
 
     READS = tuple(WORK_SCHEMA.names)
     WRITES = tuple(RECEIPT_SCHEMA.names)  # the receipts replace the batch
@@ -593,46 +634,77 @@ class WriteStage:
             "row_group_rows": o.row_group_rows,
         }
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def page_table(self, batch: pa.Table) -> tuple[pa.Table, dict[int, list[Any]]]:
+        """The PAGE_SCHEMA table of a work batch (work columns dropped) and its figures by row."""
         from datetime import datetime, timezone
 
+        import pyarrow.compute as pc
+
+        from pipeline.schema import IMAGE, STATUSES, page_image_name
+
+        batch, figures = postprocess(batch, self.quality)
+        bad = set(batch.column("status").to_pylist()) - set(STATUSES)
+        if bad:  # e.g. None: a row still in flight must never reach disk
+            raise ValueError(f"rows without a final status: {sorted(map(repr, bad))} (allowed {STATUSES})")
+        n = batch.num_rows
+        now = pa.array([datetime.now(timezone.utc)] * n, PAGE_SCHEMA.field("written_at").type)
+        batch = batch.set_column(batch.schema.get_field_index("written_at"), "written_at", now)
+        if self.cfg.output.include_images and "_page_png" in batch.column_names:
+            old = batch.column("page_image").combine_chunks()
+            png = batch.column("_page_png").combine_chunks()
+            ids, pages = batch.column("doc_id").to_pylist(), batch.column("page_index").to_pylist()
+            # True: the row keeps what it has (an image already, no PNG, or a doc_error row)
+            keep = [old[i].is_valid or not png[i].is_valid or pages[i] < 0 for i in range(n)]
+            paths = pa.array([None if k else page_image_name(ids[i], pages[i]) for i, k in enumerate(keep)])
+            made = pa.StructArray.from_arrays([png, paths], fields=list(IMAGE), mask=pa.array(keep))
+            # the PNG bytes stay in Arrow buffers; pyarrow.compute functions are generated at import
+            merged = pc.if_else(pa.array(keep), old, made)  # pyright: ignore[reportAttributeAccessIssue]
+            batch = batch.set_column(batch.schema.get_field_index("page_image"), "page_image", merged)
+        return batch.select(list(PAGE_SCHEMA.names)).cast(PAGE_SCHEMA), figures
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.ledger import commit_entry
         from pipeline.outputs import figure_table, part_name, split_table
-        from pipeline.schema import page_image_name, rows_to_table
 
-        # the page images stay in Arrow: only those of pages with figures are copied out, for the crops
+        table, figures = self.page_table(batch)
         pngs = batch.column("_page_png") if "_page_png" in batch.column_names else None
-        light = batch if pngs is None else batch.drop_columns(["_page_png"])
-        rows = [postprocess_row(r, self.quality) for r in to_rows(light)]
-        now = datetime.now(timezone.utc)
-        for i, r in enumerate(rows):
-            r["written_at"] = now
-            if pngs is None or not pngs[i].is_valid:
-                continue
-            if r.get("_figures"):
-                r["_page_png"] = pngs[i].as_py()
-            if self.cfg.output.include_images and r.get("page_image") is None and r["page_index"] >= 0:
-                r["page_image"] = {
-                    "bytes": pngs[i].as_py(),
-                    "path": page_image_name(r["doc_id"], r["page_index"]),
-                }
-        table = rows_to_table([{k: r.get(k) for k in COLUMNS} for r in rows])  # work fields dropped here
         files: list[str] = []
-        for part in split_table(table, self.target_bytes) if rows else []:
+        start = 0
+        for part in split_table(table, self.target_bytes) if table.num_rows else []:
             name = part_name(part)
             if self.cfg.output.write_figures:
-                figures = figure_table(rows[len(files) : len(files) + part.num_rows])
-                if figures.num_rows:  # before the pages part: a crash leaves no committed page without them
-                    self.store.write_parquet("figures", figures, name=name, **self.sizing)
+                crops = [
+                    self._figure_source(table, i, figures[i], pngs)
+                    for i in range(start, start + part.num_rows)
+                    if i in figures
+                ]
+                figs = figure_table(crops)
+                if figs.num_rows:  # before the pages part: a crash leaves no committed page without them
+                    self.store.write_parquet("figures", figs, name=name, **self.sizing)
             path = self.store.write_parquet("pages", part, name=name, **self.sizing)
             commit_entry(self.store, part, path)  # after the pages part: the ledger never runs ahead
             files += [path] * part.num_rows
+            start += part.num_rows
         return pa.table(
             {
-                "doc_id": [r["doc_id"] for r in rows],
-                "page_index": [r["page_index"] for r in rows],
-                "status": [r["status"] for r in rows],
-                "file": files,
+                "doc_id": table.column("doc_id"),
+                "page_index": table.column("page_index"),
+                "status": table.column("status"),
+                "file": pa.array(files, pa.string()),
             },
             schema=RECEIPT_SCHEMA,
         )
+
+    @staticmethod
+    def _figure_source(table: pa.Table, i: int, figures: list[Any], pngs: Any) -> dict[str, Any]:
+        """What `outputs.figure_rows` reads of row `i`: its figures, page PNG, size and ids."""
+        row = {
+            c: table.column(c)[i].as_py()
+            for c in ("doc_id", "page_index", "width_px", "height_px", "config_hash")
+        }
+        png = pngs[i] if pngs is not None else None
+        return {
+            **row,
+            "_figures": figures,
+            "_page_png": png.as_py() if png is not None and png.is_valid else None,
+        }

@@ -187,6 +187,41 @@ def test_writer_takes_the_ocr_columns(ocred, tmp_path: Path) -> None:
     assert all(Image.open(io.BytesIO(i["bytes"])).format == "PNG" for i in images.values())
 
 
+def test_writer_is_column_wise_and_equals_the_row_wise_reference(ocred, tmp_path: Path) -> None:
+    """The column-wise writer writes what `postprocess_row` over Python rows + `rows_to_table`
+    (the row-wise reference) gives, figure crops included; the work batch is never turned into
+    row dicts (a page's PNG is read only for its crops)."""
+    from pipeline.outputs import figure_table
+    from pipeline.quality import PageQuality
+    from pipeline.schema import COLUMNS, rows_to_table
+    from pipeline.stages import postprocess_row, with_columns
+    from tests.pipeline.pages_fixture import GROUNDING
+
+    cfg, _, after = ocred
+    cfg = _cfg(tmp_path, "output.include_images=true")
+    after = with_columns(after, [0], {"raw_output": [GROUNDING], "finish_reason": ["stop"]})  # an image block
+    table, figures = WriteStage(cfg, str(tmp_path)).page_table(after)
+    assert list(figures) == [0] and "_page_png" not in table.column_names
+    ref_rows = [postprocess_row(r, PageQuality()) for r in after.to_pylist()]
+    for r in ref_rows:
+        if r["page_index"] >= 0 and r["_page_png"] is not None:
+            r["page_image"] = {"bytes": r["_page_png"], "path": table.column("page_image")[0]["path"].as_py()}
+    ref = rows_to_table([{k: r.get(k) for k in COLUMNS} for r in ref_rows])
+    got = table.drop_columns(["written_at", "page_image"])
+    assert got.equals(ref.drop_columns(["written_at", "page_image"]))
+    assert table.column("page_image")[0]["bytes"].as_py() == after.column("_page_png")[0].as_py()
+    assert table.column("page_image")[2].as_py() is None  # the doc_error row has no page image
+    assert table.schema.metadata == ref.schema.metadata  # the datasets features ride along
+    receipts = WriteStage(cfg, str(tmp_path))(after)
+    assert receipts.column("status").to_pylist() == table.column("status").to_pylist()
+    crops = pads.dataset(tmp_path / "figures", format="parquet").to_table()
+    assert crops.drop_columns(["image"]).equals(figure_table([ref_rows[0]]).drop_columns(["image"]))
+    assert (
+        crops.column("image")[0]["bytes"].as_py()
+        == figure_table([ref_rows[0]]).column("image")[0]["bytes"].as_py()
+    )
+
+
 def test_ray_job_bytes_per_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real Ray Data run on tests/data at 144 dpi in Gundam mode: every operator's output is
     <= 2 MB per row, from Ray Data's own per-operator output-bytes stats."""
