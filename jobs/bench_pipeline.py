@@ -245,6 +245,20 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
     }
 
 
+def _wait_gpu_free(timeout_s: float = 120.0) -> None:
+    """Block until the GPU's memory is (nearly) free again: the engine-alone phase fits its KV pool
+    to free memory and would run out of it next to a job actor that is still exiting."""
+    import torch
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        free, total = torch.cuda.mem_get_info()
+        if free > 0.9 * total:
+            return
+        time.sleep(1.0)
+    print(f"bench_pipeline: GPU memory still in use after {timeout_s:.0f}s", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     assert __doc__ is not None  # module docstring is present
     ap = argparse.ArgumentParser(prog="python -m jobs.bench_pipeline", description=__doc__.splitlines()[0])
@@ -313,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     stats = summary.pop("ray_data_stats", "")
     operators = summary.pop("ray_data_operators", [])
     ray.shutdown()
+    if cuda:
+        _wait_gpu_free()  # the OCR actor's process exits after shutdown returns; its KV pool with it
     rows = read_rows(out, cfg.config_hash())
     json_out = Path(args.json_out) if args.json_out else out / "_bench_pipeline.json"
     result = _result(
