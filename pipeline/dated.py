@@ -71,6 +71,8 @@ def _place(
             if etag and a.get("size") == b.get("size") and etag == (b.get("ETag") or b.get("etag")):
                 return "kept"  # the same night's earlier snapshot: the same object
         if src.posix and dest.posix:
+            if os.path.exists(target) and os.path.samefile(path, target):
+                return "kept"  # linked by the same night's earlier snapshot
             os.makedirs(os.path.dirname(target), exist_ok=True)
             tmp = f"{os.path.dirname(target)}/.tmp-link-{os.getpid()}-{name}"
             try:
@@ -110,7 +112,7 @@ def _prune(dest: OutputStore, sub: str, keep: Iterable[str]) -> int:
     n = 0
     for p in dest.fs.ls(path, detail=False):
         name = str(p).rsplit("/", 1)[-1]
-        if name.endswith(".parquet") and name not in wanted:
+        if name.endswith(".parquet") and not name.startswith(".") and name not in wanted:
             dest.fs.rm(str(p))
             n += 1
     return n
@@ -141,8 +143,10 @@ def write_snapshot(
     held: dict[str, list[str]] = {"pages": [], "figures": [], "documents": []}
     counts: dict[str, int] = {}
     for (sub, name, _), h in zip(jobs, how):
+        if h == "missing":  # a pages part without figures
+            continue
         counts[h] = counts.get(h, 0) + 1
-        if h not in ("empty", "missing"):
+        if h != "empty":
             held[sub].append(name)
     removed = sum(_prune(dest, sub, held[sub]) for sub in held)
     record = {
