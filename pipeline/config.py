@@ -119,6 +119,9 @@ class OutputConfig:
     # one run at a time per output root (pipeline/lease.py): a lease whose heartbeat (refreshed
     # every lease_timeout_s / 6) is older than this may be taken over by another run
     lease_timeout_s: float = field(default=600.0, metadata=NO_HASH)
+    # "dated" nightly layout (pipeline/dated.py): after the run, a self-contained snapshot of this
+    # run's input rows at this URI (same storage_options), linked/copied from the store; "" = none
+    snapshot_uri: str = field(default="", metadata=NO_HASH)
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "output.uri", self.uri, "a directory or fsspec URI")

@@ -47,10 +47,10 @@ PAGES_DIR, DOCUMENTS_DIR, FIGURES_DIR = "pages", "documents", "figures"
 
 def pages_dataset(store: OutputStore) -> ds.Dataset | None:
     """`pages/` as a pyarrow dataset in the current schema (None when nothing was written)."""
-    path = store.join(PAGES_DIR)
-    if not store.fs.exists(path):
-        return None
-    return ds.dataset(path, filesystem=store.fs, format="parquet", schema=PAGE_SCHEMA)
+    from pipeline.compact import live_dataset
+
+    # the parts readers see: a compaction swap in progress hides either its old or its new parts
+    return live_dataset(store, PAGES_DIR, schema=PAGE_SCHEMA)
 
 
 def _config_filter(config_hash: str | None) -> Any:
@@ -360,6 +360,8 @@ def export_documents(store: OutputStore, dest: str, doc_id: str | None = None) -
     """Write `<dest>/<doc_id>.md` and the figure crops it references (`<dest>/figures/...png`)."""
     import os
 
+    from pipeline.compact import live_dataset
+
     written = []
     for doc in read_documents(store, doc_id):
         os.makedirs(os.path.join(dest, FIGURES_DIR), exist_ok=True)
@@ -367,14 +369,12 @@ def export_documents(store: OutputStore, dest: str, doc_id: str | None = None) -
         with open(md_path, "w", encoding="utf-8") as f:
             f.write(doc["text"] or "")
         written.append(md_path)
-        fig_path = store.join(FIGURES_DIR)
-        if doc["num_figures"] and store.fs.exists(fig_path):
+        figures = live_dataset(store, FIGURES_DIR) if doc["num_figures"] else None
+        if figures is not None:
             flt = pc.field("doc_id") == doc["doc_id"]
             if doc["config_hash"]:
                 flt = flt & (pc.field("config_hash") == doc["config_hash"])
-            figs = ds.dataset(fig_path, filesystem=store.fs, format="parquet").to_table(
-                columns=["name", "image"], filter=flt
-            )
+            figs = figures.to_table(columns=["name", "image"], filter=flt)
             for name, image in zip(figs.column("name").to_pylist(), figs.column("image").to_pylist()):
                 out = os.path.join(dest, name)
                 with open(out, "wb") as f:

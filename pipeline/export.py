@@ -27,7 +27,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pds
 
 from pipeline.outputs import MB, OutputStore
 from pipeline.schema import STATUSES, Status
@@ -66,16 +65,16 @@ def _run_time(summary: dict[str, Any]) -> str:
 
 def page_quality(store: OutputStore, config_hash: str | None) -> dict[str, dict[int, dict[str, float]]]:
     """{doc_id: {page_index: {signal: value}}} of `ok` pages (small columns only)."""
-    path = store.join("pages")
+    from pipeline.compact import live_dataset
+
     out: dict[str, dict[int, dict[str, float]]] = {}
-    if not store.fs.exists(path):
+    pages = live_dataset(store, "pages")  # a compaction swap hides its old or its new parts
+    if pages is None:
         return out
     flt = pc.field("status") == Status.ok
     if config_hash:
         flt = flt & (pc.field("config_hash") == config_hash)
-    t = pds.dataset(path, filesystem=store.fs, format="parquet").to_table(
-        columns=["doc_id", "page_index", *QUALITY], filter=flt
-    )
+    t = pages.to_table(columns=["doc_id", "page_index", *QUALITY], filter=flt)
     for r in t.to_pylist():
         out.setdefault(r["doc_id"], {})[r["page_index"]] = {q: r[q] for q in QUALITY if r[q] is not None}
     return out
@@ -180,7 +179,11 @@ def export(
     src = store.join("documents" if fmt == "dolma" else "pages")
     if not store.fs.exists(src):
         raise FileNotFoundError(f"{src} does not exist: is {output} a pagemill output?")
-    data = pds.dataset(src, filesystem=store.fs, format="parquet")
+    from pipeline.compact import live_dataset
+
+    data = live_dataset(store, "documents" if fmt == "dolma" else "pages")
+    if data is None:
+        raise FileNotFoundError(f"{src} holds no parts: is {output} a pagemill output?")
     flt = pc.field("config_hash") == config_hash if config_hash else None
     table = data.to_table(filter=flt)  # the driver reads the (already sized) Parquet once
     if not ray.is_initialized():  # join RAY_ADDRESS's cluster (as a submitted job), else a local Ray

@@ -117,6 +117,21 @@ def _listing(store: Any, sub: str) -> dict[str, tuple[str, str | None]]:
     return out
 
 
+def _live_listings(
+    store: Any,
+) -> tuple[dict[str, tuple[str, str | None]], dict[str, tuple[str, str | None]]]:
+    """`_listing` of pages/ and _ledger/ without the parts a compaction swap hides from readers
+    (pipeline/compact.py: merged parts not yet swapped in, old parts already swapped out)."""
+    from pipeline.compact import hidden_parts
+
+    hidden = hidden_parts(store)
+    pages, entries = _listing(store, PAGES_DIR), _listing(store, LEDGER_DIR)
+    return (
+        {n: v for n, v in pages.items() if n not in hidden},
+        {n: v for n, v in entries.items() if n not in hidden},
+    )
+
+
 def _read_snapshot(store: Any) -> tuple[pa.Table, dict[str, list[str]]]:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
     """The newest readable ledger snapshot and its manifest {part name: [pages version, ledger
     version]}; an unreadable one is skipped (the parts it covered are then read one by one)."""
@@ -214,8 +229,11 @@ class Ledger:
         `read_only` (dry runs): the same keys, with nothing written or removed (orphan parts are
         indexed in memory, stale entries skipped, temporaries left alone)."""
         if not read_only:
+            from pipeline.compact import recover
+
+            recover(store)  # finish an interrupted compaction swap (pipeline/compact.py)
             _remove_temporaries(store, temporaries_before)
-        listed_pages, listed_entries = _listing(store, PAGES_DIR), _listing(store, LEDGER_DIR)
+        listed_pages, listed_entries = _live_listings(store)
         pages = {n: p for n, (p, _) in listed_pages.items()}
         entries = {n: p for n, (p, _) in listed_entries.items()}
         snap, manifest = _read_snapshot(store)
@@ -288,7 +306,7 @@ class Ledger:
         parts written or rewritten since. Parts not consistent now (a pages part without its
         ledger part) are left out: `load` reconciles them as before. Keeps the previous one; writes
         nothing when no part changed (a no-op rerun touches no file)."""
-        pages, entries = _listing(store, PAGES_DIR), _listing(store, LEDGER_DIR)
+        pages, entries = _live_listings(store)
         snap, manifest = _read_snapshot(store)
         unchanged = _unchanged(manifest, pages, entries)
         fresh = sorted(n for n in entries if n in pages and n not in unchanged and pages[n][1] is not None)

@@ -84,6 +84,9 @@ def _open(store: OutputStore, path: str) -> Any:
 def scan(store: OutputStore) -> list[Part]:
     """Every data file under pages/, figures/, documents/ with its rows by configuration (the
     `config_hash` and, for pages, `status` columns only)."""
+    from pipeline.compact import hidden_parts
+
+    hidden = hidden_parts(store)  # a compaction swap in progress: its old or its new parts
     parts: list[Part] = []
     for kind in KINDS:
         root = store.join(kind)
@@ -92,7 +95,7 @@ def scan(store: OutputStore) -> list[Part]:
         for path in sorted(store.fs.find(root, detail=False)):  # pyright: ignore[reportArgumentType]  # fsspec untyped
             path = str(path)
             rel = path[len(root) :].lstrip("/")
-            if not _visible(rel):
+            if not _visible(rel) or (kind != "documents" and rel.rsplit("/", 1)[-1] in hidden):
                 continue
             with _open(store, path) as f:
                 pf = pq.ParquetFile(f)

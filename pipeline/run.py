@@ -332,6 +332,20 @@ def _run_leased(
     }
     store.write_json(f"_runs/{run_id}-{cfg.config_hash()}.json", summary)
     store.write_json("_summary.json", summary)
+    if cfg.output.snapshot_uri:  # "dated" layout: the night's rows, linked/copied from the store
+        from pipeline.dated import write_snapshot
+
+        lease.check()
+        night = {d for d, _ in plan.expected_keys}
+        summary["snapshot"] = write_snapshot(
+            store,
+            cfg.output.snapshot_uri,
+            cfg.output.storage_options,
+            cfg.config_hash(),
+            night,
+            files_of(night),
+            summary,
+        )
     print_summary(summary)
     if dataset_stats:
         from pipeline.opstats import operator_stats
