@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install check test test-fast run smoke bench submit nightly clean
+.PHONY: install check test test-slow test-fast run smoke bench submit nightly clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,9 +25,16 @@ check: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pyright --pythonpath $(PY)
 
-## the test command (CI runs exactly this through .ci/run)
+## the test command (CI runs exactly this through .ci/run): the default suite, every test but the
+## heavier `slow` end-to-end scenarios (and `gpu`); within 15 minutes on the 2-core CI machine
 test: $(STAMP)
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q $(PYTEST_ARGS)
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+## the `slow` end-to-end scenarios (job subprocesses on embedded Ray: corpus, SIGKILL + resume on
+## file:// and moto S3, incremental and forced reruns, quarantine, lease, stat-cache GETs, ray job
+## submit, multi-node); CI runs them right after `make test`
+test-slow: $(STAMP)
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "slow and not gpu" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow and not parity" $(PYTEST_ARGS)

@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pyarrow.dataset as ds
-import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-pytestmark = pytest.mark.slow
+# the README's demo, one run: in the default suite (`make test`)
 
 
 def test_offline_demo_rows_and_quiet_console(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Nightly builds: the ledger, incremental and resumable runs, and crash safety, with real
-processes (the job as a subprocess on embedded Ray, a real SIGKILL of its driver).
+"""Nightly builds: the ledger, incremental runs, and crash safety, with real processes (the job as
+a subprocess on embedded Ray). A real SIGKILL of the driver and the resume after it are in
+test_nightly_backends.py, on local files and on S3.
 
 The tiny random-weight model is deterministic on CPU, so an interrupted-then-resumed build must
 end with exactly the rows (and statuses) of an uninterrupted one.
@@ -9,12 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,6 +21,7 @@ import pytest
 
 from pipeline.ledger import LEDGER_DIR, Ledger, commit_entry
 from pipeline.outputs import OutputStore
+from pipeline.run import EXIT_ROWS_MISSING
 from tests.pipeline.e2e.helpers import REPO, job_env, run_job
 
 pytestmark = pytest.mark.slow
@@ -126,60 +124,6 @@ def test_incremental_rerun_add_change_duplicate_force(corpus_dir: Path, tmp_path
     assert len(keyset(out)) == 5  # the 4 current rows redone once + the old form row kept
 
 
-def test_sigkill_driver_then_resume_equals_uninterrupted(tmp_path: Path, corpus_copy) -> None:
-    src = corpus_copy(
-        "book-math-chapter-48p-01.pdf",
-        "slides-deck-26p-01.pdf",
-        "encrypted-needs-password-02.pdf",
-        "report-ibm-redbook-18p-01.pdf",
-    )
-    ref = tmp_path / "ref"
-    full = run_job(f"input.uri={src}", f"output.uri={ref}", *FAST)
-    assert full.returncode == 0, full.stderr[-3000:]
-
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.run",
-        "model=tiny_random",
-        "progress=false",
-        f"input.uri={src}",
-        f"output.uri={out}",
-        *FAST,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=job_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / LEDGER_DIR).glob("part-*.parquet"))) < 3:
-        assert proc.poll() is None, "the run finished before it could be killed"
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGKILL)  # the driver only; its Ray processes die with it
-    proc.wait()
-    for _ in range(100):  # wait for the driver's embedded Ray to go down with it
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-    partial = len(rows(out))
-    assert 0 < partial < len(rows(ref)), "kill came too late to test a resume"
-
-    resumed = run_job(f"input.uri={src}", f"output.uri={out}", *FAST)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    s = summary(out)
-    assert s["accounting_ok"] and s["rows_already_final"] >= partial and s["rows_written"] > 0
-    assert keyset(out) == keyset(ref)
-
-
 def test_ledger_reconciles_a_crash_between_commits(tmp_path: Path) -> None:
     """Pages part committed but its ledger part not (crash in between): indexed on load. A ledger
     part whose pages part is gone: dropped (those rows get redone). Temporaries: removed."""
@@ -229,18 +173,15 @@ def test_ocr_actor_killed_mid_run_is_replaced(tmp_path: Path) -> None:
 
 def test_pages_without_eos_get_one_fallback_pass(tmp_path: Path) -> None:
     """The tiny model never emits EOS within 4 tokens: every page is retried once with the stronger
-    n-gram ban, and the row says so; with generation.fallback=none it is not. (model=tiny_random
-    turns the fallback off by default, conf/model/tiny_random.yaml, so it is asked for here.)"""
+    n-gram ban, and the row says so. (model=tiny_random turns the fallback off by default,
+    conf/model/tiny_random.yaml, so it is asked for here; that with generation.fallback=none no
+    page gets a second pass is checked on test_outputs_e2e.py's run, which sets it.)"""
     out = tmp_path / "out"
     assert run_job(f"output.uri={out}", *FAST, "generation.fallback=ngram").returncode == 0
     t = ds.dataset(out / "pages", format="parquet").to_table().to_pylist()
     pages = [r for r in t if r["page_index"] >= 0]
     assert pages and all(r["attempts"] == 2 and r["fallback"] == "ngram:length->length" for r in pages)
     assert all(r["status"] == "truncated" for r in pages)
-    out2 = tmp_path / "out2"
-    assert run_job(f"output.uri={out2}", *FAST, "generation.fallback=none").returncode == 0
-    t2 = ds.dataset(out2 / "pages", format="parquet").to_table().to_pylist()
-    assert all(r["attempts"] == 1 and r["fallback"] is None for r in t2 if r["page_index"] >= 0)
 
 
 def test_nightly_wrapper_dated_and_incremental_layouts(tmp_path: Path) -> None:
@@ -282,7 +223,7 @@ def test_document_that_keeps_killing_the_ocr_worker_is_quarantined(corpus_dir: P
     env = {"PAGEMILL_TEST_OCR_POISON": "poison-form"}
     for attempt in (1, 2):
         proc = run_job(*args, env=env)
-        assert proc.returncode == 4, proc.stderr[-3000:]  # EXIT_ROWS_MISSING
+        assert proc.returncode == EXIT_ROWS_MISSING == 4, proc.stderr[-3000:]
         s = summary(out)
         assert not s["accounting_ok"] and s["missing_rows"] == 1 and len(s["missing_documents"]) == 1
         assert len(list((out / "_failures").glob("*.parquet"))) == attempt

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.schema import DOCUMENT_SCHEMA
 from tests.pipeline.e2e.helpers import REPO, job_env, read_pages, run_job
 
-pytestmark = pytest.mark.slow
+# one run shared by every test here: in the default suite (`make test`)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,7 @@ def test_documents_and_quality_columns(run_output: Path) -> None:
     assert len(pages) == 3
     for r in pages:
         assert r["status"] == "truncated" and r["finish_reason"] == "length" and r["written_at"] is not None
+        assert r["attempts"] == 1 and r["fallback"] is None  # generation.fallback=none: no second pass
         assert r["num_text_tokens"] >= 0 and 0.0 <= r["repetition_score"] <= 1.0
         assert r["compression_ratio"] == pytest.approx(r["num_text_tokens"] / r["num_vision_tokens"])
         assert r["text_layer_chars"] > 0 and 0.0 <= r["text_layer_agreement"] <= 1.0
