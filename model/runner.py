@@ -27,7 +27,16 @@ import numpy as np
 import torch
 
 from model.config import DType, ModelName, OcrConfig
-from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig, FinishReason, Request, Result, fit_max_batch
+from model.engine import (
+    PAGED_AUTO_ROWS,
+    Engine,
+    EngineConfig,
+    FinishReason,
+    KvLayout,
+    Request,
+    Result,
+    fit_max_batch,
+)
 from model.ocr import OcrModel
 from model.preprocess import to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer
@@ -162,7 +171,7 @@ class PageOcr:
     ) -> PageOcr:
         model, tok = load_model(name, source, dtype, seed, device, revision)
         if not engine.get("max_batch"):  # None (or 0): auto, as many KV rows as the device holds
-            if engine.get("engine", EngineConfig.engine) == "paged":  # rows are cheap; the block pool limits
+            if engine.get("engine", EngineConfig.engine) == KvLayout.paged:  # rows are cheap; the pool limits
                 if model.decoder.embed_tokens.weight.device.type != "cuda":
                     raise ValueError("max_batch=None (fit to the device) needs a CUDA model")
                 engine["max_batch"] = PAGED_AUTO_ROWS
