@@ -39,7 +39,7 @@ from model.engine import (
 )
 from model.ocr import OcrModel
 from model.preprocess import to_pixel_tensor
-from model.tokenizer import PROMPTS, OcrTokenizer
+from model.tokenizer import PROMPTS, OcrTokenizer, PromptName
 from model.vision import PageViews
 
 DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
@@ -52,7 +52,7 @@ def default_device() -> torch.device:
 def load_model(
     name: str,
     source: str = "",
-    dtype: str = "bfloat16",
+    dtype: str = DType.bfloat16,
     seed: int = 0,
     device: torch.device | str | None = None,
     revision: str = "",
@@ -147,7 +147,7 @@ class PageOcr:
         model: OcrModel,
         tokenizer: OcrTokenizer,
         engine_cfg: EngineConfig | None = None,
-        prompt: str = "document",
+        prompt: str = PromptName.document,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, engine_cfg)
@@ -162,9 +162,9 @@ class PageOcr:
         cls,
         name: str,
         source: str = "",
-        dtype: str = "bfloat16",
+        dtype: str = DType.bfloat16,
         seed: int = 0,
-        prompt: str = "document",
+        prompt: str = PromptName.document,
         device: str | None = None,
         revision: str = "",
         **engine: Any,
