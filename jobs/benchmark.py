@@ -202,10 +202,12 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
     table written to `out_dir`). This is the profile behind the account in BENCHMARKS.md."""
     import torch
 
-    from model.engine import Engine, EngineConfig, kv_bytes_per_token
+    from model.engine import Engine, EngineConfig, KvLayout, kv_bytes_per_token
 
     # the slotted engine: flash varlen vs masked SDPA are its two attention paths
-    engine = Engine(model, EngineConfig(max_batch=max_batch, max_model_len=MAX_MODEL_LEN, engine="slotted"))
+    engine = Engine(
+        model, EngineConfig(max_batch=max_batch, max_model_len=MAX_MODEL_LEN, engine=KvLayout.slotted)
+    )
     per_tok = kv_bytes_per_token(model)
     rows: list[dict[str, Any]] = []
 
@@ -539,6 +541,10 @@ def print_row(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import inspect
+
+    from model.engine import EngineConfig, KvLayout, fit_max_batch
+
     assert __doc__ is not None  # module docstring is present
     ap = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default=os.environ.get("PAGEMILL_CORPUS", "../shared/corpus/dev"))
@@ -547,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-pages", type=int, default=4, help="pages for one-at-a-time (0: skip)")
     ap.add_argument("--max-batch", type=int, default=0, help="0: as many KV rows as memory allows")
     ap.add_argument(
-        "--headroom-gib", type=float, default=14.0, help="slotted: memory kept free when fitting rows"
+        "--headroom-gib",
+        type=float,
+        default=inspect.signature(fit_max_batch).parameters["headroom_gib"].default,
+        help="slotted: memory kept free when fitting rows",
     )
     ap.add_argument(
         "--kv-headroom-gib",
@@ -555,9 +564,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="paged: memory kept free when fitting the pool (default: EngineConfig's)",
     )
-    ap.add_argument("--sync-every", type=int, default=8)
+    # engine knobs: defaults from their one home, EngineConfig
+    ap.add_argument("--sync-every", type=int, default=EngineConfig.sync_every)
     ap.add_argument(
-        "--admit-min", type=int, default=16, help="admit new pages in groups of this many free rows"
+        "--admit-min",
+        type=int,
+        default=EngineConfig.admit_min,
+        help="admit new pages in groups of this many free rows",
     )
     ap.add_argument(
         "--compare-admit-min",
@@ -572,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--vision-ahead",
         type=int,
-        default=64,
+        default=EngineConfig.vision_ahead,
         help="pages encoded ahead on a second stream, overlapping decode (0: at admission, serialised)",
     )
     ap.add_argument(
@@ -591,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--profile", action="store_true", help="also time/profile single decode steps (slotted)")
     ap.add_argument(
-        "--engine", choices=["paged", "slotted"], default="paged", help="engine of the headline run"
+        "--engine", choices=KvLayout.values(), default=EngineConfig.engine, help="engine of the headline run"
     )
     ap.add_argument(
         "--compare-slotted",

@@ -11,23 +11,41 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.config import DType, ModelName
 from model.engine import EngineConfig
-from model.preprocess import MODES, ImageError, load_image, preprocess_image
+from model.hub import OFFICIAL_HUB_ID
+from model.preprocess import DEFAULT_MODE, MODES, ImageError, ModeName, load_image, preprocess_image
+from model.tokenizer import PromptName
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every choice and default comes from its one home on the model side (the
+    name enums, the mode table, the hub id, the engine config)."""
+    ap = argparse.ArgumentParser(prog="python -m model", description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("image", help="page image file (PNG, JPEG, ...)")
+    ap.add_argument("--model", default=ModelName.deepseek_ocr, choices=ModelName.values())
+    ap.add_argument("--source", default=OFFICIAL_HUB_ID, help="hub id or local checkpoint directory")
+    ap.add_argument("--mode", default=DEFAULT_MODE, choices=ModeName.values())
+    ap.add_argument(
+        "--max-crops",
+        type=int,
+        default=None,
+        help=f"default: the mode's ({DEFAULT_MODE}: {MODES[DEFAULT_MODE].max_crops})",
+    )
+    ap.add_argument("--max-new-tokens", type=int, default=EngineConfig.max_new_tokens)
+    ap.add_argument(
+        "--dtype",
+        default=None,
+        choices=DType.values(),
+        help=f"default: per model ({ModelName.tiny_random}: {ModelName.tiny_random.default_dtype}, "
+        f"else {ModelName.deepseek_ocr.default_dtype})",
+    )
+    ap.add_argument("--prompt", default=PromptName.document, choices=PromptName.values())
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model", description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("image", help="page image file (PNG, JPEG, ...)")
-    ap.add_argument("--model", default="deepseek_ocr", choices=["deepseek_ocr", "tiny_random"])
-    ap.add_argument(
-        "--source", default="deepseek-ai/DeepSeek-OCR", help="hub id or local checkpoint directory"
-    )
-    ap.add_argument("--mode", default="gundam", choices=sorted(MODES))
-    # defaults from their one home: the mode table and the engine config
-    ap.add_argument("--max-crops", type=int, default=None, help="default: the mode's (gundam: 6)")
-    ap.add_argument("--max-new-tokens", type=int, default=EngineConfig.max_new_tokens)
-    ap.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: per model)")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     from model.grounding import parse_grounding
     from model.hub import CheckpointUnavailable
@@ -39,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prep = preprocess_image(img, args.mode, max_crops=args.max_crops)
-    dtype = args.dtype or ("float32" if args.model == "tiny_random" else "bfloat16")
+    name = ModelName(args.model)
+    dtype = args.dtype or name.default_dtype
     try:
-        ocr = PageOcr.load(args.model, args.source, dtype, max_batch=1, max_new_tokens=args.max_new_tokens)
+        ocr = PageOcr.load(
+            name, args.source, dtype, prompt=args.prompt, max_batch=1, max_new_tokens=args.max_new_tokens
+        )
     except CheckpointUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -46,6 +46,11 @@ class ModelName(StrEnum):
     tiny_random = "tiny_random"  # same architecture, tiny widths, synthetic weights (tests, offline)
     full_random = "full_random"  # full size, random weights drawn on the device (GPU benchmarks)
 
+    @property
+    def default_dtype(self) -> DType:
+        """The dtype a run of this model gets when none is named: the tiny model runs on CPU."""
+        return DType.float32 if self is ModelName.tiny_random else DType.bfloat16
+
 
 class DType(StrEnum):
     """Parameter and activation dtype of the model (`torch.<name>`)."""

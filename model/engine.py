@@ -64,6 +64,13 @@ class FinishReason(StrEnum):
     error = "error"  # the request could not run (`Result.error` says why)
 
 
+class KvLayout(StrEnum):
+    """`EngineConfig.engine`: how the KV cache is laid out (see the module docstring)."""
+
+    paged = "paged"  # a pool of fixed-size blocks shared by the rows (default)
+    slotted = "slotted"  # one max_model_len row per sequence (the previous engine, kept to compare)
+
+
 # the device state's codes: 0 = the row is still running (in flight, never on a Result)
 DEVICE_FINISH = {1: FinishReason.stop, 2: FinishReason.length, 3: FinishReason.repetition}
 # paged engine, max_batch=None (auto): row slots; a row costs ~70 KiB of state, the block pool does the limiting
@@ -98,7 +105,7 @@ class EngineConfig:
     # KV layout (issue 13). "paged": a pool of kv_block_size-token blocks shared by max_batch rows,
     # admission limited by free blocks, newest rows preempted (requeued, recomputed) when the pool
     # runs dry. "slotted": one max_model_len row per sequence (the previous engine, kept to compare).
-    engine: str = "paged"
+    engine: KvLayout = KvLayout.paged
     kv_block_size: int = 64
     kv_blocks: int = (
         0  # pool size; 0: fit to free CUDA memory (kv_headroom_gib kept), else max_batch rows' worth
@@ -122,8 +129,9 @@ class EngineConfig:
             raise ValueError("max_batch, sync_every, len_bucket and admit_min must be >= 1")
         if self.ngram_size and self.ngram_window < self.ngram_size:
             raise ValueError("ngram_window must be >= ngram_size")
-        if self.engine not in ("paged", "slotted"):
-            raise ValueError(f"engine must be 'paged' or 'slotted', not {self.engine!r}")
+        if self.engine not in KvLayout.values():
+            raise ValueError(f"engine must be one of {', '.join(KvLayout.values())}, not {self.engine!r}")
+        object.__setattr__(self, "engine", KvLayout(self.engine))  # a plain str from a caller: the member
 
 
 @dataclass
@@ -224,7 +232,7 @@ class Engine:
 
     def _alloc(self, B: int, T: int, dev: torch.device) -> None:
         c, dec = self.cfg, self.model.decoder
-        self.paged = c.engine == "paged"
+        self.paged = c.engine == KvLayout.paged
         if self.paged:
             bs = c.kv_block_size
             per_row = -(-T // bs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+OFFICIAL_HUB_ID = "deepseek-ai/DeepSeek-OCR"  # the official checkpoint (the default source)
 CHECKPOINT_FILES = ("config.json", "*.safetensors", "tokenizer.json", "tokenizer_config.json")
 OFFLINE_HINT = "run offline with the random-weight model: model=tiny_random"
 
@@ -27,7 +28,7 @@ def local_dir(path_or_hub_id: str | Path) -> Path | None:
     if str(path_or_hub_id).startswith(("/", ".", "~")) or path.exists():
         raise CheckpointUnavailable(
             f"checkpoint directory {str(path)!r} does not exist. Point it at a copy of "
-            f"deepseek-ai/DeepSeek-OCR, or {OFFLINE_HINT}"
+            f"{OFFICIAL_HUB_ID}, or {OFFLINE_HINT}"
         )
     return None
 

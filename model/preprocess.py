@@ -10,7 +10,7 @@ resampler (BICUBIC, ``ImageOps.pad``) makes them *pixel-identical* to the refere
 resampler is not; ``shared/parity/README.md``).  ``to_pixel_tensor`` does the float normalisation
 ``(x/255 - 0.5)/0.5`` on whichever side holds the tensors.
 
-Modes are rows of data in ``MODES``.  ``num_image_tokens`` is the single source of truth for the
+Modes are rows of data in ``MODES``, named by ``ModeName``.  ``num_image_tokens`` is the single source of truth for the
 ``<image>`` count; ``preprocess_image`` uses the same ``tile_grid`` / count code.
 
 ``gundam_m`` (1280 global + 1024 tiles) exists only in the paper (Table 1); the official scripts
@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.config import StrEnum
 
 PAD_COLOR = (127, 127, 127)  # tuple(int(0.5 * 255)) — normalises to -1/255, not 0
 PATCHES_PER_QUERY = 64  # SAM patch 16 × two stride-2 convs: one view of side S -> (S/64)^2 queries
@@ -59,16 +61,28 @@ class ModeSpec:
             raise ValueError(f"need 1 <= min_crops <= max_crops, got {self.min_crops}/{self.max_crops}")
 
 
+class ModeName(StrEnum):
+    """The resolution modes (keys of ``MODES``; `mode.name` of the job, `--mode` of `python -m model`)."""
+
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+    large = "large"
+    gundam = "gundam"
+    gundam_m = "gundam_m"
+
+
 MODES: dict[str, ModeSpec] = {
-    "tiny": ModeSpec(512, 512, stretch=True),
-    "small": ModeSpec(640, 640, stretch=True),
-    "base": ModeSpec(1024, 1024),
-    "large": ModeSpec(1280, 1280),
+    ModeName.tiny: ModeSpec(512, 512, stretch=True),
+    ModeName.small: ModeSpec(640, 640, stretch=True),
+    ModeName.base: ModeSpec(1024, 1024),
+    ModeName.large: ModeSpec(1280, 1280),
     # min 2 / max 6 as in the official vLLM PDF pipeline (HF `infer` uses max 9: pass max_crops=9)
-    "gundam": ModeSpec(1024, 640, crop_mode=True, min_crops=2, max_crops=6),
+    ModeName.gundam: ModeSpec(1024, 640, crop_mode=True, min_crops=2, max_crops=6),
     # paper-only (see module docstring): no-tile threshold is "<= tile size" (1024), not 640
-    "gundam_m": ModeSpec(1280, 1024, crop_mode=True, min_crops=2, max_crops=6),
+    ModeName.gundam_m: ModeSpec(1280, 1024, crop_mode=True, min_crops=2, max_crops=6),
 }
+DEFAULT_MODE = ModeName.gundam  # the official PDF pipeline's mode (the job's and the CLI's default)
 
 
 def get_mode(mode: str | ModeSpec, max_crops: int | None = None) -> ModeSpec:

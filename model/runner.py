@@ -27,10 +27,19 @@ import numpy as np
 import torch
 
 from model.config import DType, ModelName, OcrConfig
-from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig, FinishReason, Request, Result, fit_max_batch
+from model.engine import (
+    PAGED_AUTO_ROWS,
+    Engine,
+    EngineConfig,
+    FinishReason,
+    KvLayout,
+    Request,
+    Result,
+    fit_max_batch,
+)
 from model.ocr import OcrModel
 from model.preprocess import to_pixel_tensor
-from model.tokenizer import PROMPTS, OcrTokenizer
+from model.tokenizer import PROMPTS, OcrTokenizer, PromptName
 from model.vision import PageViews
 
 DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
@@ -43,7 +52,7 @@ def default_device() -> torch.device:
 def load_model(
     name: str,
     source: str = "",
-    dtype: str = "bfloat16",
+    dtype: str = DType.bfloat16,
     seed: int = 0,
     device: torch.device | str | None = None,
     revision: str = "",
@@ -138,7 +147,7 @@ class PageOcr:
         model: OcrModel,
         tokenizer: OcrTokenizer,
         engine_cfg: EngineConfig | None = None,
-        prompt: str = "document",
+        prompt: str = PromptName.document,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, engine_cfg)
@@ -153,16 +162,16 @@ class PageOcr:
         cls,
         name: str,
         source: str = "",
-        dtype: str = "bfloat16",
+        dtype: str = DType.bfloat16,
         seed: int = 0,
-        prompt: str = "document",
+        prompt: str = PromptName.document,
         device: str | None = None,
         revision: str = "",
         **engine: Any,
     ) -> PageOcr:
         model, tok = load_model(name, source, dtype, seed, device, revision)
         if not engine.get("max_batch"):  # None (or 0): auto, as many KV rows as the device holds
-            if engine.get("engine", EngineConfig.engine) == "paged":  # rows are cheap; the block pool limits
+            if engine.get("engine", EngineConfig.engine) == KvLayout.paged:  # rows are cheap; the pool limits
                 if model.decoder.embed_tokens.weight.device.type != "cuda":
                     raise ValueError("max_batch=None (fit to the device) needs a CUDA model")
                 engine["max_batch"] = PAGED_AUTO_ROWS

@@ -8,7 +8,7 @@ This module has no Hydra import: `pipeline/run.py` registers the schema in the C
 
 Named choices are str-valued enums (`model.config.StrEnum`): OmegaConf itself rejects a value that
 is not a member, naming the key and the allowed values. The model side owns its names (`ModelName`,
-`DType`, `PromptName`); `Fallback`, `ForceLength` and `Device` are the pipeline's.
+`DType`, `PromptName`, `ModeName`); `Fallback`, `ForceLength` and `Device` are the pipeline's.
 
 `config_hash`: every leaf field says in its metadata whether it changes what a row contains
 (`HASH`: it is hashed) or not (`NO_HASH`: where, how fast, how robustly); a field without a decision
@@ -25,7 +25,8 @@ from typing import Any
 
 from model.config import DType, ModelName, StrEnum
 from model.engine import EngineConfig
-from model.preprocess import MODES
+from model.hub import OFFICIAL_HUB_ID
+from model.preprocess import DEFAULT_MODE, MODES, ModeName
 from model.tokenizer import PromptName
 from pipeline.render import DEFAULT_RENDER, RenderOptions
 
@@ -140,7 +141,7 @@ class OutputConfig:
 class ModelConfig:
     name: ModelName = field(default=ModelName.deepseek_ocr, metadata=HASH)
     # Hugging Face hub id or local directory with config.json + *.safetensors (+ tokenizer.json).
-    source: str = field(default="deepseek-ai/DeepSeek-OCR", metadata=HASH)
+    source: str = field(default=OFFICIAL_HUB_ID, metadata=HASH)
     dtype: DType = field(default=DType.bfloat16, metadata=HASH)
     seed: int = field(default=0, metadata=HASH)  # random-weight models only (tiny_random, full_random)
     # not a setting: the driver resolves it at start (pipeline.provenance) to the hub commit sha,
@@ -157,12 +158,11 @@ class ModelConfig:
 
 @dataclass
 class ModeConfig:
-    name: str = field(default="gundam", metadata=HASH)
+    name: ModeName = field(default=DEFAULT_MODE, metadata=HASH)
     # official PDF pipeline; the HF infer() default is 9
-    max_crops: int = field(default=MODES["gundam"].max_crops, metadata=HASH)
+    max_crops: int = field(default=MODES[DEFAULT_MODE].max_crops, metadata=HASH)
 
     def __post_init__(self) -> None:
-        _check(self.name in MODES, "mode", self.name, " | ".join(MODES))
         _check(2 <= self.max_crops <= 9, "mode.max_crops", self.max_crops, "2..9")
 
 

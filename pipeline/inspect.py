@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from pipeline.outputs import OutputStore, figure_box_px
-from pipeline.schema import Status
+from pipeline.schema import PAGE_SIGNALS, Status
 
 PALETTE = {
     "title": (220, 20, 60),
@@ -160,17 +160,7 @@ def inspect_page(
     return path, row
 
 
-SIGNALS = (
-    "status",
-    "finish_reason",
-    "num_output_tokens",
-    "num_vision_tokens",
-    "num_text_tokens",
-    "compression_ratio",
-    "repetition_score",
-    "text_layer_agreement",
-    "text_layer_chars",
-)
+SIGNALS = ("status", *PAGE_SIGNALS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,13 +24,16 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, TypedDict, cast
 
 import numpy as np
 import pymupdf
 
 from pipeline import forced
 from pipeline.forced import MIN_TEXT_CHARS
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack for **kwargs is 3.12+
 
 __all__ = [
     "DocError",
@@ -41,6 +44,7 @@ __all__ = [
     "probe_document",
     "render_pages",
     "iter_render_pages",
+    "PageProducts",
     "page_ranges",
     "fit_zoom",
     "RenderOptions",
@@ -88,6 +92,17 @@ class RenderOptions:
 
 
 DEFAULT_RENDER = RenderOptions()  # the defaults of every render call (and of the job's RenderConfig)
+
+Output = Literal["array", "png", "both"]
+
+
+class PageProducts(TypedDict, total=False):
+    """What a render call yields for each page besides its size: the keywords `render_pages` and
+    `RenderWorker.render` pass through to `iter_render_pages`, whose signature holds the defaults."""
+
+    output: Output  # "array": RGB pixels, "png": PNG bytes, "both"
+    extract_text: bool  # the page's text layer (PageImage.text / text_chars)
+    count_blocks: bool  # its non-empty text blocks (PageImage.text_blocks, `pipeline.forced`)
 
 
 @dataclass(frozen=True)
@@ -307,7 +322,7 @@ def iter_render_pages(
     page_indices: Sequence[int],
     options: RenderOptions = DEFAULT_RENDER,
     *,
-    output: Literal["array", "png", "both"] = "array",
+    output: Output = "array",
     extract_text: bool = True,
     count_blocks: bool = False,
 ) -> Iterator[PageImage | PageError]:
@@ -376,26 +391,11 @@ def render_pages(
     password: str | None,
     page_indices: Sequence[int],
     options: RenderOptions = DEFAULT_RENDER,
-    *,
-    output: Literal["array", "png", "both"] = "array",
-    extract_text: bool = True,
-    count_blocks: bool = False,
+    **products: Unpack[PageProducts],
 ) -> list[PageImage | PageError]:
-    """Render the requested pages in-process; exactly one result per requested index, in order.
-
-    extract_text=True also returns each page's text layer (PageImage.text / text_chars).
-    """
-    return list(
-        iter_render_pages(
-            data,
-            password,
-            page_indices,
-            options,
-            output=output,
-            extract_text=extract_text,
-            count_blocks=count_blocks,
-        )
-    )
+    """Render the requested pages in-process; exactly one result per requested index, in order
+    (`iter_render_pages`, all at once)."""
+    return list(iter_render_pages(data, password, page_indices, options, **products))
 
 
 def page_ranges(page_count: int, max_pages_per_task: int) -> list[range]:

@@ -29,11 +29,22 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.context import ForkServerContext, SpawnContext
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pipeline import render as _render
 from pipeline.faults import RenderFault, render_fault
-from pipeline.render import DEFAULT_RENDER, DocError, DocInfo, PageError, PageImage, RenderOptions
+from pipeline.render import (
+    DEFAULT_RENDER,
+    DocError,
+    DocInfo,
+    PageError,
+    PageImage,
+    PageProducts,
+    RenderOptions,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack for **kwargs is 3.12+
 
 __all__ = ["RenderWorker", "render_in_subprocess", "probe_in_subprocess"]
 
@@ -220,12 +231,11 @@ class RenderWorker:
         page_indices: Sequence[int],
         options: RenderOptions = DEFAULT_RENDER,
         *,
-        output: Literal["array", "png", "both"] = "array",
-        extract_text: bool = True,
-        count_blocks: bool = False,
         retry_after_failure: bool = True,
+        **products: Unpack[PageProducts],
     ) -> list[PageImage | PageError]:
-        """Render pages in the child: exactly one result per requested index, in request order.
+        """Render pages in the child: exactly one result per requested index, in request order
+        (`products`: what each page yields, as for `pipeline.render.iter_render_pages`).
 
         options.timeout_s bounds the whole call; options.page_timeout_s (optional) bounds each
         page. On a timeout or crash the child is killed and the page being rendered gets a
@@ -240,15 +250,7 @@ class RenderWorker:
             options.max_failures,
         )
         fault = render_fault()
-        opts: dict[str, Any] = dict(
-            data=data,
-            password=password,
-            options=options,
-            output=output,
-            extract_text=extract_text,
-            count_blocks=count_blocks,
-            fault=fault,
-        )
+        opts: dict[str, Any] = dict(data=data, password=password, options=options, fault=fault, **products)
         out: list[PageImage | PageError] = []
         failures = 0
         with self._lock:

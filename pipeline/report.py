@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from pipeline.outputs import OutputStore
 from pipeline.quality import OCR_STATUSES
-from pipeline.schema import STATUSES, Status
+from pipeline.schema import PAGE_SIGNALS, STATUSES, Status
 
 COLUMNS = (
     "doc_id",
@@ -31,14 +31,7 @@ COLUMNS = (
     "page_index",
     "status",
     "error_code",
-    "finish_reason",
-    "num_output_tokens",
-    "num_vision_tokens",
-    "num_text_tokens",
-    "compression_ratio",
-    "repetition_score",
-    "text_layer_agreement",
-    "text_layer_chars",
+    *PAGE_SIGNALS,
     "render_ms",
     "ocr_ms",
     "written_at",

@@ -416,33 +416,26 @@ def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         redact.install_log_filter()
         redact.note_env_paths(dcfg)
-        try:
-            cfg = to_config(dcfg)
-        except ConfigValueError as e:
-            print(f"pagemill: configuration error: {redact.scrub(str(e))}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG)
         from pipeline.cluster import NoGpuError
         from pipeline.lease import LeaseHeld, LeaseLost
         from pipeline.preflight import ModelUnavailable
         from pipeline.sources import InputError
 
+        # an expected failure: one line on stderr (secrets scrubbed) and its exit code
+        failures: list[tuple[type[Exception], str, int]] = [
+            (ConfigValueError, "configuration error: ", EXIT_CONFIG),
+            (NoGpuError, "", EXIT_NO_GPU),
+            (ModelUnavailable, "", EXIT_MODEL),
+            (InputError, "input error: ", EXIT_CONFIG),
+            (LeaseHeld, "", EXIT_LEASE),
+            (LeaseLost, "", EXIT_LEASE),
+        ]
         try:
-            summary = run(cfg)
-        except ConfigValueError as e:
-            print(f"pagemill: configuration error: {redact.scrub(str(e))}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG)
-        except NoGpuError as e:
-            print(f"pagemill: {redact.scrub(str(e))}", file=sys.stderr)
-            sys.exit(EXIT_NO_GPU)
-        except ModelUnavailable as e:
-            print(f"pagemill: {redact.scrub(str(e))}", file=sys.stderr)
-            sys.exit(EXIT_MODEL)
-        except InputError as e:
-            print(f"pagemill: input error: {redact.scrub(str(e))}", file=sys.stderr)
-            sys.exit(EXIT_CONFIG)
-        except (LeaseHeld, LeaseLost) as e:
-            print(f"pagemill: {redact.scrub(str(e))}", file=sys.stderr)
-            sys.exit(EXIT_LEASE)
+            summary = run(to_config(dcfg))
+        except tuple(kind for kind, _, _ in failures) as e:
+            prefix, code = next((p, c) for kind, p, c in failures if isinstance(e, kind))
+            print(f"pagemill: {prefix}{redact.scrub(str(e))}", file=sys.stderr)
+            sys.exit(code)
         if not summary.get("dry_run") and not summary["accounting_ok"]:
             sys.exit(EXIT_ROWS_MISSING)
 

@@ -143,6 +143,17 @@ PAGE_SCHEMA = pa.schema(
 PAGE_SCHEMA = with_hf_features(PAGE_SCHEMA, {"pagemill_schema_version": str(SCHEMA_VERSION)})
 
 COLUMNS = tuple(PAGE_SCHEMA.names)
+# how a page went, in a few numbers: `inspect` prints them, the report charts and lists them
+PAGE_SIGNALS = (
+    "finish_reason",
+    "num_output_tokens",
+    "num_vision_tokens",
+    "num_text_tokens",
+    "compression_ratio",
+    "repetition_score",
+    "text_layer_agreement",
+    "text_layer_chars",
+)
 
 # `figures/`: one row per `image` block with a box, cropped from the rendered page. `name` is the
 # relative reference the page's markdown uses (`![](name)`) and also the image's `path`.

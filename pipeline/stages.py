@@ -80,6 +80,11 @@ def _index(rows: list[int]) -> pa.Array:
     return pa.array(rows, type=pa.int64())
 
 
+def from_result(result: Any, columns: dict[str, str]) -> dict[str, Any]:
+    """A stage's result object as row values: `columns` maps each column to its attribute."""
+    return {column: getattr(result, attr) for column, attr in columns.items()}
+
+
 def lookup_password(passwords: dict[str, str], source_uri: str, doc_id: str) -> str | None:
     """The password of a document: by doc_id (sha256), else by file name (as discovery does)."""
     name = source_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -167,22 +172,20 @@ class RenderStage:
         "_range_start",
         "_range_stop",
     )
-    WRITES = (
-        "page_index",
-        "status",
-        "error_code",
-        "error",
-        "width_pt",
-        "height_pt",
-        "width_px",
-        "height_px",
-        "dpi",
-        "render_ms",
-        "text_layer_chars",
-        "_page_png",
-        "_text_layer",
-        "_text_blocks",
-    )
+    # a rendered page's columns: column -> `pipeline.render.PageImage` attribute
+    FROM_PAGE = {
+        "width_pt": "width_pt",
+        "height_pt": "height_pt",
+        "width_px": "width_px",
+        "height_px": "height_px",
+        "dpi": "dpi",
+        "render_ms": "render_ms",
+        "text_layer_chars": "text_chars",
+        "_page_png": "png",
+        "_text_layer": "text",
+        "_text_blocks": "text_blocks",
+    }
+    WRITES = ("page_index", "status", "error_code", "error", *FROM_PAGE)
 
     def __init__(self, cfg: PipelineConfig):
         from pipeline.render_proc import RenderWorker
@@ -239,18 +242,7 @@ class RenderStage:
                 if isinstance(res, PageError):
                     row.update(status=Status.render_error, error_code=res.code, error=res.message)
                 else:
-                    row.update(
-                        width_pt=res.width_pt,
-                        height_pt=res.height_pt,
-                        width_px=res.width_px,
-                        height_px=res.height_px,
-                        dpi=res.dpi,
-                        render_ms=res.render_ms,
-                        _page_png=res.png,
-                        text_layer_chars=res.text_chars,
-                        _text_layer=res.text,
-                        _text_blocks=res.text_blocks,
-                    )
+                    row.update(from_result(res, self.FROM_PAGE))
                 out.append(row)
             for i in capped:
                 out.append(
@@ -314,19 +306,11 @@ class OcrStage:
     (`generation.force_length`, benchmarks), which end `length` by design."""
 
     READS = ("status", "source_uri", "_page_png", "_text_layer", "_text_blocks")
-    WRITES = (
-        "status",
-        "error_code",
-        "error",
-        "raw_output",
-        "num_output_tokens",
-        "finish_reason",
-        "ocr_ms",
-        "num_vision_tokens",
-        "attempts",
-        "fallback",
-        "_page_png",
-    )
+    # a page's OCR columns: column -> `model.runner.OcrOutput` attribute (the same names)
+    FROM_OUTPUT = {
+        c: c for c in ("raw_output", "num_output_tokens", "finish_reason", "ocr_ms", "num_vision_tokens")
+    }
+    WRITES = ("status", "error_code", "error", *FROM_OUTPUT, "attempts", "fallback", "_page_png")
 
     def __init__(self, cfg: PipelineConfig, registry: str = ""):
         import asyncio
@@ -479,14 +463,7 @@ class OcrStage:
             else:
                 i = by_k[k]
                 res = results[i]
-                vals.update(
-                    raw_output=res.raw_output,
-                    num_output_tokens=res.num_output_tokens,
-                    finish_reason=res.finish_reason,
-                    ocr_ms=res.ocr_ms,
-                    num_vision_tokens=res.num_vision_tokens,
-                    attempts=1,
-                )
+                vals.update(from_result(res, self.FROM_OUTPUT), attempts=1)
                 if self.fallback and i in retry:
                     vals.update(attempts=2, fallback=f"{Fallback.ngram}:{first[i]}->{res.finish_reason}")
                 if res.error:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from model.config import OcrConfig
-from model.engine import Engine, EngineConfig, Request
+from model.engine import Engine, EngineConfig, KvLayout, Request
 from model.generate import greedy_generate
 from model.ocr import OcrModel
 from model.preprocess import preprocess_image
@@ -378,8 +378,18 @@ def test_paged_pool_smaller_than_one_row_is_refused(tiny_model) -> None:
         Engine(tiny_model, EngineConfig(max_batch=2, max_model_len=256, kv_block_size=16, kv_blocks=16))
 
 
-@pytest.mark.parametrize("engine", ["paged", "slotted"])
-def test_both_engines_give_the_same_tokens(tiny_model, requests_, engine: str) -> None:
+def test_engine_layout_is_an_enum() -> None:
+    """`EngineConfig.engine` is a KvLayout member (a caller's plain string becomes the member, so
+    stored configs keep the string); anything else is refused naming the layouts."""
+    assert EngineConfig().engine is KvLayout.paged
+    plain: Any = "slotted"  # as read from json or a command line
+    assert EngineConfig(engine=plain).engine is KvLayout.slotted
+    with pytest.raises(ValueError, match="engine must be one of paged, slotted, not 'pagged'"):
+        EngineConfig(engine=cast(Any, "pagged"))
+
+
+@pytest.mark.parametrize("engine", list(KvLayout))
+def test_both_engines_give_the_same_tokens(tiny_model, requests_, engine: KvLayout) -> None:
     ref = _reference(tiny_model, requests_[:4], 16)
     cfg = EngineConfig(
         max_batch=3,

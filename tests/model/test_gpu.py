@@ -42,7 +42,7 @@ def test_engine_graphs_equal_eager() -> None:
     from PIL import Image
 
     from model.config import OcrConfig
-    from model.engine import Engine, EngineConfig, Request
+    from model.engine import Engine, EngineConfig, KvLayout, Request
     from model.ocr import OcrModel
     from model.preprocess import preprocess_image
     from model.synth import init_random
@@ -61,7 +61,7 @@ def test_engine_graphs_equal_eager() -> None:
         views = PageViews(gv.cuda().bfloat16(), None if tiles is None else tiles.cuda().bfloat16(), prep.grid)
         reqs.append((tok.build_prompt_ids(DEFAULT_PROMPT, prep.num_image_tokens), views))
     res = {}
-    for engine in ("paged", "slotted"):
+    for engine in KvLayout:
         for graphs in (True, False):
             cfg = EngineConfig(
                 max_batch=3,

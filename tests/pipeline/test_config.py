@@ -3,6 +3,7 @@ refusal of a bad value before any work starts; the str-valued enums of the named
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,12 +11,14 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
 
 from model.config import DType, ModelName, StrEnum
-from model.engine import FinishReason
+from model.engine import FinishReason, KvLayout
+from model.preprocess import ModeName
 from model.tokenizer import PROMPTS, PromptName
 from pipeline.config import (
     ConfigValueError,
@@ -119,6 +122,7 @@ def test_schema_validation_without_hydra() -> None:
     [
         ("render.dpi=5", ["render.dpi", "36..600"]),  # a range check (__post_init__)
         ("model.dtype=bogus", ["model.dtype", "[bfloat16, float16, float32]"]),  # OmegaConf: not a member
+        ("mode.name=huge", ["mode.name", "[tiny, small, base, large, gundam, gundam_m]"]),
     ],
 )
 def test_cli_rejects_bad_value_before_any_work(tmp_path: Path, override: str, names: list[str]) -> None:
@@ -207,7 +211,60 @@ def test_generation_defaults_are_the_engine_defaults() -> None:
     assert GenerationConfig().max_batch is None
 
 
-ENUMS = (ModelName, DType, PromptName, FinishReason, Status, Fallback, ForceLength, Device)
+def _parser_of(main: Any, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    """The argparse parser a `main(argv)` builds (caught at parse time; nothing else runs)."""
+    got: list[argparse.ArgumentParser] = []
+
+    class Built(Exception):
+        pass
+
+    def catch(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        got.append(self)
+        raise Built
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(Built):
+        main([])
+    return got[0]
+
+
+def test_command_line_engine_defaults_are_the_engine_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command lines that expose engine knobs (`python -m model`, `jobs.benchmark`) take each
+    default from EngineConfig: an option named like an EngineConfig field defaults to the field's
+    default, or to None / 0 where it means "the engine's" / "fit to the GPU" (max_batch)."""
+    from dataclasses import fields
+
+    import jobs.benchmark
+    import model.__main__
+    from model.engine import EngineConfig
+
+    engine = {f.name: f.default for f in fields(EngineConfig)}
+    seen: set[str] = set()
+    for main in (model.__main__.main, jobs.benchmark.main):
+        for action in _parser_of(main, monkeypatch)._actions:
+            if action.dest not in engine:
+                continue
+            seen.add(action.dest)
+            if action.default is None or (action.dest == "max_batch" and action.default == 0):
+                continue  # "the engine's default" / "as many rows as fit"
+            assert action.default == engine[action.dest], (main.__module__, action.dest)
+            if action.dest == "engine":
+                assert list(action.choices or ()) == list(KvLayout.values())
+    assert seen >= {"max_new_tokens", "sync_every", "admit_min", "vision_ahead", "engine", "kv_headroom_gib"}
+
+
+ENUMS = (
+    ModelName,
+    DType,
+    PromptName,
+    ModeName,
+    KvLayout,
+    FinishReason,
+    Status,
+    Fallback,
+    ForceLength,
+    Device,
+)
 
 
 def test_every_str_enum_is_its_value() -> None:
@@ -240,6 +297,7 @@ def _subclasses(cls: type) -> list[type[Enum]]:
         ("generation.prompt", PromptName),
         ("generation.fallback", Fallback),
         ("generation.force_length", ForceLength),
+        ("mode.name", ModeName),
     ],
 )
 def test_enum_settings_are_validated_by_omegaconf(key: str, enum: type[StrEnum]) -> None:
