@@ -29,11 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from model.engine import EngineConfig
+from model.preprocess import DEFAULT_MODE
 from model.synth import random_model
 from pipeline.render import RenderOptions
 
 PROMPT_TOKENS = 10  # BOS + "\n<|grounding|>Convert the document to markdown." after the image run
-MAX_MODEL_LEN = 8192
+MAX_MODEL_LEN = EngineConfig.max_model_len  # the official max_model_len, as the engine's default
+VISION_BATCH = EngineConfig.vision_batch
 
 
 # ----------------------------------------------------------------------------- pages (CPU)
@@ -59,7 +62,7 @@ def _render_pdf(path: str, options: RenderOptions) -> list[dict[str, Any]]:
             z = options.zoom(page.rect.width, page.rect.height)
             pix = page.get_pixmap(matrix=pymupdf.Matrix(z, z), alpha=False, colorspace=pymupdf.csRGB)
             img = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
-            prep = preprocess_image(img, "gundam", max_crops=6)
+            prep = preprocess_image(img, DEFAULT_MODE)  # Gundam, min 2 / max 6 tiles (the job's default mode)
             prompt_len = prep.num_image_tokens + PROMPT_TOKENS
             out.append(
                 dict(
@@ -453,7 +456,7 @@ def vision_flops(model, page: dict[str, Any]) -> float:
     g = to_pixel_tensor(page["global_view"], "cuda").to(torch.bfloat16)
     t = to_pixel_tensor(page["tiles"], "cuda").to(torch.bfloat16) if page["tiles"] is not None else None
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        model.vision.image_embeddings_batch([PageViews(g, t, page["grid"])], max_batch=32)
+        model.vision.image_embeddings_batch([PageViews(g, t, page["grid"])], max_batch=VISION_BATCH)
     return float(fc.get_total_flops())
 
 
@@ -480,12 +483,12 @@ def vision_bench(model, pages: list[dict[str, Any]], flops_per_page: float, out_
     for pad_v in (False, True):
         sam.PAD_V_ON_CUDA = pad_v
         with torch.inference_mode():
-            model.vision.image_embeddings_batch(group, max_batch=32)
+            model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH)
             torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             for _ in range(3):
-                model.vision.image_embeddings_batch(group, max_batch=32)
+                model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH)
             b.record()
             torch.cuda.synchronize()
         ms = a.elapsed_time(b) / 3 / len(group)
@@ -504,7 +507,7 @@ def vision_bench(model, pages: list[dict[str, Any]], flops_per_page: float, out_
             torch.inference_mode(),
             profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
         ):
-            model.vision.image_embeddings_batch(group, max_batch=32)
+            model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70)
         print(table, flush=True)
