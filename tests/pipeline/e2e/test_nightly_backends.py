@@ -249,8 +249,10 @@ def test_backends_actor_kill_quarantine_force_and_tools(
 
     b = small_backend
     fs, path = b["fs"], b["path"]
-    # ocr_max_retries=1: the killed batch is retried once; quarantine_after=1: one failed run
-    base = [*b["extra"], "ray.ocr_max_retries=1", "quarantine_after=1"]
+    # quarantine_after=1: one failed run; ray.ocr_max_retries (not hashed) is 3 for the actor
+    # kill, 0 for the poisoned runs (one actor death per run instead of four)
+    base = [*b["extra"], "quarantine_after=1"]
+    once = [*base, "ray.ocr_max_retries=0"]
 
     # 1. the OCR actor process dies in its first batch: replaced, every row exactly once
     marker = tmp_path / "ocr-died"
@@ -265,7 +267,7 @@ def test_backends_actor_kill_quarantine_force_and_tools(
     # 2. incremental: a new document whose batch kills the OCR worker on every attempt; only it
     #    is tried, its row is reported missing (exit 4) and the failure noted
     fs.pipe(f"{b['in_path']}/{POISON[1]}", (corpus_dir / POISON[0]).read_bytes())
-    poison = _run(b["src"], b["out"], base, {"PAGEMILL_TEST_OCR_POISON": "poison-"})
+    poison = _run(b["src"], b["out"], once, {"PAGEMILL_TEST_OCR_POISON": "poison-"})
     assert poison.returncode == 4, poison.stderr[-3000:]  # EXIT_ROWS_MISSING
     s2 = _summary(fs, path)
     assert not s2["accounting_ok"] and s2["rows_written"] == 0 and s2["rows_already_final"] == 6
@@ -276,7 +278,7 @@ def test_backends_actor_kill_quarantine_force_and_tools(
 
     # 3. force: every row redone once (the same rows: the model is deterministic), and the failed
     #    document gets its quarantined row instead of another attempt
-    forced = _run(b["src"], b["out"], [*base, "force=true"], {"PAGEMILL_TEST_OCR_POISON": "poison-"})
+    forced = _run(b["src"], b["out"], [*once, "force=true"], {"PAGEMILL_TEST_OCR_POISON": "poison-"})
     assert forced.returncode == 0, forced.stderr[-3000:]
     s3 = _summary(fs, path)
     assert s3["accounting_ok"] and s3["rows_written"] == s3["rows_expected"] == 7
