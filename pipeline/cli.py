@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
+from typing import Any
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -32,6 +34,32 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Hugging Face dataset: clean snapshot + dataset card, uploaded (--repo org/name; --dry-run)",
     ),
 }
+
+
+def add_storage_options(
+    p: argparse.ArgumentParser, flag: str = "--storage-options", of: str = "OUTPUT"
+) -> None:
+    """The tools' `--storage-options JSON` flag: fsspec options of an object store (the same as
+    the job's `output.storage_options` / `input.storage_options`)."""
+    p.add_argument(
+        flag,
+        default="{}",
+        metavar="JSON",
+        help=f'fsspec options of {of}, e.g. \'{{"endpoint_url": "http://…"}}\' (credentials: use the environment)',
+    )
+
+
+def parse_storage_options(
+    p: argparse.ArgumentParser, value: str, flag: str = "--storage-options"
+) -> dict[str, Any]:
+    """The parsed `--storage-options` value; anything but a JSON object is a usage error (exit 2)."""
+    try:
+        opts = json.loads(value)
+        if not isinstance(opts, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        p.error(f"{flag} must be a JSON object ({e})")
+    return opts
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
     python -m pipeline.documents OUTPUT [--config-hash H]        # (re)build documents/ of a run
     python -m pipeline.documents OUTPUT --export DIR [--doc ID]  # DOC.md + figures/*.png files
+    (either with --storage-options JSON: OUTPUT's fsspec options, as the job's output.storage_options)
 
 `assemble_documents` runs at the end of `pipeline.run` on the driver and reads `pages/` with
 pyarrow in two streaming passes, so driver memory is bounded by `budget_mb` of markdown, not by
@@ -37,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.cli import add_storage_options, parse_storage_options
 from pipeline.outputs import MB, OutputStore, split_by_bytes
 from pipeline.schema import DOCUMENT_SCHEMA, PAGE_SCHEMA, PAGE_SEPARATOR, STATUSES, Status
 
@@ -394,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--export", metavar="DIR", help="write DOC_ID.md files and their figures into DIR")
     p.add_argument("--doc", help="with --export: only this document")
+    add_storage_options(p)
     args = p.parse_args(argv)
-    store = OutputStore(args.output)
+    store = OutputStore(args.output, parse_storage_options(p, args.storage_options))
     if args.export:
         for path in export_documents(store, args.export, args.doc):
             print(path)

@@ -1,10 +1,13 @@
 """Look at one page of a run: its image with the layout boxes and labels drawn, and its markdown.
 
     python -m pipeline.inspect OUTPUT --doc DOC_ID --page N [--out PAGE.png] [--max-side 1600]
+        [--storage-options JSON] [--input-storage-options JSON]
 
 DOC_ID may be a unique prefix of the doc_id or the document's file name. The page image is the
 row's `page_image` when the run stored it (`output.include_images=true`); otherwise the page is
 rendered again from `source_uri` at the row's effective dpi (so it has the row's pixel size).
+`--storage-options` are OUTPUT's fsspec options and `--input-storage-options` those of the
+source documents (the job's `output.storage_options` and `input.storage_options`).
 Boxes use the mapping of the crops and of the official scripts (`int(x / 999 * W)`,
 `pipeline.outputs.figure_box_px`) and the official drawing style (spec §5.2: outline width 4 for
 `title`, 2 otherwise, translucent fill, label above the box on a white box), with a fixed colour
@@ -22,6 +25,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from pipeline.cli import add_storage_options, parse_storage_options
 from pipeline.outputs import OutputStore, figure_box_px
 from pipeline.schema import PAGE_SIGNALS, Status
 
@@ -108,8 +112,11 @@ def find_row(store: OutputStore, doc: str, page: int, config_hash: str | None = 
     return max(mine, key=lambda r: r["written_at"].timestamp() if r["written_at"] else 0.0)
 
 
-def page_image(row: dict[str, Any], password: str | None = None) -> Any:
-    """The page as a PIL image of the row's pixel size: stored PNG, else rendered again."""
+def page_image(
+    row: dict[str, Any], password: str | None = None, storage_options: dict[str, Any] | None = None
+) -> Any:
+    """The page as a PIL image of the row's pixel size: stored PNG, else rendered again (from
+    `source_uri`, read with `storage_options`)."""
     from PIL import Image
 
     if row["status"] == Status.doc_error or not row["width_px"]:
@@ -120,7 +127,7 @@ def page_image(row: dict[str, Any], password: str | None = None) -> Any:
     from pipeline.render import PageError, RenderOptions, render_pages
     from pipeline.sources import read_document
 
-    data = read_document(row["source_uri"])
+    data = read_document(row["source_uri"], storage_options)
     (res,) = render_pages(
         data,
         password,
@@ -147,11 +154,14 @@ def inspect_page(
     labels: bool = True,
     password: str | None = None,
     config_hash: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    input_storage_options: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """Write the annotated page PNG; returns (its path, the row)."""
-    store = OutputStore(output)
+    """Write the annotated page PNG; returns (its path, the row). `storage_options`: OUTPUT's
+    fsspec options; `input_storage_options`: those of the row's `source_uri`."""
+    store = OutputStore(output, storage_options, create=False)
     row = find_row(store, doc, page, config_hash)
-    img = draw_layout(page_image(row, password), row["layout"], labels=labels)
+    img = draw_layout(page_image(row, password, input_storage_options), row["layout"], labels=labels)
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
@@ -176,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-labels", action="store_true", help="boxes only")
     p.add_argument("--password", help="user password, to re-render an encrypted document")
     p.add_argument("--config-hash", help="which configuration's row (default: the last run's)")
+    add_storage_options(p)
+    add_storage_options(p, "--input-storage-options", "the source documents (to render the page again)")
     args = p.parse_args(argv)
+    so = parse_storage_options(p, args.storage_options)
+    input_so = parse_storage_options(p, args.input_storage_options, "--input-storage-options")
     try:
         path, row = inspect_page(
             args.output,
@@ -187,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             labels=not args.no_labels,
             password=args.password,
             config_hash=args.config_hash,
+            storage_options=so,
+            input_storage_options=input_so,
         )
     except InspectError as e:
         print(f"pagemill inspect: {e}", file=sys.stderr)

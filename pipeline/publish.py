@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cli import add_storage_options, parse_storage_options
 from pipeline.outputs import OutputStore
 
 KINDS = ("pages", "figures", "documents")
@@ -405,23 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-hash", default=None, help="publish only this configuration (default: all)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--license", default=None, help="license id for the card (e.g. cc-by-4.0)")
-    p.add_argument(
-        "--storage-options",
-        default="{}",
-        metavar="JSON",
-        help='fsspec options of OUTPUT, e.g. \'{"endpoint_url": "http://…"}\' (credentials: use the environment)',
-    )
+    add_storage_options(p)
     a = p.parse_args(argv)
     if not (a.snapshot_only or a.dry_run or a.repo):
         p.error("give --repo org/name (or --snapshot-only DIR / --dry-run)")
     if a.repo and a.repo.count("/") != 1:
         p.error(f"--repo must be org/name, not {a.repo!r}")
-    try:
-        storage_options = json.loads(a.storage_options)
-        if not isinstance(storage_options, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        p.error(f"--storage-options must be a JSON object ({e})")
+    so = parse_storage_options(p, a.storage_options)
     tmp = None
     dest = a.snapshot_only or a.snapshot_dir
     if dest is None:
@@ -432,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             a.output,
             dest,
             config_hash=a.config_hash,
-            storage_options=storage_options,
+            storage_options=so,
             repo=a.repo,
             license=a.license,
         )

@@ -1,12 +1,14 @@
 """A report of a run: HTML with PNG plots (matplotlib, Agg backend: no display needed).
 
-    python -m pipeline.report OUTPUT [--out DIR] [--worst 20] [--config-hash H|all]
+    python -m pipeline.report OUTPUT [--out DIR] [--worst 20] [--config-hash H|all] [--storage-options JSON]
 
 Writes `index.html` and `status.png`, `throughput.png`, `tokens.png`, `compression.png`,
 `agreement.png` into DIR (default `<OUTPUT>/_report/`, any fsspec URI): pages by status,
 throughput over time (from `written_at`), output-token and compression-ratio distributions,
 text-layer agreement with the worst pages listed (each with its `pipeline.inspect` command).
-Reads `pages/` (only the small columns) and, when present, `_summary.json`.
+Reads `pages/` (only the small columns) and, when present, `_summary.json`. `--storage-options`
+are OUTPUT's fsspec options (as the job's `output.storage_options`); DIR gets them too when it is
+on the same kind of store.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from pipeline.cli import add_storage_options, parse_storage_options
 from pipeline.outputs import OutputStore
 from pipeline.quality import OCR_STATUSES
 from pipeline.schema import PAGE_SIGNALS, STATUSES, Status
@@ -310,20 +313,32 @@ code{{font-size:12px}}</style></head><body>
 
 
 def write_report(
-    output: str, out: str | None = None, *, worst: int = 20, config_hash: str | None = None
+    output: str,
+    out: str | None = None,
+    *,
+    worst: int = 20,
+    config_hash: str | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> str:
     """Write the report; returns the path of index.html. `config_hash`: None = the last run's
-    configuration (from _summary.json, else every row), "all" = every row."""
+    configuration (from _summary.json, else every row), "all" = every row. `storage_options`:
+    OUTPUT's fsspec options, also used for `out` when it has OUTPUT's protocol."""
+    import fsspec
+
     from pipeline.documents import last_config_hash
 
-    store = OutputStore(output)
+    store = OutputStore(output, storage_options, create=False)
     summary = None
     if store.fs.exists(store.join("_summary.json")):
         with store.fs.open(store.join("_summary.json"), "rb") as f:
             summary = json.load(f)
     chosen = None if config_hash == "all" else (config_hash or last_config_hash(store))
     rows = load_rows(store, chosen)
-    dest = OutputStore(out) if out else OutputStore(store.uri.rstrip("/") + "/_report", store.storage_options)
+    if out is None:
+        dest = OutputStore(store.uri.rstrip("/") + "/_report", store.storage_options)
+    else:
+        same = fsspec.core.split_protocol(out)[0] == fsspec.core.split_protocol(output)[0]
+        dest = OutputStore(out, store.storage_options if same else None)
     plots = {
         "status": plot_status,
         "throughput": plot_throughput,
@@ -347,9 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--config-hash", help="configuration to report (default: the last run's; 'all': every row)"
     )
+    add_storage_options(p)
     args = p.parse_args(argv)
+    so = parse_storage_options(p, args.storage_options)
     try:
-        path = write_report(args.output, args.out, worst=args.worst, config_hash=args.config_hash)
+        path = write_report(
+            args.output, args.out, worst=args.worst, config_hash=args.config_hash, storage_options=so
+        )
     except ReportError as e:
         print(f"pagemill report: {e}", file=sys.stderr)
         return 2
