@@ -632,7 +632,9 @@ class WriteStage:
             ids, pages = batch.column("doc_id").to_pylist(), batch.column("page_index").to_pylist()
             # True: the row keeps what it has (an image already, no PNG, or a doc_error row)
             keep = [old[i].is_valid or not png[i].is_valid or pages[i] < 0 for i in range(n)]
-            paths = pa.array([None if k else page_image_name(ids[i], pages[i]) for i, k in enumerate(keep)])
+            paths = pa.array(
+                [None if k else page_image_name(ids[i], pages[i]) for i, k in enumerate(keep)], pa.string()
+            )
             made = pa.StructArray.from_arrays([png, paths], fields=list(IMAGE), mask=pa.array(keep))
             # the PNG bytes stay in Arrow buffers; pyarrow.compute functions are generated at import
             merged = pc.if_else(pa.array(keep), old, made)  # pyright: ignore[reportAttributeAccessIssue]
