@@ -239,6 +239,13 @@ def _scan(store: Any, sub: str) -> tuple[pa.Table, list[tuple[str, float | None]
     names: list[str] = []
     versions: list[str | None] = []
     temps: list[tuple[str, float | None]] = []
+    chunks: list[pa.Table] = []
+
+    def flush() -> None:  # into Arrow every 64k entries: the Python strings never pile up
+        chunks.append(pa.table({"name": pa.array(names, pa.string()), "version": pa.array(versions, pa.string())}))
+        names.clear()
+        versions.clear()
+
     if store.posix:
         try:
             it = os.scandir(path)
@@ -259,6 +266,8 @@ def _scan(store: Any, sub: str) -> tuple[pa.Table, list[tuple[str, float | None]
                 else:  # the same text as stat_stamp gives for fsspec's local `info`
                     names.append(n)
                     versions.append(f"{st.st_size}:mtime:{float(st.st_mtime)!r}:ino:{st.st_ino}")
+                    if len(names) >= 1 << 16:
+                        flush()
     else:
         store.fs.invalidate_cache(path)
         if not store.fs.exists(path):
@@ -272,8 +281,8 @@ def _scan(store: Any, sub: str) -> tuple[pa.Table, list[tuple[str, float | None]
                 stamp = stat_stamp(info)
                 names.append(n)
                 versions.append(None if stamp is None else f"{info.get('size')}:{stamp}")
-    t = pa.table({"name": pa.array(names, pa.string()), "version": pa.array(versions, pa.string())})
-    return t.sort_by("name"), temps
+    flush()
+    return pa.concat_tables(chunks).combine_chunks().sort_by("name"), temps
 
 
 def _names(store: Any, sub: str) -> dict[str, str]:
@@ -297,17 +306,24 @@ def _part_scans(store: Any) -> dict[str, tuple[pa.Table, list[tuple[str, float |
     return {PAGES_DIR: _scan(store, PAGES_DIR), LEDGER_DIR: _scan(store, LEDGER_DIR)}
 
 
-def _read_snapshot(store: Any) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
-    """The newest readable ledger snapshot, as SNAP_SCHEMA rows (one per covered part). A format-1
-    snapshot (rows plus a JSON manifest in the footer) is converted; an unreadable one is skipped
-    (the parts it covered are then read one by one)."""
+SNAP_VERSIONS = ["file", "pages_version", "ledger_version"]
+SNAP_RUNS = ["file", "doc_id", "page_index", "page_stop", "config_hash", "status"]
+
+
+def _read_snapshot(store: Any, columns: list[str] | None = None) -> tuple[pa.Table, str | None]:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
+    """The newest readable ledger snapshot, as SNAP_SCHEMA rows (one per covered part; only
+    `columns` of a format-2 one), and its path (None: none, or a converted format-1 one, which
+    is returned whole). A format-1 snapshot (rows plus a JSON manifest in the footer) is
+    converted; an unreadable one is skipped (the parts it covered are then read one by one)."""
     for name in sorted(_names(store, SNAPSHOT_DIR), reverse=True):
         path = store.join(SNAPSHOT_DIR, name)
         try:
-            t = pq.read_table(path, filesystem=store.fs)
-            meta = t.schema.metadata or {}
+            meta = pq.read_schema(path, filesystem=store.fs).metadata or {}
             if meta.get(SNAPSHOT_FORMAT_KEY) == SNAPSHOT_FORMAT:
-                return t.select(SNAP_SCHEMA.names).cast(SNAP_SCHEMA)
+                t = pq.read_table(path, filesystem=store.fs, columns=columns or SNAP_SCHEMA.names)
+                want = pa.schema([SNAP_SCHEMA.field(c) for c in columns or SNAP_SCHEMA.names])
+                return t.select(want.names).cast(want), path
+            t = pq.read_table(path, filesystem=store.fs)
             manifest = json.loads(meta[MANIFEST_KEY])  # format 1
             rows = t.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
             versions = pa.table(
@@ -317,10 +333,22 @@ def _read_snapshot(store: Any) -> pa.Table:  # pyright: ignore[reportUnknownPara
                     "ledger_version": pa.array([v[1] for v in manifest.values()], pa.string()),
                 }
             )
-            return _snapshot_parts(runs_from_rows(rows, with_config=True), versions)
+            return _snapshot_parts(runs_from_rows(rows, with_config=True), versions), None
         except Exception as e:
             log.warning("ledger: skipping unreadable snapshot %s (%s: %s)", name, type(e).__name__, e)
-    return SNAP_SCHEMA.empty_table()
+    return SNAP_SCHEMA.empty_table(), None
+
+
+def _snapshot_rows(store: Any, snap: pa.Table, path: str | None, unchanged: pa.Array) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
+    """The snapshot rows (with their runs) of the `unchanged` parts: read now from `path` when
+    `snap` holds only the versions (the load reads the runs after the versions were compared)."""
+    if len(unchanged) == 0:
+        return SNAP_SCHEMA.empty_table()
+    if path is not None and "doc_id" not in snap.column_names:
+        snap = pq.read_table(path, filesystem=store.fs, columns=SNAP_RUNS)
+    if len(unchanged) == snap.num_rows:  # the usual case: every covered part is as it was
+        return snap
+    return snap.filter(_is_in(snap.column("file"), unchanged))
 
 
 def _snapshot_parts(runs: pa.Table, versions: pa.Table) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
@@ -375,25 +403,27 @@ def _snapshot_runs(parts: pa.Table, config_hash: str | None = None) -> pa.Table:
     )
     if config_hash is None:
         return t.select([*RUNS_SCHEMA.names, "config_hash"])
-    return t.filter(pc.equal(flat_cfg, config_hash)).select(RUNS_SCHEMA.names)  # pyright: ignore[reportAttributeAccessIssue]
+    mine = pc.equal(flat_cfg, config_hash)  # pyright: ignore[reportAttributeAccessIssue]
+    if pc.all(mine).as_py():  # pyright: ignore[reportAttributeAccessIssue]  # one configuration: no copy
+        return t.select(RUNS_SCHEMA.names)
+    return t.filter(mine).select(RUNS_SCHEMA.names)
 
 
 def _unchanged(snap: pa.Table, pages: pa.Table, entries: pa.Table) -> pa.Array:  # pyright: ignore[reportUnknownParameterType]  # pa.Array untyped
     """Files (pages/…) of the parts whose pages and ledger files are exactly as the snapshot saw
-    them (consistent then): an Arrow join of the two listings with the snapshot's versions."""
+    them (consistent then): each snapshot part is looked up in the two listings (`index_in`, one
+    hash table per listing) and its versions compared; no join, no per-part Python object."""
     if snap.num_rows == 0 or pages.num_rows == 0:
         return pa.array([], pa.string())
-    both = pages.rename_columns(["name", "pv"]).join(
-        entries.rename_columns(["name", "lv"]), "name", join_type="inner"
-    )
-    both = both.append_column("file", pc.binary_join_element_wise(f"{PAGES_DIR}/", both.column("name"), ""))  # pyright: ignore[reportAttributeAccessIssue]
-    seen = snap.select(["file", "pages_version", "ledger_version"])
-    j = both.join(seen, "file", join_type="inner")
-    ok = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]
-        pc.equal(j.column("pv"), j.column("pages_version")),  # pyright: ignore[reportAttributeAccessIssue]
-        pc.equal(j.column("lv"), j.column("ledger_version")),  # pyright: ignore[reportAttributeAccessIssue]
-    )
-    return j.filter(pc.fill_null(ok, False)).column("file").combine_chunks()  # pyright: ignore[reportAttributeAccessIssue]
+    files = snap.column("file").combine_chunks()
+    names = pc.utf8_slice_codeunits(files, len(PAGES_DIR) + 1)  # pyright: ignore[reportAttributeAccessIssue]
+    ok = None
+    for listing, col in ((pages, "pages_version"), (entries, "ledger_version")):
+        at = pc.index_in(names, value_set=listing.column("name"))  # pyright: ignore[reportAttributeAccessIssue]
+        now = pc.take(listing.column("version"), at)  # pyright: ignore[reportAttributeAccessIssue]
+        same = pc.fill_null(pc.equal(now, snap.column(col)), False)  # pyright: ignore[reportAttributeAccessIssue]
+        ok = same if ok is None else pc.and_(ok, same)  # pyright: ignore[reportAttributeAccessIssue]
+    return pc.filter(files, ok)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def _not_in(names: pa.Array, others: pa.Array) -> list[str]:  # pyright: ignore[reportUnknownParameterType]  # pa.Array untyped
@@ -517,7 +547,7 @@ class Ledger:
             pages.column("name").combine_chunks(),
             entries.column("name").combine_chunks(),
         )
-        snap = _read_snapshot(store)
+        snap, snap_path = _read_snapshot(store, SNAP_VERSIONS)  # the runs are read below
         unchanged = _unchanged(snap, pages, entries)  # no footer read for these
         led = cls(config_hash)
         stale = set(_not_in(entry_names, page_names))  # rows gone: they must be redone
@@ -566,8 +596,11 @@ class Ledger:
         if reindexed:
             parts = pa.concat_tables([parts, *reindexed])
         parts = parts.filter(pc.equal(parts.column("config_hash"), config_hash))  # pyright: ignore[reportAttributeAccessIssue]
-        keep = snap.filter(_is_in(snap.column("file"), unchanged))
+        keep = _snapshot_rows(store, snap, snap_path, unchanged)
+        del snap
         led.runs = pa.concat_tables([_snapshot_runs(keep, config_hash), runs_from_rows(parts)])
+        del keep
+        pa.default_memory_pool().release_unused()  # the snapshot's buffers: back to the OS
         led.from_snapshot = len(unchanged)
         dup = _first_overlap(led.runs)
         if dup is not None:  # cannot happen through this code; never hide it
@@ -595,7 +628,7 @@ class Ledger:
         rerun touches no file)."""
         scanned = _part_scans(store)
         pages, entries = scanned[PAGES_DIR][0], scanned[LEDGER_DIR][0]
-        snap = _read_snapshot(store)
+        snap, _ = _read_snapshot(store)
         unchanged = _unchanged(snap, pages, entries)
         unchanged_names = pc.utf8_slice_codeunits(unchanged, len(PAGES_DIR) + 1)  # pyright: ignore[reportAttributeAccessIssue]
         both = pages.rename_columns(["name", "pv"]).join(
@@ -613,7 +646,7 @@ class Ledger:
             ok = [n for n, good in zip(fresh, pool.map(consistent, fresh)) if good]
         if not ok and len(unchanged) == snap.num_rows:  # nothing committed, rewritten or removed since
             return None
-        keep = snap.filter(_is_in(snap.column("file"), unchanged))
+        keep = _snapshot_rows(store, snap, None, unchanged)
         fresh_rows = _read_ledger_parts(store, [store.join(LEDGER_DIR, n) for n in ok])
         okt = both.filter(_is_in(both.column("name"), pa.array(ok, pa.string())))
         versions = pa.table(
