@@ -15,7 +15,8 @@
 4. The measured rerun: the same command as step 2 over all N+1 inputs, with the recorder on. It
    reports the job's wall time (process start to exit, Ray start-up included), the driver's own
    `wall_time_s`, the input GETs (requests for one input object, method GET) and all requests by
-   method and prefix. JSON on stdout.
+   method and prefix ("input"/"output": requests under a bucket's keys; "other": requests on a
+   bucket itself, i.e. the listings of both buckets). JSON on stdout.
 """
 
 from __future__ import annotations
