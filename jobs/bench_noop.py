@@ -112,7 +112,13 @@ def main() -> None:
             except Exception:
                 time.sleep(0.2)
         so = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-        fs = s3fs.S3FileSystem(**so, skip_instance_cache=True, use_listings_cache=False)
+        fs: Any = s3fs.S3FileSystem(
+            endpoint_url=endpoint,
+            key="testing",
+            secret="testing",
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
         fs.mkdir("bench-in")
         fs.mkdir("bench-out")
         src, out = "s3://bench-in/in", "s3://bench-out/out"
