@@ -21,35 +21,63 @@ CATEGORIES = ("new", "changed", "partial", "done")
 RUNS_DIR = "_runs"
 
 
-def classify(
-    docs: list[dict[str, Any]], done: set[tuple[str, int]], known_sources: set[tuple[str, str]]
-) -> dict[str, dict[str, int]]:
+def classify(docs: list[dict[str, Any]], done: Any, known_sources: Any) -> dict[str, dict[str, int]]:
     """Documents (distinct doc_ids) and rows per category. A document is `done` when all its rows
     are final, `partial` when some are, `changed` when none are and one of its paths was seen
-    before with other bytes (another doc_id), else `new`."""
-    ids_by_uri: dict[str, set[str]] = {}
-    for d, u in known_sources:
-        ids_by_uri.setdefault(u, set()).add(d)
-    uris: dict[str, list[str]] = {}
+    before with other bytes (another doc_id), else `new`. `done`: the ledger, its runs or a key
+    set; `known_sources`: a (doc_id, source_uri) table or set. Matched in Arrow (no key set)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.ledger import SOURCES_SCHEMA
+    from pipeline.plan import DOCS_SCHEMA, _as_runs, _clip, covered
+
+    if not isinstance(known_sources, pa.Table):
+        ks = sorted(known_sources)
+        known_sources = pa.table(
+            {"doc_id": [d for d, _ in ks], "source_uri": [u for _, u in ks]}, schema=SOURCES_SCHEMA
+        )
     first: dict[str, dict[str, Any]] = {}
     for d in docs:
-        uris.setdefault(d["doc_id"], []).append(d["source_uri"])
         first.setdefault(d["doc_id"], d)
+    uniq = list(first.values())
+    err = [bool(d["error_code"]) for d in uniq]
+    n = [int(d["page_count"] or 0) for d in uniq]
+    doc_t = pa.table(
+        {
+            "doc_id": pa.array([d["doc_id"] for d in uniq], pa.string()),
+            "page_count": pa.array(n, pa.int32()),
+            "is_error": pa.array(err, pa.bool_()),
+            "expected": pa.array([1 if e else c for e, c in zip(err, n)], pa.int64()),
+            "done": pa.array([0] * len(uniq), pa.int64()),
+        },
+        schema=DOCS_SCHEMA,
+    )
+    cov, _ = covered(_clip(_as_runs(done), doc_t))
+    at = pc.index_in(doc_t.column("doc_id"), value_set=cov.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
+    n_done = pc.fill_null(pc.take(cov.column("pages"), at), 0).to_pylist()  # pyright: ignore[reportAttributeAccessIssue]
+    inputs = pa.table(
+        {"doc_id": [d["doc_id"] for d in docs], "source_uri": [d["source_uri"] for d in docs]},
+        schema=SOURCES_SCHEMA,
+    )
+    seen = known_sources.select(SOURCES_SCHEMA.names).rename_columns(["seen_id", "source_uri"])
+    j = inputs.join(seen, "source_uri", join_type="inner")
+    other = j.filter(pc.not_equal(j.column("doc_id"), j.column("seen_id")))  # pyright: ignore[reportAttributeAccessIssue]
+    changed = set(other.column("doc_id").to_pylist())
     out = {c: {"documents": 0, "pages": 0, "rows": 0} for c in CATEGORIES}
-    for doc_id, d in first.items():
-        keys = [(doc_id, -1)] if d["error_code"] else [(doc_id, i) for i in range(d["page_count"])]
-        n_done = sum(1 for k in keys if k in done)
-        if n_done == len(keys):
-            cat, rows = "done", keys
-        elif n_done:
-            cat, rows = "partial", [k for k in keys if k not in done]
-        elif any(ids_by_uri.get(u, set()) - {doc_id} for u in uris[doc_id]):
-            cat, rows = "changed", keys
+    for d, e, c, x in zip(uniq, err, n, n_done):
+        rows = 1 if e else c
+        if x >= rows:
+            cat, left = "done", rows
+        elif x:
+            cat, left = "partial", rows - x
+        elif d["doc_id"] in changed:
+            cat, left = "changed", rows
         else:
-            cat, rows = "new", keys
+            cat, left = "new", rows
         out[cat]["documents"] += 1
-        out[cat]["rows"] += len(rows)
-        out[cat]["pages"] += sum(1 for _, i in rows if i >= 0)
+        out[cat]["rows"] += left
+        out[cat]["pages"] += 0 if e else left
     return out
 
 
@@ -96,11 +124,11 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
 
     store = OutputStore(cfg.output.uri, cfg.output.storage_options, create=False)
     ledger = Ledger.load(store, cfg.config_hash(), read_only=True)
-    done = set() if cfg.force else ledger.done  # force: every row of this input is redone
+    done = None if cfg.force else ledger  # force: every row of this input is redone
     docs = discover(cfg)
     plan = plan_pages(cfg, docs, done, ledger.failures)
-    cats = classify(docs, done, ledger.sources)
-    todo = plan.expected_rows - len(plan.done_keys)
+    cats = classify(docs, done, ledger.source_pairs)
+    todo = plan.expected_rows - plan.already_final
     result: dict[str, Any] = {
         "dry_run": True,
         "output_uri": store.root,
@@ -110,7 +138,7 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
         "documents_quarantined": plan.quarantined,
         "documents_with_errors": sum(1 for d in docs if d["error_code"]),
         "rows_expected": plan.expected_rows,
-        "rows_already_final": len(plan.done_keys),
+        "rows_already_final": plan.already_final,
         "rows_to_do": todo,
         "pages_to_do": sum(cats[c]["pages"] for c in ("new", "changed", "partial")),
         "by_category": cats,

@@ -7,24 +7,79 @@ and `quarantined` rows) and the full set of keys the run must account for.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
+import pyarrow.compute as pc  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
+
 from model.config import ModelName
 from pipeline.config import PipelineConfig
+from pipeline.ledger import RUNS_SCHEMA, SOURCES_SCHEMA, covered, expand_runs, runs_from_keys
 from pipeline.schema import Status
+
+Key = tuple[str, int]
+DOCS_SCHEMA = pa.schema(  # one row per distinct doc_id of the input
+    [
+        pa.field("doc_id", pa.string()),
+        pa.field("page_count", pa.int32()),
+        pa.field("is_error", pa.bool_()),  # a doc_error document: its one row is page_index -1
+        pa.field("expected", pa.int64()),  # rows it must have
+        pa.field("done", pa.int64()),  # of them already final
+    ]
+)
 
 
 @dataclass
 class Plan:
+    """What a run must produce. The keys stay in Arrow: `docs` (DOCS_SCHEMA) and `done`, the
+    ledger's runs clipped to this input's expected rows; `expected_keys`, `done_keys` and
+    `sources` are Python views for tests and small inputs, never used by the driver."""
+
     tasks: list[dict[str, Any]]  # page-range rows and doc_error rows still to produce
-    expected_keys: set[tuple[str, int]] = field(default_factory=set)  # every row of these inputs
     expected_rows: int = 0
     doc_error_rows: int = 0
-    done_keys: set[tuple[str, int]] = field(default_factory=set)  # already final in the ledger
+    already_final: int = 0  # rows of these inputs already final in the ledger
     duplicates: int = 0  # documents whose bytes were already seen under another path
     quarantined: int = 0  # documents given `quarantined` rows instead of another attempt
-    sources: set[tuple[str, str]] = field(default_factory=set)  # every (doc_id, source_uri)
+    docs: pa.Table = field(default_factory=DOCS_SCHEMA.empty_table)  # pyright: ignore[reportUnknownVariableType]
+    done: pa.Table = field(default_factory=RUNS_SCHEMA.empty_table)  # pyright: ignore[reportUnknownVariableType]
+    source_pairs: pa.Table = field(default_factory=SOURCES_SCHEMA.empty_table)  # pyright: ignore[reportUnknownVariableType]
+    done_by_status: Counter[str] = field(default_factory=Counter)  # the already final rows by status
+
+    @property
+    def expected_keys(self) -> set[Key]:
+        ids, n, err = (self.docs.column(c).to_pylist() for c in ("doc_id", "page_count", "is_error"))
+        return {(d, i) for d, c, e in zip(ids, n, err) for i in ([-1] if e else range(c))}
+
+    @property
+    def done_keys(self) -> set[Key]:
+        return {(d, i) for d, i, _, _ in expand_runs(self.done)}
+
+    @property
+    def sources(self) -> set[tuple[str, str]]:
+        t = self.source_pairs
+        return set(zip(t.column("doc_id").to_pylist(), t.column("source_uri").to_pylist()))
+
+    def files_of(self, doc_ids: set[str]) -> set[str]:
+        """The committed parts holding already final rows of `doc_ids`."""
+        d = self.done
+        hit = d.filter(pc.is_in(d.column("doc_id"), value_set=pa.array(sorted(doc_ids), pa.string())))  # pyright: ignore[reportAttributeAccessIssue]
+        return set(pc.unique(hit.column("file")).to_pylist())  # pyright: ignore[reportAttributeAccessIssue]
+
+    def account(self, written: pa.Table) -> tuple[int, dict[str, int]]:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
+        """After the run: (distinct rows written, {doc_id: rows still missing}) from the runs
+        (RUNS_SCHEMA) the run's receipts made. A row counts once however often it was written."""
+        n_written = int(pc.sum(covered(written)[0].column("pages")).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
+        final, _ = covered(pa.concat_tables([self.done, _clip(written, self.docs)]))
+        docs = self.docs
+        got = pc.index_in(docs.column("doc_id"), value_set=final.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
+        have = pc.fill_null(pc.take(final.column("pages"), got), 0)  # pyright: ignore[reportAttributeAccessIssue]
+        short = pc.subtract(docs.column("expected"), have)  # pyright: ignore[reportAttributeAccessIssue]
+        mask = pc.greater(short, 0)  # pyright: ignore[reportAttributeAccessIssue]
+        ids = docs.column("doc_id").filter(mask).to_pylist()
+        return n_written, dict(zip(ids, short.filter(mask).to_pylist()))
 
 
 def _missing_ranges(missing: list[int], per_task: int) -> list[range]:
@@ -38,31 +93,111 @@ def _missing_ranges(missing: list[int], per_task: int) -> list[range]:
     return out
 
 
+def _cut(start: int, stop: int, per_task: int) -> list[range]:
+    return [range(a, min(a + per_task, stop)) for a in range(start, stop, per_task)]
+
+
+def _clip(runs: pa.Table, docs: pa.Table) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
+    """The part of `runs` that are expected rows of `docs`: pages [0, page_count) of a readable
+    document, page -1 of a doc_error one (a run of another input or page range is dropped)."""
+    import numpy as np
+
+    if runs.num_rows == 0 or docs.num_rows == 0:
+        return RUNS_SCHEMA.empty_table()
+    r = runs.filter(pc.is_in(runs.column("doc_id"), value_set=docs.column("doc_id")))  # pyright: ignore[reportAttributeAccessIssue]
+    if r.num_rows == 0:
+        return RUNS_SCHEMA.empty_table()
+    at = pc.index_in(r.column("doc_id"), value_set=docs.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
+    n = docs.column("page_count").take(at).to_numpy().astype(np.int64)
+    err = docs.column("is_error").take(at).to_numpy(zero_copy_only=False)
+    s = r.column("page_index").to_numpy().astype(np.int64)
+    e = r.column("page_stop").to_numpy().astype(np.int64)
+    lo, hi = np.where(err, -1, 0), np.where(err, 0, n)
+    s2, e2 = np.maximum(s, lo), np.minimum(e, hi)
+    keep = e2 > s2
+    out = pa.table(
+        {
+            "doc_id": r.column("doc_id"),
+            "page_index": pa.array(s2, pa.int32()),
+            "page_stop": pa.array(e2, pa.int32()),
+            "status": r.column("status"),
+            "file": r.column("file"),
+        },
+        schema=RUNS_SCHEMA,
+    )
+    return out.filter(pa.array(keep))
+
+
+def _as_runs(done: Any) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
+    if done is None:
+        return RUNS_SCHEMA.empty_table()
+    if isinstance(done, (set, frozenset, list)):
+        return runs_from_keys(set(done))  # pyright: ignore[reportUnknownArgumentType]
+    if isinstance(done, pa.Table):
+        return done
+    return done.runs  # a Ledger
+
+
 def plan_pages(
     cfg: PipelineConfig,
     docs: list[dict[str, Any]],
-    done: set[tuple[str, int]] | None = None,
+    done: Any = None,
     failures: dict[str, list[str]] | None = None,
 ) -> Plan:
-    """Work items for the rows not yet final (`done` keys from the ledger are skipped), page
-    ranges of at most `render.pages_per_task`; each distinct doc_id is planned once. A document
-    that failed in `quarantine_after` earlier runs gets `quarantined` error rows instead."""
-    done, failures = done or set(), failures or {}
+    """Work items for the rows not yet final, page ranges of at most `render.pages_per_task`;
+    each distinct doc_id is planned once. `done`: the ledger (or its runs, or a key set) whose
+    final rows are skipped. A document that failed in `quarantine_after` earlier runs gets
+    `quarantined` error rows instead.
+
+    Per document: page count minus the done ranges. The done runs are matched to the input in
+    Arrow (`_clip`, `covered`): only partly done documents have their done ranges looked at in
+    Python; a new document is planned from its page count, a finished one is skipped."""
+    failures = failures or {}
+    per_task = cfg.render.pages_per_task
     base = _base_row(cfg)
     plan = Plan(tasks=[])
-    seen: set[str] = set()
-    for d in docs:
-        plan.sources.add((d["doc_id"], d["source_uri"]))
-        if d["doc_id"] in seen:
+    first: dict[str, int] = {}
+    src_ids: list[str] = []
+    src_uris: list[str] = []
+    for k, d in enumerate(docs):
+        src_ids.append(d["doc_id"])
+        src_uris.append(d["source_uri"])
+        if d["doc_id"] in first:
             plan.duplicates += 1
-            continue
-        seen.add(d["doc_id"])
+        else:
+            first[d["doc_id"]] = k
+    plan.source_pairs = pa.table({"doc_id": src_ids, "source_uri": src_uris}, schema=SOURCES_SCHEMA)
+    del src_ids, src_uris
+    order = list(first.values())
+    del first
+    uniq = [docs[k] for k in order]
+    is_err = [bool(d["error_code"]) for d in uniq]
+    counts = [int(d["page_count"] or 0) for d in uniq]
+    doc_t = pa.table(
+        {
+            "doc_id": pa.array([d["doc_id"] for d in uniq], pa.string()),
+            "page_count": pa.array(counts, pa.int32()),
+            "is_error": pa.array(is_err, pa.bool_()),
+            "expected": pa.array([1 if e else c for e, c in zip(is_err, counts)], pa.int64()),
+        }
+    )
+    plan.done = _clip(_as_runs(done), doc_t)
+    cov, _ = covered(plan.done)
+    at = pc.index_in(doc_t.column("doc_id"), value_set=cov.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
+    n_done = pc.fill_null(pc.take(cov.column("pages"), at), 0)  # pyright: ignore[reportAttributeAccessIssue]
+    plan.docs = doc_t.append_column("done", n_done.cast(pa.int64()))
+    done_list = n_done.to_pylist()
+    partial = [d["doc_id"] for d, c, e, x in zip(uniq, counts, is_err, done_list) if 0 < x < (1 if e else c)]
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    if partial:
+        pr = plan.done.filter(pc.is_in(plan.done.column("doc_id"), value_set=pa.array(partial, pa.string())))  # pyright: ignore[reportAttributeAccessIssue]
+        for d, a, b in zip(*(pr.column(c).to_pylist() for c in ("doc_id", "page_index", "page_stop"))):
+            ranges.setdefault(d, []).append((a, b))
+    for d, c, e, x in zip(uniq, counts, is_err, done_list):
         common = {**base, "doc_id": d["doc_id"], "source_uri": d["source_uri"], "page_count": d["page_count"]}
-        if d["error_code"]:
-            key = (d["doc_id"], -1)
-            plan.expected_keys.add(key)
+        if e:
             plan.doc_error_rows += 1
-            if key not in done:
+            if not x:
                 plan.tasks.append(
                     {
                         **common,
@@ -73,11 +208,11 @@ def plan_pages(
                     }
                 )
             continue
-        keys = [(d["doc_id"], i) for i in range(d["page_count"])]
-        plan.expected_keys.update(keys)
-        missing = [i for (_, i) in keys if (d["doc_id"], i) not in done]
+        if x >= c:
+            continue
         past = failures.get(d["doc_id"], [])
-        if missing and len(past) >= cfg.quarantine_after:
+        if len(past) >= cfg.quarantine_after:
+            have: set[int] = {i for a, b in ranges.get(d["doc_id"], []) for i in range(a, b)}
             why = f"quarantined after {len(past)} runs that could not process it (last: {past[-1]})"
             plan.tasks.extend(
                 {
@@ -87,11 +222,17 @@ def plan_pages(
                     "error_code": "quarantined",
                     "error": why,
                 }
-                for i in missing
+                for i in range(c)
+                if i not in have
             )
             plan.quarantined += 1
             continue
-        for r in _missing_ranges(missing, cfg.render.pages_per_task):
+        if x == 0:
+            todo = _cut(0, c, per_task)
+        else:
+            have = {i for a, b in ranges[d["doc_id"]] for i in range(a, b)}
+            todo = _missing_ranges([i for i in range(c) if i not in have], per_task)
+        for r in todo:
             plan.tasks.append(
                 {
                     **common,
@@ -101,8 +242,15 @@ def plan_pages(
                     "_range_stop": r.stop,
                 }
             )
-    plan.expected_rows = len(plan.expected_keys)
-    plan.done_keys = plan.expected_keys & done
+    plan.expected_rows = int(pc.sum(doc_t.column("expected")).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
+    plan.already_final = int(sum(done_list))
+    if plan.done.num_rows:
+        widths = pc.subtract(plan.done.column("page_stop"), plan.done.column("page_index"))  # pyright: ignore[reportAttributeAccessIssue]
+        t = pa.table({"status": plan.done.column("status"), "n": widths.cast(pa.int64())})
+        agg = t.group_by("status").aggregate([("n", "sum")])
+        plan.done_by_status = Counter(
+            dict(zip(agg.column("status").to_pylist(), agg.column("n_sum").to_pylist()))
+        )
     return plan
 
 

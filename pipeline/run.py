@@ -202,11 +202,13 @@ def _run_leased(
     cfg: PipelineConfig, store: Any, lease: Lease, run_id: str, t0: float, local: bool, dataset_stats: bool
 ) -> dict[str, Any]:
     """The rest of `run`, while it holds the output root's lease (released by `run`, also on failure)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import ray
 
     from pipeline import stages
     from pipeline.discover import discover
-    from pipeline.ledger import Ledger
+    from pipeline.ledger import RUNS_SCHEMA, Ledger, runs_from_rows
     from pipeline.plan import plan_pages
 
     ledger = Ledger.load(store, cfg.config_hash(), temporaries_before=lease.started_at)
@@ -218,23 +220,23 @@ def _run_leased(
     ctx.max_errored_blocks = -1
 
     docs = discover(cfg, store)  # unchanged inputs come from the stat cache in the output root
-    plan = plan_pages(cfg, docs, ledger.done, ledger.failures)
-    if cfg.force and plan.done_keys:  # redo this input's rows: take them out of the outputs first
-        log.info("force: %d committed rows will be redone", ledger.forget(store, plan.expected_keys))
-        plan = plan_pages(cfg, docs, ledger.done, ledger.failures)
-    ledger.record_sources(store, plan.sources)
-    todo = plan.expected_rows - len(plan.done_keys)
+    plan = plan_pages(cfg, docs, ledger, ledger.failures)  # the keys stay in Arrow (ledger.runs)
+    if cfg.force and plan.already_final:  # redo this input's rows: take them out of the outputs first
+        log.info("force: %d committed rows will be redone", ledger.forget(store, plan.done))
+        plan = plan_pages(cfg, docs, ledger, ledger.failures)
+    ledger.record_sources(store, plan.source_pairs)
+    todo = plan.expected_rows - plan.already_final
     log.info(
         "discovered %d documents (%d duplicate paths), %d rows: %d already final, %d to do",
         len(docs),
         plan.duplicates,
         plan.expected_rows,
-        len(plan.done_keys),
+        plan.already_final,
         todo,
     )
 
-    counts: Counter[str] = ledger.counts(plan.expected_keys)  # rows final before this run
-    written: set[tuple[str, int]] = set()
+    counts: Counter[str] = Counter(plan.done_by_status)  # rows final before this run
+    written: list[pa.Table] = []  # this run's receipts as runs (ledger.runs_from_rows): no key set
     new_files: set[str] = set()  # pages parts this run committed
     new_counts: Counter[str] = Counter()
     bar = _progress(cfg, todo, local)
@@ -259,9 +261,7 @@ def _run_leased(
             for receipt in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 statuses = receipt.column("status").to_pylist()
                 new_counts.update(statuses)
-                written.update(
-                    zip(receipt.column("doc_id").to_pylist(), receipt.column("page_index").to_pylist())
-                )
+                written.append(runs_from_rows(receipt))
                 new_files.update(receipt.column("file").to_pylist())
                 metrics.record_pages(statuses)
                 status.update(statuses)
@@ -280,26 +280,29 @@ def _run_leased(
 
     def files_of(doc_ids: set[str]) -> set[str]:
         """The pages parts holding rows of `doc_ids`: this run's and the ledger's."""
-        old = {ledger.files[k] for k in plan.expected_keys if k[0] in doc_ids and k in ledger.files}
-        return old | new_files
+        return plan.files_of(doc_ids) | new_files
 
-    if written or not has_documents(store, cfg.config_hash()):  # a no-op rerun rewrites nothing
+    runs = pa.concat_tables(written) if written else RUNS_SCHEMA.empty_table()
+    if runs.num_rows or not has_documents(store, cfg.config_hash()):  # a no-op rerun rewrites nothing
         # documents/: one row per document, assembled from pages/; only the touched ones once built
-        touched = {d for d, _ in written}
+        touched = set(pc.unique(runs.column("doc_id")).to_pylist())  # pyright: ignore[reportAttributeAccessIssue]
         build_for_run(store, cfg, touched, files_of(touched), run_id, files_of)
 
     wall = time.time() - t0
-    final = written | plan.done_keys
-    missing = sorted(plan.expected_keys - final)
+    n_written, missing = plan.account(runs)  # {doc_id: rows missing}
+    errors = (
+        set(plan.docs.filter(plan.docs.column("is_error")).column("doc_id").to_pylist()) if missing else set()
+    )
     ledger.record_failures(
         store,
         run_id,
         {
-            d: f"{sum(1 for x, _ in missing if x == d)} row(s) not produced in run "
-            f"{run_id} (OCR/render batch failed after its retries)"
-            for d in {d for d, p in missing if p >= 0}
+            d: f"{n} row(s) not produced in run {run_id} (OCR/render batch failed after its retries)"
+            for d, n in missing.items()
+            if d not in errors
         },
     )
+    n_missing = sum(missing.values())
     try:  # the next start reads this one file plus only the parts newer than it
         Ledger.write_snapshot(store)
     except Exception as e:  # only a speed-up: without it the next start reads every part
@@ -315,16 +318,16 @@ def _run_leased(
         "documents_with_errors": sum(1 for d in docs if d["error_code"]),
         "pages_in": plan.expected_rows - plan.doc_error_rows,
         "rows_expected": plan.expected_rows,
-        "rows_already_final": len(plan.done_keys),
-        "rows_written": len(written),
-        "rows_out": len(final & plan.expected_keys),
+        "rows_already_final": plan.already_final,
+        "rows_written": n_written,
+        "rows_out": plan.expected_rows - n_missing,
         "rows_by_status": {s: counts.get(s, 0) for s in STATUSES},
         "rows_written_by_status": {s: new_counts.get(s, 0) for s in STATUSES if new_counts.get(s)},
-        "missing_rows": len(missing),
-        "missing_documents": sorted({d for d, _ in missing})[:100],
+        "missing_rows": n_missing,
+        "missing_documents": sorted(missing)[:100],
         "wall_time_s": round(wall, 3),
-        "pages_per_s": round(len(written) / wall, 4) if wall > 0 else 0.0,
-        "accounting_ok": not missing and sum(counts.values()) == plan.expected_rows,
+        "pages_per_s": round(n_written / wall, 4) if wall > 0 else 0.0,
+        "accounting_ok": not n_missing and sum(counts.values()) == plan.expected_rows,
         "versions": metrics.versions(),
         **actors,  # ocr_actors, gpus (torch.cuda names -> count; empty on CPU), gpu_hours
         **metrics.cost_fields(len(written), actors["gpu_hours"], cfg.cost.gpu_hour_usd),
@@ -336,7 +339,9 @@ def _run_leased(
         from pipeline.dated import write_snapshot
 
         lease.check()
-        night = {d for d, _ in plan.expected_keys}
+        night = set(
+            plan.docs.column("doc_id").to_pylist()
+        )  # every document of the night (doc_error ones too)
         summary["snapshot"] = write_snapshot(
             store,
             cfg.output.snapshot_uri,
