@@ -77,18 +77,44 @@ def report(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return out
 
 
-def steady_state(rows: list[dict[str, Any]], lo: float = 0.1, hi: float = 0.9) -> dict[str, Any]:
-    """Pages/s between the `lo` and `hi` quantiles of the rows' write times (start-up and tail out)."""
-    times = sorted(r["written_at"].timestamp() for r in rows if r["page_index"] >= 0 and r["written_at"])
-    if len(times) < 10:
-        return {"steady_pages_per_s": None, "steady_note": "too few pages"}
-    a, b = times[int(lo * (len(times) - 1))], times[int(hi * (len(times) - 1))]
-    n = int(hi * (len(times) - 1)) - int(lo * (len(times) - 1))
+def steady_window(done_at: list[float], admitted_at: list[float]) -> dict[str, Any]:
+    """Steady state as `jobs/benchmark.py` measures the engine: pages finished from the first
+    finished page to the last admission (after it only the drain is left), over that window.
+    `done_at` / `admitted_at`: per page, when it finished and when it entered the engine
+    (finish time minus its OCR time)."""
+    if len(done_at) < 10:
+        return {"pages_per_s": None, "window_s": None, "pages": 0}
+    t_first, t_last = min(done_at), max(admitted_at)
+    n = sum(1 for t in done_at if t_first < t <= t_last)
     return {
-        "steady_pages_per_s": round(n / (b - a), 4) if b > a else None,
-        "steady_window_s": round(b - a, 2),
-        "steady_note": f"pages written between the {lo:.0%} and {hi:.0%} quantiles",
+        "pages_per_s": round(n / (t_last - t_first), 4) if t_last > t_first and n else None,
+        "window_s": round(t_last - t_first, 2),
+        "pages": n,
     }
+
+
+def steady_state(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The job's steady state (`steady_window` over the rows: written_at, written_at - ocr_ms),
+    and, for reference, the rate between the 10 % and 90 % quantiles of the write times (it
+    overstates: the rows of a filled engine finish in bursts)."""
+    timed = [
+        r for r in rows if r["page_index"] >= 0 and r["written_at"] is not None and r["ocr_ms"] is not None
+    ]
+    done_at = [r["written_at"].timestamp() for r in timed]
+    win = steady_window(done_at, [t - r["ocr_ms"] / 1000 for t, r in zip(done_at, timed)])
+    out: dict[str, Any] = {
+        "steady_pages_per_s": win["pages_per_s"],
+        "steady_window_s": win["window_s"],
+        "steady_pages": win["pages"],
+        "steady_note": "pages written from the first written page to the last page's admission "
+        "(written_at - ocr_ms), over that window: the engine benchmark's definition",
+    }
+    times = sorted(done_at)
+    if len(times) >= 10:
+        i, j = int(0.1 * (len(times) - 1)), int(0.9 * (len(times) - 1))
+        if times[j] > times[i]:
+            out["write_quantile_pages_per_s"] = round((j - i) / (times[j] - times[i]), 4)
+    return out
 
 
 def make_copies(corpus: Path, dest: Path, min_pages: int) -> tuple[Path, int]:
@@ -233,13 +259,21 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
                     )
         inputs += cache[key]
     t0 = time.perf_counter()
-    results = [fut.result() for fut in [ocr.submit(x) for x in inputs]]
+    futures = [ocr.submit(x) for x in inputs]
+    done_at: dict[int, float] = {}  # future index -> when it finished
+    for i, f in enumerate(futures):
+        f.add_done_callback(lambda _f, i=i: done_at.__setitem__(i, time.perf_counter()))
+    results = [f.result() for f in futures]
     wall = time.perf_counter() - t0
     tokens = sum(x.num_output_tokens for x in results)
+    ends = [done_at.get(i, t0 + wall) for i in range(len(results))]
+    steady = steady_window(ends, [t - x.ocr_ms / 1000 for t, x in zip(ends, results)])
     return {
         "engine_pages": len(inputs),
         "engine_wall_s": round(wall, 2),
         "engine_pages_per_s": round(len(inputs) / wall, 4) if wall > 0 else None,
+        "engine_steady_pages_per_s": steady["pages_per_s"],
+        "engine_steady_window_s": steady["window_s"],
         "engine_output_tokens": tokens,
         "engine_kv_rows": ocr.engine.cfg.max_batch,
     }
@@ -339,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== Ray Data stats\n" + stats)
     if not args.no_engine_alone:
         result.update(engine_alone(cfg, corpus, on_gpu=cuda))
+        for key, job, eng in (
+            ("wall_ratio_job_vs_engine", "pages_per_s", "engine_pages_per_s"),
+            ("steady_ratio_job_vs_engine", "steady_pages_per_s", "engine_steady_pages_per_s"),
+        ):  # the issue's targets: wall >= 0.85, steady >= 0.95
+            if result.get(job) and result.get(eng):
+                result[key] = round(result[job] / result[eng], 3)
         json_out.write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "ray_data_stats"}))
     print(f"report: {json_out}")

@@ -312,3 +312,15 @@ def test_bench_pipeline_json(tmp_path: Path) -> None:
         assert ops[name]["output_rows"] == 3 and 0 < ops[name]["bytes_per_page"] <= 2 * MB
         assert ops[name]["cpu_s_per_page"] >= 0
     assert rep["gpu_util_source"] == "none" and rep["gpu_util_samples"] == []
+
+
+def test_steady_window_is_the_engine_benchmarks_definition() -> None:
+    """bench_pipeline's steady state for the job and the engine alone: pages finished after the
+    first finished page up to the last admission, over that window (as jobs/benchmark.py)."""
+    from jobs.bench_pipeline import steady_window
+
+    done = [10.0 + i for i in range(20)]  # one page a second from t=10 to t=29
+    admitted = [t - 5.0 for t in done]  # the last page entered at t=24: the drain follows
+    w = steady_window(done, admitted)
+    assert w == {"pages_per_s": 1.0, "window_s": 14.0, "pages": 14}
+    assert steady_window(done[:5], admitted[:5])["pages_per_s"] is None  # too few pages
