@@ -155,10 +155,13 @@ def actors_summary(actors: list[dict[str, Any]]) -> dict[str, Any]:
 
 def start_registry(name: str, namespace: str) -> Any:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    # on the driver's node: a worker node that leaves mid-run must not take the registry with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     return (
         ray.remote(num_cpus=0)(ActorRegistry)
-        .options(name=name, namespace=namespace, max_concurrency=4)
+        .options(name=name, namespace=namespace, max_concurrency=4, scheduling_strategy=here)
         .remote()
     )
 

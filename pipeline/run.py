@@ -205,6 +205,7 @@ def _run_leased(
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
+    from ray.exceptions import RayActorError
 
     from pipeline import stages
     from pipeline.discover import discover
@@ -270,7 +271,11 @@ def _run_leased(
                 lease.check()  # taken over by another run (heartbeat stale): stop here, LeaseLost
         finally:
             status.stop()
-        actors = ray.get(registry.summary.remote())
+        try:
+            actors = ray.get(registry.summary.remote())
+        except RayActorError:  # its node left the cluster: the per-actor figures are lost, no rows
+            log.warning("the OCR actor registry is gone (its node left the cluster): no per-actor figures")
+            actors = metrics.actors_summary([])
         ray.kill(registry)
     if bar is not None:
         bar.close()

@@ -132,7 +132,9 @@ def test_nightly_submission_id_from_root_and_date(tmp_path: Path) -> None:
     assert sid.startswith("pagemill-nightly-s3-corpus-nightly-") and sid.endswith("-2026-12-01")
     entry = args[args.index("--") + 1 :]
     assert entry[:4] == ["python", "-m", "pipeline.run", "+cluster=ray"] and "ray.address=auto" not in entry
-    assert "output.uri=s3://corpus/nightly/2026-12-01" in entry
+    # dated layout: the incremental store under the root, the night's snapshot at <root>/<day>/
+    assert "output.uri=s3://corpus/nightly/_store" in entry
+    assert "output.snapshot_uri=s3://corpus/nightly/2026-12-01" in entry
     assert (
         submit("s3://corpus/nightly", "2026-12-01")[args.index("--submission-id") + 1] == sid
     )  # same night: same id
