@@ -13,11 +13,20 @@ Key decisions:
   mask: q_aug = [q*scale, q.Rh, q.Rw], k_aug = [k, onehot(row), onehot(col)], SDPA with scale=1.
   ``q_aug . k_aug`` equals ``scale*q.k + bias`` term by term, so no mask is built and the fused
   (flash / memory-efficient) SDPA kernels stay usable for large batches on GPU.
+* On CUDA with compiled blocks (``DeepEncoder.compile_blocks``) the bias is instead added inside
+  a ``flex_attention`` score_mod, so the q.k head dim stays 64 (the augmented trick triples it in
+  the 64x64 global blocks) and no augmented tensors are written; the kernel is generated at the
+  block's fixed shapes. ``ATTENTION_IMPL`` picks the path; "bias" (a dense additive mask, the
+  reference's own formulation) exists to count the model's FLOPs independently of the kernel.
+* The 16x16/16 patch conv runs as one GEMM over unfolded patches (the same sum; cuDNN picks a
+  slow implicit-GEMM kernel for its 3 input channels).
 * Position-table resizing runs in fp32 (abs: bicubic antialias; rel: 1-D linear), as the
   reference does, then casts back to the module dtype.
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +60,46 @@ def rel_pos_table(size: int, rel_pos: Tensor) -> Tensor:
 # CUDA: pad v to the augmented head dim so SDPA can take the flash kernel (equal head dims) instead
 # of the memory-efficient one; `jobs/benchmark.py --kernel-bench` times both (vision A/B)
 PAD_V_ON_CUDA = False
+
+
+def rel_pos_bias(q: Tensor, rh: Tensor, rw: Tensor) -> tuple[Tensor, Tensor]:
+    """<q_ij, Rh[i, k]> and <q_ij, Rw[j, l]> with unscaled q: (B, nh, H*W, H) and (B, nh, H*W, W)."""
+    B, nh, H, W, _ = q.shape
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q, rh).reshape(B, nh, H * W, H)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q, rw).reshape(B, nh, H * W, W)
+    return rel_h, rel_w
+
+
+def rel_pos_attention_flex(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, scale: float) -> Tensor:
+    """rel_pos_attention with the bias added in a flex_attention score_mod (head dim stays d).
+
+    Only fast inside a compiled region (flex_attention lowers to a generated kernel there)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, nh, H, W, d = q.shape
+    rel_h, rel_w = rel_pos_bias(q, rh, rw)
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
+        return score + rel_h[b, h, qi, ki // W] + rel_w[b, h, qi, ki % W]
+
+    flat = [t.reshape(B, nh, H * W, d) for t in (q, k, v)]
+    out = flex_attention(*flat, score_mod=score_mod, scale=scale)
+    return cast(Tensor, out)  # (B, nh, N, d)
+
+
+def rel_pos_attention_bias(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, scale: float) -> Tensor:
+    """The reference formulation: SDPA with a dense (B, nh, N, N) additive bias. Memory grows with
+    N^2, so it serves FLOP counting and tests, not the engine."""
+    B, nh, H, W, d = q.shape
+    rel_h, rel_w = rel_pos_bias(q, rh, rw)
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, H * W, H * W)
+    flat = [t.reshape(B, nh, H * W, d) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*flat, attn_mask=bias, scale=scale)
+
+
+# which rel-pos attention SAM runs: "augmented" (fused SDPA on q/k augmented with the bias terms),
+# "flex" (set per module by DeepEncoder.compile_blocks on CUDA) or "bias" (dense mask; FLOP count)
+ATTENTION_IMPL = "augmented"
 
 
 def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, scale: float) -> Tensor:
@@ -90,6 +139,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, self.head_dim))
+        self.impl = ""  # "" = the module-wide ATTENTION_IMPL; compile_blocks sets "flex"
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape  # (B, H, W, C): one window or the whole grid
@@ -97,7 +147,13 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, nh, H, W, d)
         rh = rel_pos_table(H, self.rel_pos_h)  # (H, H, d)
         rw = rel_pos_table(W, self.rel_pos_w)  # (W, W, d)
-        out = rel_pos_attention(q, k, v, rh, rw, self.scale)  # (B, nh, H*W, d)
+        impl = self.impl or ATTENTION_IMPL
+        attend = {
+            "augmented": rel_pos_attention,
+            "flex": rel_pos_attention_flex,
+            "bias": rel_pos_attention_bias,
+        }
+        out = attend[impl](q, k, v, rh, rw, self.scale)  # (B, nh, H*W, d)
         out = out.view(B, self.heads, H, W, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
         return self.proj(out)
 
@@ -175,7 +231,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).permute(0, 2, 3, 1)  # (B, H/16, W/16, C) channels-last
+        """(B, 3, S, S) -> (B, S/16, S/16, C) channels-last: one GEMM over the unfolded patches."""
+        B, C, S1, S2 = x.shape
+        p = self.proj.kernel_size[0]
+        h, w = S1 // p, S2 // p
+        patches = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h, w, C * p * p)
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
 class ImageEncoderViT(nn.Module):

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from model.config import OcrConfig
-from model.sam import Attention, rel_pos_attention, rel_pos_table
+from model.sam import (
+    Attention,
+    PatchEmbed,
+    rel_pos_attention,
+    rel_pos_attention_bias,
+    rel_pos_attention_flex,
+    rel_pos_table,
+)
 from model.vision import DeepEncoder, PageViews
 
 VISION_PREFIXES = (
@@ -61,6 +68,29 @@ def test_augmented_qk_equals_dense_bias(H: int, W: int) -> None:
     got = rel_pos_attention(q, k, v, rel_pos_table(H, th), rel_pos_table(W, tw), scale)
     ref = _dense_rel_pos_attention(q, k, v, th, tw, scale)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("H,W", [(14, 14), (5, 9)])
+def test_flex_and_bias_paths_equal_dense_bias(H: int, W: int) -> None:
+    """The CUDA engine's flex_attention score_mod path (run here by flex's eager reference) and
+    the dense-mask path (the FLOP count) compute the same attention as the explicit reference."""
+    g = torch.Generator().manual_seed(H * 10 + W)
+    B, nh, d = 2, 3, 16
+    q, k, v = (torch.randn(B, nh, H, W, d, generator=g) for _ in range(3))
+    th, tw = torch.randn(2 * H - 1, d, generator=g), torch.randn(2 * W - 1, d, generator=g)
+    ref = _dense_rel_pos_attention(q, k, v, th, tw, d**-0.5)
+    rh, rw = rel_pos_table(H, th), rel_pos_table(W, tw)
+    for attend in (rel_pos_attention_flex, rel_pos_attention_bias):
+        torch.testing.assert_close(attend(q, k, v, rh, rw, d**-0.5), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_embed_gemm_equals_the_conv() -> None:
+    """The unfolded-patch GEMM is the checkpoint's 16x16/16 conv (same weights, same sums)."""
+    torch.manual_seed(1)
+    pe = PatchEmbed(16, 24).double()
+    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    ref = pe.proj(x).permute(0, 2, 3, 1)
+    torch.testing.assert_close(pe(x), ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("rel_size,H,W", [(14, 14, 14), (16, 10, 6), (8, 12, 5)])
