@@ -189,7 +189,6 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
                 "static_batches",
                 "admit_min",
                 "vision_ahead",
-                "vision_compile",
                 "kv_headroom_gib",
                 "kv_block_size",
                 "ngram_size",
@@ -471,14 +470,12 @@ def vision_flops(model, page: dict[str, Any], attention: str = "bias") -> float:
 
 
 def vision_bench(model, pages: list[dict[str, Any]], flops_per_page: float, out_dir: str) -> dict[str, Any]:
-    """SAM/CLIP alone (nothing else on the GPU), one admission-sized group of pages: ms/page and
-    TFLOP/s (model FLOPs, `vision_flops`) eager and compiled with each SAM attention path
-    (`EngineConfig.vision_compile`); compile time is the first call's. Leaves the model compiled
-    the faster way and returns that choice as `chosen`; then one group under torch.profiler
-    (kernel table to `out_dir`)."""
+    """SAM/CLIP alone (nothing else on the GPU), in admission-sized groups of pages: ms/page and
+    TFLOP/s, for SAM's attention on the memory-efficient kernel and with v padded for flash
+    (`model.sam.PAD_V_ON_CUDA`); then one group under torch.profiler (kernel table to `out_dir`)."""
     import torch
 
-    from model.engine import VisionCompile
+    from model import sam
     from model.preprocess import to_pixel_tensor
     from model.vision import PageViews
 
@@ -491,19 +488,12 @@ def vision_bench(model, pages: list[dict[str, Any]], flops_per_page: float, out_
         for p in pages
     ]
     out: dict[str, Any] = {"pages": len(group)}
-    with torch.inference_mode():
-        ref = torch.cat(model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH)).float()
-    best, best_ms = VisionCompile.off, float("inf")
-    for choice in (VisionCompile.off, VisionCompile.augmented, VisionCompile.flex):
-        if choice != VisionCompile.off:
-            model.vision.compile_blocks(flex=choice == VisionCompile.flex)
+    best, best_ms = sam.PAD_V_ON_CUDA, float("inf")
+    for pad_v in (False, True):
+        sam.PAD_V_ON_CUDA = pad_v
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            got = model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH)
-            # a second group size: the batch dim's dynamic recompile happens here, not in the timing
-            model.vision.image_embeddings_batch(group[: len(group) // 2 + 1], max_batch=VISION_BATCH)
+            model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH)
             torch.cuda.synchronize()
-            first_s = time.perf_counter() - t0
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             for _ in range(3):
@@ -511,21 +501,13 @@ def vision_bench(model, pages: list[dict[str, Any]], flops_per_page: float, out_
             b.record()
             torch.cuda.synchronize()
         ms = a.elapsed_time(b) / 3 / len(group)
-        err = (torch.cat(got).float() - ref).abs()
-        out[str(choice)] = {
-            "ms_per_page": round(ms, 2),
-            "tflop_per_s": round(flops_per_page / 1e12 / (ms / 1000), 1),
-            "first_calls_s": round(first_s, 1),  # compile included
-            "max_abs_diff_vs_eager": round(float(err.max()), 4),
-            "mean_abs_diff_vs_eager": round(float(err.mean()), 5),
-            "eager_mean_abs": round(float(ref.abs().mean()), 4),
-        }
-        print(f"  vision alone ({choice}): {out[str(choice)]}", flush=True)
+        key = "pad_v_flash" if pad_v else "mem_efficient"
+        out[key] = {"ms_per_page": round(ms, 2), "tflop_per_s": round(flops_per_page / 1e12 / (ms / 1000), 1)}
+        print(f"  vision alone ({key}): {out[key]}", flush=True)
         if ms < best_ms:
-            best, best_ms = choice, ms
-    # the rest of the run (and EngineConfig.vision_compile, from `chosen`): the faster
-    model.vision.compile_blocks(flex=best == VisionCompile.flex, enabled=best != VisionCompile.off)
-    out["chosen"] = str(best)
+            best, best_ms = pad_v, ms
+    sam.PAD_V_ON_CUDA = best  # the rest of the run uses the faster one
+    out["chosen"] = "pad_v_flash" if best else "mem_efficient"
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -573,7 +555,7 @@ def print_row(r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import inspect
 
-    from model.engine import EngineConfig, KvLayout, VisionCompile, fit_max_batch
+    from model.engine import EngineConfig, KvLayout, fit_max_batch
 
     assert __doc__ is not None  # module docstring is present
     ap = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
@@ -622,13 +604,6 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-vision-ahead",
         action="store_true",
         help="subset phase: also the paged engine with vision_ahead=0 (overlap A/B on the same pages)",
-    )
-    ap.add_argument(
-        "--vision-compile",
-        choices=VisionCompile.values(),
-        default=EngineConfig.vision_compile,
-        help="SAM/CLIP on CUDA: compiled with flex rel-pos attention, compiled with augmented q/k, or "
-        "eager (--kernel-bench times all three and then uses the fastest)",
     )
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--json-out", default="")
@@ -691,7 +666,6 @@ def main(argv: list[str] | None = None) -> int:
         admit_min=args.admit_min,
         engine=args.engine,
         vision_ahead=args.vision_ahead,
-        vision_compile=args.vision_compile,
     )
     if args.kv_headroom_gib is not None:
         common["kv_headroom_gib"] = args.kv_headroom_gib
@@ -739,7 +713,6 @@ def main(argv: list[str] | None = None) -> int:
         # prefill alone: one forced token per page, vision at admission (so prefill_s is the
         # prompt forwards only, not a wait for the vision stream)
         few = [dict(p, force_len=1) for p in (unique * 2)[:256]]
-        common["vision_compile"] = report["vision_alone"]["chosen"]  # the fastest, measured above
         pf = run_engine(
             model,
             few,
@@ -747,7 +720,6 @@ def main(argv: list[str] | None = None) -> int:
             max_batch=256,
             vision_ahead=0,
             admit_min=256,
-            vision_compile=common["vision_compile"],
         )
         prompt_tokens = sum(p["num_image_tokens"] for p in few)
         report["prefill_alone"] = {

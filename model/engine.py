@@ -71,14 +71,6 @@ class KvLayout(StrEnum):
     slotted = "slotted"  # one max_model_len row per sequence (the previous engine, kept to compare)
 
 
-class VisionCompile(StrEnum):
-    """`EngineConfig.vision_compile`: how SAM/CLIP run on CUDA (`DeepEncoder.compile_blocks`)."""
-
-    flex = "flex"  # compiled blocks, SAM's rel-pos bias in a flex_attention score_mod (default)
-    augmented = "augmented"  # compiled blocks, SAM's bias folded into augmented q/k for fused SDPA
-    off = "off"  # eager (CPU always runs eager)
-
-
 # the device state's codes: 0 = the row is still running (in flight, never on a Result)
 DEVICE_FINISH = {1: FinishReason.stop, 2: FinishReason.length, 3: FinishReason.repetition}
 # paged engine, max_batch=None (auto): row slots; a row costs ~70 KiB of state, the block pool does the limiting
@@ -131,9 +123,6 @@ class EngineConfig:
     # serialised with decode (the previous behaviour). A row keeps only its image embeddings
     # (~2 MB/page), not its views (~20 MB), so a preempted page is not re-encoded.
     vision_ahead: int = 64
-    # CUDA: torch.compile SAM's blocks and neck and CLIP's layers (`DeepEncoder.compile_blocks`);
-    # CPU runs stay eager. `jobs/benchmark.py --kernel-bench` times the three choices.
-    vision_compile: VisionCompile = VisionCompile.flex
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.sync_every < 1 or self.len_bucket < 1 or self.admit_min < 1:
@@ -143,11 +132,6 @@ class EngineConfig:
         if self.engine not in KvLayout.values():
             raise ValueError(f"engine must be one of {', '.join(KvLayout.values())}, not {self.engine!r}")
         object.__setattr__(self, "engine", KvLayout(self.engine))  # a plain str from a caller: the member
-        if self.vision_compile not in VisionCompile.values():
-            raise ValueError(
-                f"vision_compile must be one of {', '.join(VisionCompile.values())}, not {self.vision_compile!r}"
-            )
-        object.__setattr__(self, "vision_compile", VisionCompile(self.vision_compile))
 
 
 @dataclass
@@ -240,8 +224,6 @@ class Engine:
         self.device = dec.embed_tokens.weight.device
         self.vocab = dec.config.vocab_size
         B, T, dev = c.max_batch, c.max_model_len, self.device
-        if c.vision_compile != VisionCompile.off and dev.type == "cuda":
-            model.vision.compile_blocks(flex=c.vision_compile == VisionCompile.flex)
         with torch.inference_mode():  # state is only ever touched inside inference mode
             self._alloc(B, T, dev)
         self.stats = EngineStats(kv_blocks=getattr(self, "stats_kv_blocks", 0))

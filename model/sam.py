@@ -13,11 +13,9 @@ Key decisions:
   mask: q_aug = [q*scale, q.Rh, q.Rw], k_aug = [k, onehot(row), onehot(col)], SDPA with scale=1.
   ``q_aug . k_aug`` equals ``scale*q.k + bias`` term by term, so no mask is built and the fused
   (flash / memory-efficient) SDPA kernels stay usable for large batches on GPU.
-* On CUDA with compiled blocks (``DeepEncoder.compile_blocks``) the bias is instead added inside
-  a ``flex_attention`` score_mod, so the q.k head dim stays 64 (the augmented trick triples it in
-  the 64x64 global blocks) and no augmented tensors are written; the kernel is generated at the
-  block's fixed shapes. ``ATTENTION_IMPL`` picks the path; "bias" (a dense additive mask, the
-  reference's own formulation) exists to count the model's FLOPs independently of the kernel.
+* ``ATTENTION_IMPL = "bias"`` switches to the reference's own formulation (a dense additive
+  mask) to count the model's FLOPs independently of the kernel: the augmented q.k runs at head
+  dim d+H+W (192 instead of 64 in the 64x64 global blocks).
 * The 16x16/16 patch conv runs as one GEMM over unfolded patches (the same sum; cuDNN picks a
   slow implicit-GEMM kernel for its 3 input channels).
 * Position-table resizing runs in fp32 (abs: bicubic antialias; rel: 1-D linear), as the
@@ -25,8 +23,6 @@ Key decisions:
 """
 
 from __future__ import annotations
-
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -70,23 +66,6 @@ def rel_pos_bias(q: Tensor, rh: Tensor, rw: Tensor) -> tuple[Tensor, Tensor]:
     return rel_h, rel_w
 
 
-def rel_pos_attention_flex(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, scale: float) -> Tensor:
-    """rel_pos_attention with the bias added in a flex_attention score_mod (head dim stays d).
-
-    Only fast inside a compiled region (flex_attention lowers to a generated kernel there)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    B, nh, H, W, d = q.shape
-    rel_h, rel_w = rel_pos_bias(q, rh, rw)
-
-    def score_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
-        return score + rel_h[b, h, qi, ki // W] + rel_w[b, h, qi, ki % W]
-
-    flat = [t.reshape(B, nh, H * W, d) for t in (q, k, v)]
-    out = flex_attention(*flat, score_mod=score_mod, scale=scale)
-    return cast(Tensor, out)  # (B, nh, N, d)
-
-
 def rel_pos_attention_bias(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, scale: float) -> Tensor:
     """The reference formulation: SDPA with a dense (B, nh, N, N) additive bias. Memory grows with
     N^2, so it serves FLOP counting and tests, not the engine."""
@@ -97,8 +76,8 @@ def rel_pos_attention_bias(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tens
     return F.scaled_dot_product_attention(*flat, attn_mask=bias, scale=scale)
 
 
-# which rel-pos attention SAM runs: "augmented" (fused SDPA on q/k augmented with the bias terms),
-# "flex" (set per module by DeepEncoder.compile_blocks on CUDA) or "bias" (dense mask; FLOP count)
+# which rel-pos attention SAM runs: "augmented" (fused SDPA on q/k augmented with the bias terms)
+# or "bias" (dense mask: the reference's math, for FLOP counting)
 ATTENTION_IMPL = "augmented"
 
 
@@ -139,7 +118,6 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, self.head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, self.head_dim))
-        self.impl = ""  # "" = the module-wide ATTENTION_IMPL; compile_blocks sets "flex"
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape  # (B, H, W, C): one window or the whole grid
@@ -147,13 +125,8 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # each (B, nh, H, W, d)
         rh = rel_pos_table(H, self.rel_pos_h)  # (H, H, d)
         rw = rel_pos_table(W, self.rel_pos_w)  # (W, W, d)
-        impl = self.impl or ATTENTION_IMPL
-        attend = {
-            "augmented": rel_pos_attention,
-            "flex": rel_pos_attention_flex,
-            "bias": rel_pos_attention_bias,
-        }
-        out = attend[impl](q, k, v, rh, rw, self.scale)  # (B, nh, H*W, d)
+        attend = rel_pos_attention_bias if ATTENTION_IMPL == "bias" else rel_pos_attention
+        out = attend(q, k, v, rh, rw, self.scale)  # (B, nh, H*W, d)
         out = out.view(B, self.heads, H, W, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
         return self.proj(out)
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from model.clip import ClipVisionModel
 from model.config import OcrConfig
-from model.sam import Block, ImageEncoderViT
+from model.sam import ImageEncoderViT
 
 
 class PageViews(NamedTuple):
@@ -60,36 +60,6 @@ class DeepEncoder(nn.Module):
         self.image_newline = nn.Parameter(torch.zeros(d))
         self.view_seperator = nn.Parameter(torch.zeros(d))
         self.stride = cfg.sam.patch_size * 4  # patch conv, then two stride-2 convs
-
-    def compile_blocks(self, flex: bool = True, enabled: bool = True) -> None:
-        """torch.compile each SAM block, the SAM neck and each CLIP layer (CUDA engine only).
-
-        Eager SAM/CLIP spend most of their time on memory ops (layout permutes, window
-        partition, norms, the augmented q/k), which inductor fuses at the blocks' fixed view
-        shapes. Identical blocks share one compiled graph per view size and block kind; the
-        batch dim turns dynamic on its second size (one recompile). With `flex`, SAM's rel-pos
-        bias moves into a flex_attention score_mod. `enabled=False` restores the eager
-        forwards (the compiled ones are kept for a later call)."""
-        for blk in self.sam_model.blocks:
-            cast(Block, blk).attn.impl = "flex" if flex and enabled else ""
-        mods: list[nn.Module] = [
-            *self.sam_model.blocks,
-            self.sam_model.neck,
-            *self.vision_model.transformer.layers,
-        ]
-        if not enabled:
-            for m in mods:
-                m.__dict__.pop("forward", None)  # back to the class's eager forward
-            return
-        if not hasattr(self, "_compiled_forwards"):
-            import torch._dynamo
-
-            # one code object serves every block: window/global x view sizes x static/dynamic
-            # batch x attention path are separate graphs, over dynamo's default limit of 8
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            self._compiled_forwards = [torch.compile(m.forward) for m in mods]
-        for m, fwd in zip(mods, self._compiled_forwards):
-            m.forward = fwd  # type: ignore[method-assign]
 
     @property
     def dtype(self) -> torch.dtype:
