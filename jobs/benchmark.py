@@ -690,13 +690,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernel_bench:
         report["device_rates"] = device_rates()
         print(f"device rates {report['device_rates']}", flush=True)
+        sample = unique[:: max(1, len(unique) // 8)]
         report["vision_flops_per_page_unique_mean"] = round(
-            statistics.fmean(vision_flops(model, p) for p in unique[:: max(1, len(unique) // 8)]) / 1e12, 3
+            statistics.fmean(vision_flops(model, p) for p in sample) / 1e12, 3
         )  # TFLOP
         report["vision_flops_per_page_augmented_mean"] = round(
-            statistics.fmean(vision_flops(model, p, "augmented") for p in unique[:: max(1, len(unique) // 8)])
-            / 1e12,
-            3,
+            statistics.fmean(vision_flops(model, p, "augmented") for p in sample) / 1e12, 3
         )  # TFLOP the augmented-q/k kernel executes (not the model's; MFU uses the figure above)
         print(
             f"vision TFLOP/page {report['vision_flops_per_page_unique_mean']} (model), "

@@ -87,11 +87,10 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, s
     q, k, v: (B, nh, H, W, d) over an H x W token grid; rh: (H, H, d); rw: (W, W, d).
     Returns (B, nh, H*W, d)."""
     B, nh, H, W, d = q.shape
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q, rh)  # (B, nh, H, W, H): unscaled q
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q, rw)  # (B, nh, H, W, W)
+    rel_h, rel_w = rel_pos_bias(q, rh, rw)  # (B, nh, N, H), (B, nh, N, W): unscaled q
     e = d + H + W
     pad = (-e) % 8  # keep the qk head dim a multiple of 8 (fused-kernel alignment)
-    q_aug = torch.cat([q * scale, rel_h, rel_w], dim=-1).reshape(B, nh, H * W, e)
+    q_aug = torch.cat([(q * scale).reshape(B, nh, H * W, d), rel_h, rel_w], dim=-1)  # (B, nh, N, e)
     rows = torch.eye(H, dtype=k.dtype, device=k.device)[:, None, :].expand(H, W, H)
     cols = torch.eye(W, dtype=k.dtype, device=k.device)[None, :, :].expand(H, W, W)
     onehot = torch.cat([rows, cols], dim=-1).expand(B, nh, H, W, H + W)  # key (k, l) -> [e_k, e_l]
