@@ -18,6 +18,8 @@ Key decisions:
   dim d+H+W (192 instead of 64 in the 64x64 global blocks).
 * The 16x16/16 patch conv runs as one GEMM over unfolded patches (the same sum; cuDNN picks a
   slow implicit-GEMM kernel for its 3 input channels).
+* On CUDA the attention (windowed and global) runs as one Triton kernel over the unpartitioned
+  grid (`model.sam_attention`): no partition, permute or augmentation copies.
 * Position-table resizing runs in fp32 (abs: bicubic antialias; rel: 1-D linear), as the
   reference does, then casts back to the module dtype.
 """
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import sam_attention
 from model.config import SamConfig
 
 
@@ -107,6 +110,16 @@ def rel_pos_attention(q: Tensor, k: Tensor, v: Tensor, rh: Tensor, rw: Tensor, s
     return F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)  # (B, nh, N, d)
 
 
+# CUDA: run the windowed and global attention as one Triton kernel over the unpartitioned grid
+# (`model.sam_attention`); False = the plain-torch path below (`jobs/benchmark.py --kernel-bench`
+# times both)
+FUSED_ON_CUDA = True
+
+
+def use_fused(x: Tensor) -> bool:
+    return FUSED_ON_CUDA and ATTENTION_IMPL == "augmented" and sam_attention.kernel_available(x)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, rel_size: int) -> None:
         super().__init__()
@@ -127,6 +140,18 @@ class Attention(nn.Module):
         attend = rel_pos_attention_bias if ATTENTION_IMPL == "bias" else rel_pos_attention
         out = attend(q, k, v, rh, rw, self.scale)  # (B, nh, H*W, d)
         out = out.view(B, self.heads, H, W, self.head_dim).permute(0, 2, 3, 1, 4).reshape(B, H, W, C)
+        return self.proj(out)
+
+    def fused(self, x: Tensor, window: int) -> Tensor:
+        """The same attention for the whole (B, GH, GW, C) grid, windowed (`window` > 0, no
+        partition copy: the kernel maps window tokens to grid tokens) or global (0)."""
+        B, GH, GW, C = x.shape
+        qkv = self.qkv(x)  # (B, GH, GW, 3C)
+        rh = rel_pos_table(window or GH, self.rel_pos_h)  # (WH, WH, d)
+        rw = rel_pos_table(window or GW, self.rel_pos_w)  # (WW, WW, d)
+        q = qkv.view(B, GH, GW, 3, self.heads, self.head_dim)[:, :, :, 0]  # (B, GH, GW, nh, d)
+        rel_h, rel_w = sam_attention.grid_rel_terms(q, rh, rw)
+        out = sam_attention.relpos_attention(qkv, self.qkv.bias, rel_h, rel_w, self.heads, window, self.scale)
         return self.proj(out)
 
 
@@ -172,7 +197,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape  # (B, H, W, C)
         y = self.norm1(x)
-        if self.window_size:
+        if use_fused(y):
+            y = self.attn.fused(y, self.window_size)
+        elif self.window_size:
             y, Hp, Wp = window_partition(y, self.window_size)  # pad AFTER norm1 (reference)
             y = window_unpartition(self.attn(y), self.window_size, Hp, Wp, H, W)
         else:

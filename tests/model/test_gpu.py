@@ -3,6 +3,8 @@
 - the flash varlen decode path of KVCache reads exactly each row's own slots (== masked SDPA);
 - the engine's CUDA-graph decode replays give the same tokens as eager steps (paged and slotted);
 - the Triton split-KV kernel over the paged cache equals the plain-torch reference (ragged lengths);
+- the fused SAM rel-pos attention kernel equals the dense-bias reference in bf16 (windowed with
+  padding, global, full-size widths);
 - uint8 views normalised on the device equal the CPU path within float rounding.
 """
 
@@ -107,6 +109,34 @@ def test_sam_attention_padded_v_equals_memory_efficient() -> None:
         sam.PAD_V_ON_CUDA = saved
     assert out[False].shape == out[True].shape == (B, nh, H * W, d)
     assert (out[False] - out[True]).abs().max().item() < 2e-2
+
+
+@cuda
+@pytest.mark.parametrize("grid,window", [(40, 14), (64, 14), (40, 0), (64, 0)])
+def test_fused_sam_attention_equals_the_dense_bias_reference(grid: int, window: int) -> None:
+    """Full-size SAM widths (768 = 12 x 64), bf16: the Triton kernel over the unpartitioned grid
+    against the reference's dense-bias SDPA over partitioned windows, in fp32."""
+    from model import sam
+
+    torch.manual_seed(0)
+    attn = sam.Attention(768, 12, window or grid).cuda()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.05)
+        x = torch.randn(3, grid, grid, 768, device="cuda")
+        saved = sam.ATTENTION_IMPL
+        try:
+            sam.ATTENTION_IMPL = "bias"
+            if window:
+                y, Hp, Wp = sam.window_partition(x, window)
+                ref = sam.window_unpartition(attn(y), window, Hp, Wp, grid, grid)
+            else:
+                ref = attn(x)
+        finally:
+            sam.ATTENTION_IMPL = saved
+        got = attn.to(torch.bfloat16).fused(x.to(torch.bfloat16), window).float()
+    err = (got - ref).abs().max().item()
+    assert err < 3e-2 * ref.abs().max().item(), (err, ref.abs().max().item())
 
 
 @cuda

@@ -1,0 +1,99 @@
+"""The fused SAM attention kernel (`model.sam_attention`) against the reference formulation.
+
+The kernel is Triton; here it runs under Triton's CPU interpreter (``TRITON_INTERPRET=1``, fp32),
+which executes the same kernel program with NumPy. The variable is read when Triton decorates the
+kernel, so each check runs in a fresh interpreter process. The bf16 check on the real GPU is in
+`tests/model/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+REPO = Path(__file__).resolve().parents[2]
+
+# each case: (grid height, grid width, window (0 = global), heads, head dim)
+ATTENTION_CASES = [
+    (10, 10, 4, 2, 16),
+    (8, 8, 0, 2, 16),
+    (7, 10, 3, 1, 32),
+    (6, 9, 0, 2, 16),
+    (14, 14, 14, 2, 16),
+]
+
+SCRIPT = r"""
+import json, sys
+import torch
+torch.set_num_threads(1)
+from model import sam, sam_attention
+from model.config import OcrConfig
+
+def reference(attn, x, ws):
+    sam.ATTENTION_IMPL = "bias"  # the reference's dense-bias math
+    try:
+        if not ws:
+            return attn(x)
+        y, Hp, Wp = sam.window_partition(x, ws)
+        return sam.window_unpartition(attn(y), ws, Hp, Wp, x.shape[1], x.shape[2])
+    finally:
+        sam.ATTENTION_IMPL = "augmented"
+
+out = {"interpret": sam_attention.INTERPRET, "cases": []}
+torch.manual_seed(0)
+with torch.no_grad():
+    for gh, gw, ws, heads, hd in json.loads(sys.argv[1]):
+        attn = sam.Attention(heads * hd, heads, ws or gh)
+        for p in attn.parameters():
+            p.normal_(0, 0.5)
+        x = torch.randn(2, gh, gw, heads * hd)
+        ref = reference(attn, x, ws)
+        got = attn.fused(x, ws)
+        out["cases"].append([(got - ref).abs().max().item(), ref.abs().max().item()])
+    # the whole tiny SAM encoder (2 blocks: one windowed with padding, one global) at 256 px
+    enc = sam.ImageEncoderViT(OcrConfig.tiny().sam)
+    for p in enc.parameters():
+        p.normal_(0, 0.05)
+    img = torch.randn(2, 3, 256, 256)
+    assert sam.use_fused(img)
+    got = enc(img)
+    sam.FUSED_ON_CUDA = False
+    ref = enc(img)
+    out["encoder"] = [(got - ref).abs().max().item(), ref.abs().max().item()]
+print(json.dumps(out))
+"""
+
+
+def _run(cases: list[tuple[int, int, int, int, int]]) -> dict:
+    import json
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(cases)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_fused_kernel_equals_the_reference_attention_and_encoder() -> None:
+    out = _run(ATTENTION_CASES)
+    assert out["interpret"] is True
+    assert len(out["cases"]) == len(ATTENTION_CASES)
+    for (err, scale), case in zip(out["cases"], ATTENTION_CASES):
+        assert scale > 1.0, case  # a real signal, not all zeros
+        assert err <= 1e-5 * scale + 1e-5, (case, err, scale)
+    err, scale = out["encoder"]
+    assert scale > 0.01
+    assert err <= 1e-4 * scale + 1e-6, (err, scale)
