@@ -633,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
         help="device copy/matmul rates, paged decode kernel bandwidth, paged step time vs rows/ctx, "
         "vision FLOPs/page",
     )
+    ap.add_argument(
+        "--vision-only", action="store_true", help="with --kernel-bench: stop after the vision-alone timings"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -713,6 +716,11 @@ def main(argv: list[str] | None = None) -> int:
             statistics.fmean(vision_flops(model, p) for p in group),
             os.path.dirname(args.json_out),
         )
+        if args.vision_only:
+            print(json.dumps(report))
+            if args.json_out:
+                Path(args.json_out).write_text(json.dumps(report, indent=1))
+            return 0
         # prefill alone: one forced token per page, vision at admission (so prefill_s is the
         # prompt forwards only, not a wait for the vision stream)
         few = [dict(p, force_len=1) for p in (unique * 2)[:256]]

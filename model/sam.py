@@ -145,12 +145,11 @@ class Attention(nn.Module):
     def fused(self, x: Tensor, window: int) -> Tensor:
         """The same attention for the whole (B, GH, GW, C) grid, windowed (`window` > 0, no
         partition copy: the kernel maps window tokens to grid tokens) or global (0)."""
-        B, GH, GW, C = x.shape
+        GH, GW = x.shape[1], x.shape[2]
         qkv = self.qkv(x)  # (B, GH, GW, 3C)
         rh = rel_pos_table(window or GH, self.rel_pos_h)  # (WH, WH, d)
         rw = rel_pos_table(window or GW, self.rel_pos_w)  # (WW, WW, d)
-        q = qkv.view(B, GH, GW, 3, self.heads, self.head_dim)[:, :, :, 0]  # (B, GH, GW, nh, d)
-        rel_h, rel_w = sam_attention.grid_rel_terms(q, rh, rw)
+        rel_h, rel_w = sam_attention.grid_rel_terms(qkv, rh, rw, self.heads)
         out = sam_attention.relpos_attention(qkv, self.qkv.bias, rel_h, rel_w, self.heads, window, self.scale)
         return self.proj(out)
 

@@ -8,14 +8,20 @@ straight out of the qkv projection of the *unpartitioned* token grid, maps each 
 its grid position itself, adds the bias ``<q_i, Rh[row_i, row_j]> + <q_i, Rw[col_i, col_j]>``
 inside the online softmax, and writes the output back in grid layout, ready for ``proj``.
 
+Key blocks are window rows (the row width rounded up to a power of two): the column term of the
+bias is then the same for every key block, so it is loaded once per program, and the row term is
+one value per query and block. (Gathering both terms per key block ran at ~40 TFLOP/s on the
+H200, by row at ~230: `jobs/bench_sam_attention.py`.)
+
 Semantics equal the reference (`model.sam.rel_pos_attention_bias` over `window_partition`):
 * a window token that falls in the bottom/right padding is a key whose q/k/v are the qkv bias
   (the reference pads the normed input with zeros, so its projection is the bias); its output is
   never stored (the reference crops it);
 * global attention is one window covering the whole grid.
 
-The bias terms themselves, ``rel_h``/``rel_w`` (B, GH, GW, heads, WH|WW), are two small einsums
-over the grid (`grid_rel_terms`), computed in the module dtype like the reference's.
+The bias terms themselves, ``rel_h``/``rel_w`` (B, GH, GW, heads, WH|WW), come from a second small
+kernel (`grid_rel_terms`): one (tokens x d) @ (d x W) product per grid line, reading q straight
+from the qkv projection; rounded to the module dtype like the reference's einsums.
 `tests/model/test_sam_attention.py` checks the kernel against the reference under Triton's CPU
 interpreter; `tests/model/test_gpu.py` on the GPU in bf16.
 """
@@ -41,9 +47,10 @@ except ImportError:  # pragma: no cover - CPU-only environment
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 
-# block sizes tried on the GPU (BM query rows, BN keys, warps, pipeline stages); the autotuner keeps
+# launch configs tried on the GPU: (BM query rows, warps, pipeline stages); the autotuner keeps
 # the fastest per window shape at the first call
-CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
+CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4)]
+LOG2E = 1.4426950408889634
 
 
 def kernel_available(x: Tensor) -> bool:
@@ -55,12 +62,8 @@ def kernel_available(x: Tensor) -> bool:
     return x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def grid_rel_terms(q: Tensor, rh: Tensor, rw: Tensor) -> tuple[Tensor, Tensor]:
-    """rel_h[b, y, x, n, k] = <q[b, y, x, n], Rh[y mod WH, k]>, rel_w likewise over columns.
-
-    q: (B, GH, GW, heads, d), any strides; rh: (WH, WH, d); rw: (WW, WW, d) (`rel_pos_table`).
-    The window row of grid row y is y mod WH (global: WH = GH). Returns contiguous
-    (B, GH, GW, heads, WH) and (B, GH, GW, heads, WW), unscaled q as in the reference."""
+def grid_rel_terms_reference(q: Tensor, rh: Tensor, rw: Tensor) -> tuple[Tensor, Tensor]:
+    """Plain-torch `grid_rel_terms` (tests): two einsums over the grid."""
     GH, GW = q.shape[1], q.shape[2]
     rows = torch.arange(GH, device=q.device) % rh.shape[0]
     cols = torch.arange(GW, device=q.device) % rw.shape[0]
@@ -70,6 +73,46 @@ def grid_rel_terms(q: Tensor, rh: Tensor, rw: Tensor) -> tuple[Tensor, Tensor]:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _rel_terms_kernel(
+        qkv_ptr,  # (B, GH, GW, 3, NH, HD): q of every grid token
+        table_ptr,  # (WIN, WIN, HD) contiguous: R[window position, key position]
+        out_ptr,  # (B, GH, GW, NH, WIN)
+        N_LINES,  # grid lines per image (rows for rel_h, columns for rel_w)
+        LINE_STRIDE,  # tokens between consecutive lines
+        POS_STRIDE,  # tokens between consecutive positions along a line
+        N_POS,  # positions per line
+        IMG_TOKENS,
+        NH: tl.constexpr,
+        HD: tl.constexpr,
+        WIN: tl.constexpr,
+        WINP: tl.constexpr,  # WIN rounded up to a power of two (>= 16)
+        POSP: tl.constexpr,  # N_POS rounded up to a power of two (>= 16)
+    ):
+        """out[token, h, k] = <q[token, h], R[line mod WIN, k]> for every token of one line."""
+        bl = tl.program_id(0)
+        h = tl.program_id(1)
+        b = (bl // N_LINES).to(tl.int64)
+        line = bl % N_LINES
+        pos = tl.arange(0, POSP)
+        tok = line * LINE_STRIDE + pos * POS_STRIDE
+        valid = pos < N_POS
+        d = tl.arange(0, HD)
+        q = tl.load(
+            qkv_ptr + (b * IMG_TOKENS + tok)[:, None] * (3 * NH * HD) + h * HD + d[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        )
+        k = tl.arange(0, WINP)
+        t = tl.load(
+            table_ptr + ((line % WIN) * WIN + k)[:, None] * HD + d[None, :],
+            mask=(k < WIN)[:, None],
+            other=0.0,
+        )
+        r = tl.dot(q, tl.trans(t))  # (POSP, WINP)
+        dst = out_ptr + ((b * IMG_TOKENS + tok) * NH + h)[:, None] * WIN + k[None, :]
+        tl.store(dst, r.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (k < WIN)[None, :])
 
     @triton.jit
     def _relpos_kernel(
@@ -87,8 +130,8 @@ if triton is not None:
         HD: tl.constexpr,
         WH: tl.constexpr,  # window height and width in tokens (global: the grid's)
         WW: tl.constexpr,
+        WWP: tl.constexpr,  # WW rounded up to a power of two: the key block
         BM: tl.constexpr,
-        BN: tl.constexpr,
     ):
         LOG2E: tl.constexpr = 1.4426950408889634
         C: tl.constexpr = NH * HD
@@ -118,26 +161,24 @@ if triton is not None:
         k_pad = tl.load(bias_ptr + C + h * HD + offs_d)
         v_pad = tl.load(bias_ptr + 2 * C + h * HD + offs_d)
 
+        # one key block per window row: its column term is the same for every block
+        cn = tl.arange(0, WWP)
+        in_row = cn < WW
+        xn = x0 + cn
+        rw_tile = tl.load(rw_row[:, None] + cn[None, :], mask=valid_m[:, None] & in_row[None, :], other=0.0)
+        rw_tile = rw_tile.to(tl.float32) * LOG2E
         m_i = tl.full([BM], float("-inf"), tl.float32)
         l_i = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, HD], tl.float32)
-        for start_n in range(0, NT, BN):
-            offs_n = start_n + tl.arange(0, BN)
-            rn = offs_n // WW
-            cn = offs_n % WW
+        for rn in range(0, WH):
             yn = y0 + rn
-            xn = x0 + cn
-            in_win = offs_n < NT
-            valid_n = in_win & (yn < GH) & (xn < GW)
-            tok_n = yn * GW + xn
-            kv_off = tok_n[:, None] * (3 * C) + h * HD + offs_d[None, :]
+            valid_n = in_row & (yn < GH) & (xn < GW)
+            kv_off = (yn * GW + xn)[:, None] * (3 * C) + h * HD + offs_d[None, :]
             k = tl.load(qkv_img + kv_off + C, mask=valid_n[:, None], other=0.0)
             k = tl.where(valid_n[:, None], k, k_pad[None, :])
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            bmask = valid_m[:, None] & in_win[None, :]
-            bias = tl.load(rh_row[:, None] + rn[None, :], mask=bmask, other=0.0).to(tl.float32)
-            bias += tl.load(rw_row[:, None] + cn[None, :], mask=bmask, other=0.0).to(tl.float32)
-            s = tl.where(in_win[None, :], s + bias * LOG2E, float("-inf"))
+            rh_col = tl.load(rh_row + rn, mask=valid_m, other=0.0).to(tl.float32) * LOG2E
+            s = tl.dot(q, tl.trans(k)) * qk_scale + rw_tile + rh_col[:, None]
+            s = tl.where(in_row[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -155,24 +196,58 @@ if triton is not None:
         )
 
     def _prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
-        nt = named_args["WH"] * named_args["WW"] if "WH" in named_args else kwargs["WH"] * kwargs["WW"]
+        nt = kwargs.get("WH", named_args.get("WH", 1)) * kwargs.get("WW", named_args.get("WW", 1))
         keep = [c for c in configs if c.kwargs["BM"] <= max(64, triton.next_power_of_2(nt))]
         return keep or configs
 
     _tuned = triton.autotune(
-        configs=[triton.Config({"BM": m, "BN": n}, num_warps=w, num_stages=s) for m, n, w, s in CONFIGS],
+        configs=[triton.Config({"BM": m}, num_warps=w, num_stages=s) for m, w, s in CONFIGS],
         key=["WH", "WW", "NH", "HD"],
         prune_configs_by={"early_config_prune": _prune},
     )(_relpos_kernel)
 
 
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())  # tl.dot needs every dim >= 16
+
+
+def grid_rel_terms(qkv: Tensor, rh: Tensor, rw: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """rel_h[b, y, x, n, k] = <q[b, y, x, n], Rh[y mod WH, k]>, rel_w likewise over columns.
+
+    qkv: (B, GH, GW, 3*C) contiguous (q is its first third); rh: (WH, WH, d); rw: (WW, WW, d)
+    (`rel_pos_table`). The window row of grid row y is y mod WH (global: WH = GH). Returns
+    (B, GH, GW, heads, WH) and (B, GH, GW, heads, WW), unscaled q as in the reference."""
+    assert triton is not None  # callers check kernel_available() first
+    B, GH, GW, C3 = qkv.shape
+    hd = C3 // 3 // heads
+    out = []
+    # rel_h: one program per grid row (positions along it: its columns); rel_w: per column
+    for table, lines, line_stride, pos_stride, n_pos in ((rh, GH, GW, 1, GW), (rw, GW, 1, GW, GH)):
+        win = table.shape[0]
+        r = qkv.new_empty(B, GH, GW, heads, win)
+        _rel_terms_kernel[(B * lines, heads)](  # pyright: ignore[reportIndexIssue]
+            qkv, table.contiguous(), r, lines, line_stride, pos_stride, n_pos, GH * GW,
+            NH=heads, HD=hd, WIN=win, WINP=_pow2(win), POSP=_pow2(n_pos),
+        )  # fmt: skip
+        out.append(r)
+    return out[0], out[1]
+
+
 def relpos_attention(
-    qkv: Tensor, qkv_bias: Tensor | None, rel_h: Tensor, rel_w: Tensor, heads: int, window: int, scale: float
+    qkv: Tensor,
+    qkv_bias: Tensor | None,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    heads: int,
+    window: int,
+    scale: float,
+    config: tuple[int, int, int] | None = None,
 ) -> Tensor:
     """Windowed (`window` > 0) or global (0) SAM attention over the grid in one kernel.
 
     qkv: (B, GH, GW, 3*C) contiguous, the qkv projection of the normed grid (not partitioned);
-    qkv_bias: (3*C,) or None; rel_h, rel_w: from `grid_rel_terms`. Returns (B, GH, GW, C)."""
+    qkv_bias: (3*C,) or None; rel_h, rel_w: from `grid_rel_terms`. Returns (B, GH, GW, C).
+    `config` (one of CONFIGS) skips the autotuner (benchmarks); the CPU interpreter uses a fixed one."""
     assert triton is not None  # callers check kernel_available() first
     B, GH, GW, C3 = qkv.shape
     C = C3 // 3
@@ -182,12 +257,16 @@ def relpos_attention(
     qkv = qkv.contiguous()
     bias = qkv_bias if qkv_bias is not None else qkv.new_zeros(C3)
     out = qkv.new_empty(B, GH, GW, C)
-    args = (qkv, bias.contiguous(), rel_h, rel_w, out, scale * 1.4426950408889634, GH, GW, nwx, nwx * nwy)
-    meta = {"NH": heads, "HD": hd, "WH": WH, "WW": WW}
+    args = (qkv, bias.contiguous(), rel_h, rel_w, out, scale * LOG2E, GH, GW, nwx, nwx * nwy)
+    meta = {"NH": heads, "HD": hd, "WH": WH, "WW": WW, "WWP": _pow2(WW)}
     nt = WH * WW
+    if config is None and INTERPRET:  # the CPU interpreter times nothing: no autotuning
+        config = (32, 4, 1)
     # triton.jit kernels are launched as kernel[grid](...); triton is unresolved here (no stubs)
-    if INTERPRET:  # the CPU interpreter: one fixed config, no autotuning (it times on CUDA)
-        _relpos_kernel[(triton.cdiv(nt, 32), B * nwx * nwy, heads)](*args, **meta, BM=32, BN=16)  # pyright: ignore[reportIndexIssue]
+    if config is not None:
+        bm, warps, stages = config
+        launch = (triton.cdiv(nt, bm), B * nwx * nwy, heads)
+        _relpos_kernel[launch](*args, **meta, BM=bm, num_warps=warps, num_stages=stages)  # pyright: ignore[reportIndexIssue]
     else:
         grid = lambda m: (triton.cdiv(nt, m["BM"]), B * nwx * nwy, heads)  # noqa: E731
         _tuned[grid](*args, **meta)  # pyright: ignore[reportIndexIssue, reportPossiblyUnbound]

@@ -46,7 +46,7 @@ def reference(attn, x, ws):
     finally:
         sam.ATTENTION_IMPL = "augmented"
 
-out = {"interpret": sam_attention.INTERPRET, "cases": []}
+out = {"interpret": sam_attention.INTERPRET, "cases": [], "rel_terms": []}
 torch.manual_seed(0)
 with torch.no_grad():
     for gh, gw, ws, heads, hd in json.loads(sys.argv[1]):
@@ -56,6 +56,13 @@ with torch.no_grad():
         x = torch.randn(2, gh, gw, heads * hd)
         ref = reference(attn, x, ws)
         got = attn.fused(x, ws)
+        qkv = attn.qkv(x)
+        rh = sam.rel_pos_table(ws or gh, attn.rel_pos_h)
+        rw = sam.rel_pos_table(ws or gw, attn.rel_pos_w)
+        terms = sam_attention.grid_rel_terms(qkv, rh, rw, heads)
+        q = qkv.view(*qkv.shape[:3], 3, heads, hd)[:, :, :, 0]
+        for t, r in zip(terms, sam_attention.grid_rel_terms_reference(q, rh, rw)):
+            out["rel_terms"].append([(t - r).abs().max().item(), r.abs().max().item()])
         out["cases"].append([(got - ref).abs().max().item(), ref.abs().max().item()])
     # the whole tiny SAM encoder (2 blocks: one windowed with padding, one global) at 256 px
     enc = sam.ImageEncoderViT(OcrConfig.tiny().sam)
@@ -90,6 +97,8 @@ def _run(cases: list[tuple[int, int, int, int, int]]) -> dict:
 def test_fused_kernel_equals_the_reference_attention_and_encoder() -> None:
     out = _run(ATTENTION_CASES)
     assert out["interpret"] is True
+    for err, scale in out["rel_terms"]:  # the bias-term kernel against the two einsums
+        assert scale > 1.0 and err <= 1e-5 * scale, (err, scale)
     assert len(out["cases"]) == len(ATTENTION_CASES)
     for (err, scale), case in zip(out["cases"], ATTENTION_CASES):
         assert scale > 1.0, case  # a real signal, not all zeros
