@@ -76,9 +76,7 @@ def bench_shape(grid: int, window: int, views: int) -> dict[str, Any]:
         )
         kernels = {}
         for cfg in sam_attention.CONFIGS:
-            name = "BM{}_BN{}_{}_w{}_s{}".format(
-                cfg[0], cfg[1], "row" if cfg[2] else "gather", cfg[3], cfg[4]
-            )
+            name = "BM{}_w{}_s{}".format(*cfg)
             try:
                 kernels[name] = rate(
                     _time(
