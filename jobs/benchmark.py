@@ -309,13 +309,13 @@ def device_rates() -> dict[str, float]:
     }
 
 
-STAGES_TRIED = (1, 3)  # split-loop forms of the paged decode kernel: plain, software-pipelined
+PARTS_TRIED = (2, 4, 16)  # programs per (row, head) of the paged decode kernel (16: one per split)
 
 
 def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: int) -> list[dict[str, Any]]:
-    """Decode attention alone (one layer) over a paged pool: the Triton split-KV kernel in both
-    loop forms (`model.paged_attention.STAGES`), ms per call and achieved KV read bandwidth (K+V
-    bytes of every row's context). The faster form is kept for the rest of the run."""
+    """Decode attention alone (one layer) over a paged pool: the Triton split-KV kernel with 2, 4
+    and one program per split for each (row, head) (`model.paged_attention.PARTS`), ms per call and achieved KV read bandwidth (K+V
+    bytes of every row's context). The fastest is kept for the rest of the run."""
     import torch
 
     from model import paged_attention
@@ -339,8 +339,8 @@ def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: i
             q = torch.randn(rows, H, hd, dtype=torch.bfloat16, device="cuda")
             gb = rows * ctx * H * hd * 2 * 2 / 1e9
             point: dict[str, Any] = {"rows": rows, "ctx": ctx, "kv_gb": round(gb, 3)}
-            for stages in STAGES_TRIED:
-                paged_attention.STAGES = stages
+            for parts in PARTS_TRIED:
+                paged_attention.PARTS = parts
                 for _ in range(3):
                     paged_decode(q, k, v, table, lens)
                 torch.cuda.synchronize()
@@ -351,7 +351,7 @@ def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: i
                 b.record()
                 torch.cuda.synchronize()
                 ms = a.elapsed_time(b) / 20
-                point[f"stages{stages}"] = {
+                point[f"parts{parts}"] = {
                     "kernel_ms": round(ms, 3),
                     "kv_gb_per_s": round(gb / ms * 1000, 1),
                 }
@@ -359,11 +359,11 @@ def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: i
             print(f"  paged decode kernel {out[-1]}", flush=True)
             del k, v
             torch.cuda.empty_cache()
-    # the loop form with the least total time over all points serves the rest of the run
-    best = min(STAGES_TRIED, key=lambda st: sum(p[f"stages{st}"]["kernel_ms"] for p in out))
-    paged_attention.STAGES = best
+    # the variant with the least total time over all points serves the rest of the run
+    best = min(PARTS_TRIED, key=lambda n: sum(p[f"parts{n}"]["kernel_ms"] for p in out))
+    paged_attention.PARTS = best
     for p in out:
-        p.update(p[f"stages{best}"], stages=best)
+        p.update(p[f"parts{best}"], parts=best)
     return out
 
 
@@ -643,6 +643,12 @@ def main(argv: list[str] | None = None) -> int:
         "vision FLOPs/page",
     )
     ap.add_argument(
+        "--paged-parts",
+        type=int,
+        default=0,
+        help="programs per (row, head) of the paged decode kernel (model.paged_attention.PARTS; 0: its default)",
+    )
+    ap.add_argument(
         "--vision-only", action="store_true", help="with --kernel-bench: stop after the vision-alone timings"
     )
     args = ap.parse_args(argv)
@@ -653,6 +659,10 @@ def main(argv: list[str] | None = None) -> int:
         print("the benchmark needs a CUDA device", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.paged_parts:
+        from model import paged_attention
+
+        paged_attention.PARTS = args.paged_parts
     t_start = t0 = time.perf_counter()
     unique = render_corpus(Path(args.corpus), RenderOptions(), args.workers)  # the job's defaults
     render_s = time.perf_counter() - t0

@@ -2,10 +2,10 @@
 
 Why: at decode each row has one query and its own context length; one program per (row, head)
 would leave most of the chip idle for short batches and serialise long rows. The context is cut
-into splits of `SPLIT` tokens (whole blocks); each (row, head, split) program streams its blocks
-through an online softmax and writes a partial output and its log-sum-exp; a second small kernel
-merges the splits. Programs whose split starts past the row's length exit at once, so rows of
-unequal length cost what they read. The plain-torch reference is `PagedKVCache.reference`.
+into splits of `SPLIT` tokens (whole blocks); each of `PARTS` programs per (row, head) streams
+the blocks of every PARTS-th split through one online softmax and writes a partial output and its
+log-sum-exp; a second small kernel merges the partials. A program whose first split starts past
+the row's length exits at once, so rows of unequal length cost what they read. The plain-torch reference is `PagedKVCache.reference`.
 """
 
 # Triton's jit kernels take `tl.constexpr` parameters and launch options (num_warps) that its
@@ -25,9 +25,11 @@ except ImportError:  # pragma: no cover - CPU-only environment
     triton = None  # type: ignore[assignment]
 
 SPLIT = 512  # tokens per split (a multiple of the block size)
-# software-pipeline stages of the split loop (1: plain loop); `jobs/benchmark.py --kernel-bench`
-# times 1 and 3 and keeps the faster for the rest of its run
-STAGES = 1
+# programs per (row, head): program p streams splits p, p + PARTS, ... of its row, so a batch of
+# short rows does not launch (and retire) one idle program per split of the longest possible row,
+# and the merge reads PARTS partials instead of one per split. `jobs/benchmark.py --kernel-bench`
+# times 2, 4 and one program per split, and keeps the fastest for the rest of its run.
+PARTS = 4
 
 
 def kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -75,18 +77,17 @@ if triton is not None:
         HD: tl.constexpr,
         BS: tl.constexpr,
         BLOCKS_PER_SPLIT: tl.constexpr,
-        NSPLIT: tl.constexpr,
-        STAGES: tl.constexpr,  # 1: one block after the other; > 1: a software-pipelined loop
+        NSPLIT: tl.constexpr,  # splits of the longest possible row
+        PARTS: tl.constexpr,  # programs per (row, head); program p takes splits p, p + PARTS, ...
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
-        s = tl.program_id(2)
+        p = tl.program_id(2)
         length = tl.load(lens_ptr + b)
-        start = s * BLOCKS_PER_SPLIT * BS
         d = tl.arange(0, HD)
         t = tl.arange(0, BS)
-        out_off = (b * H + h) * NSPLIT + s
-        if start >= length:
+        out_off = (b * H + h) * PARTS + p
+        if p * BLOCKS_PER_SPLIT * BS >= length:
             tl.store(lse_ptr + out_off, float("-inf"))
             tl.store(o_ptr + out_off * HD + d, tl.zeros([HD], dtype=tl.float32))
             return
@@ -94,50 +95,15 @@ if triton is not None:
         m = float("-inf")
         acc_l = 0.0
         acc = tl.zeros([HD], dtype=tl.float32)
-        if STAGES > 1:  # no branch in the loop, so it can be pipelined: blocks past the row are masked
-            for j in tl.range(0, BLOCKS_PER_SPLIT, num_stages=STAGES):
-                m, acc_l, acc = _attend_block(
-                    q,
-                    k_ptr,
-                    v_ptr,
-                    table_ptr,
-                    b,
-                    h,
-                    stride_tb,
-                    start + j * BS,
-                    length,
-                    m,
-                    acc_l,
-                    acc,
-                    t,
-                    d,
-                    H,
-                    HD,
-                    BS,
-                )
-        else:
-            for j in range(BLOCKS_PER_SPLIT):
-                pos0 = start + j * BS
-                if pos0 < length:
-                    m, acc_l, acc = _attend_block(
-                        q,
-                        k_ptr,
-                        v_ptr,
-                        table_ptr,
-                        b,
-                        h,
-                        stride_tb,
-                        pos0,
-                        length,
-                        m,
-                        acc_l,
-                        acc,
-                        t,
-                        d,
-                        H,
-                        HD,
-                        BS,
-                    )
+        for i in range(0, (NSPLIT + PARTS - 1) // PARTS):  # splits p, p + PARTS, ...
+            start = (p + i * PARTS) * BLOCKS_PER_SPLIT * BS
+            if start < length:
+                for j in range(BLOCKS_PER_SPLIT):
+                    pos0 = start + j * BS
+                    if pos0 < length:
+                        m, acc_l, acc = _attend_block(
+                            q, k_ptr, v_ptr, table_ptr, b, h, stride_tb, pos0, length, m, acc_l, acc, t, d, H, HD, BS
+                        )  # fmt: skip
         tl.store(o_ptr + out_off * HD + d, acc / acc_l)
         tl.store(lse_ptr + out_off, m + tl.log(acc_l))
 
@@ -161,13 +127,14 @@ def paged_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens:
     max_len = table.shape[1] * bs
     split = max(SPLIT, bs) // bs * bs
     assert triton is not None  # callers check kernel_available() first
-    nsplit = triton.next_power_of_2(-(-max_len // split))
+    nsplit = -(-max_len // split)
+    parts = min(triton.next_power_of_2(nsplit), triton.next_power_of_2(PARTS))
     q = q.contiguous()
-    o = torch.empty(B, H, nsplit, hd, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, H, nsplit, device=q.device, dtype=torch.float32)
+    o = torch.empty(B, H, parts, hd, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, parts, device=q.device, dtype=torch.float32)
     lens32 = lens.to(torch.int32)
     # triton.jit kernels are launched as kernel[grid](...); triton is unresolved here (no stubs)
-    _split_kernel[(B, H, nsplit)](  # pyright: ignore[reportIndexIssue]
+    _split_kernel[(B, H, parts)](  # pyright: ignore[reportIndexIssue]
         q,
         k_pool,
         v_pool,
@@ -182,11 +149,11 @@ def paged_decode(q: Tensor, k_pool: Tensor, v_pool: Tensor, table: Tensor, lens:
         BS=bs,
         BLOCKS_PER_SPLIT=split // bs,
         NSPLIT=nsplit,
-        STAGES=STAGES,
+        PARTS=parts,
         num_warps=4,
     )
     out = torch.empty_like(q)
     _merge_kernel[(B * H,)](  # pyright: ignore[reportIndexIssue]  # triton.jit kernel launch
-        o, lse, out, HD=hd, NSPLIT=nsplit, num_warps=1
+        o, lse, out, HD=hd, NSPLIT=parts, num_warps=1
     )
     return out

@@ -154,17 +154,17 @@ def test_pixels_normalised_on_the_device_equal_the_cpu_path() -> None:
 
 
 @cuda
-@pytest.mark.parametrize("stages", [1, 3])
+@pytest.mark.parametrize("parts", [2, 4, 16])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_paged_kernel_equals_torch_reference(
-    block_size: int, stages: int, monkeypatch: pytest.MonkeyPatch
+    block_size: int, parts: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Split-KV Triton decode over a shuffled block pool, rows of very unequal length (1 token to
     the full row, across split boundaries) == the plain-torch paged reference, within bf16 tolerance."""
     from model import paged_attention
     from model.kv_cache import PagedKVCache
 
-    monkeypatch.setattr(paged_attention, "STAGES", stages)  # the plain and the pipelined loop
+    monkeypatch.setattr(paged_attention, "PARTS", parts)  # programs per (row, head)
     g = torch.Generator(device="cuda").manual_seed(0)
     B, H, hd, L = 7, 10, 128, 4096
     lens = torch.tensor([1, 2, 63, 64, 511, 1500, 4096], device="cuda")

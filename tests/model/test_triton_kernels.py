@@ -116,7 +116,7 @@ torch.set_num_threads(1)
 from model import paged_attention
 
 torch.manual_seed(0)
-bs, H, hd, per_row = 16, 2, 16, 40  # rows up to 640 tokens: 2 splits of 512
+bs, H, hd, per_row = 16, 2, 16, 80  # rows up to 1,280 tokens: 3 splits of 512
 lens = torch.tensor(json.loads(sys.argv[1]))
 B = len(lens)
 k_pool = torch.randn(B * per_row + 1, bs, H, hd)
@@ -131,18 +131,18 @@ for r in range(B):  # plain attention over each row's own first lens[r] cached t
     want.append(torch.einsum("hl,lhd->hd", w, vs))
 want = torch.stack(want)
 out = {}
-for stages in (1, 3):
-    paged_attention.STAGES = stages
+for parts in (1, 2, 4):  # programs per (row, head): all splits in one, two, one per split
+    paged_attention.PARTS = parts
     got = paged_attention.paged_decode(q, k_pool, v_pool, table, lens)
-    out[stages] = [(got - want).abs().max().item(), want.abs().max().item()]
+    out[parts] = [(got - want).abs().max().item(), want.abs().max().item()]
 print(json.dumps(out))
 """
 
 
 def test_paged_decode_kernel_equals_plain_attention_on_ragged_rows() -> None:
-    """Rows of 1 token, one block, a partial block, a split boundary and the full row, through both
-    loop forms (plain and pipelined), over a shuffled block pool."""
-    out = _run([1, 16, 23, 512, 513, 640], PAGED_SCRIPT)
-    assert set(out) == {"1", "3"}
+    """Rows of 1 token, one block, a partial block, split boundaries and the full row, with one,
+    two and one-per-split programs per (row, head), over a shuffled block pool."""
+    out = _run([1, 16, 23, 512, 513, 1100, 1280], PAGED_SCRIPT)
+    assert set(out) == {"1", "2", "4"}
     for err, scale in out.values():
         assert scale > 0.1 and err <= 1e-5, (err, scale)
