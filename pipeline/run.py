@@ -316,6 +316,7 @@ def _run_leased(
         if not pump.join(60.0):
             log.warning("the processing dataset did not end within 60 s of the failure")
         ray.kill(registry)
+        ray.kill(feed)
         raise
     ray.get(feed.close.remote())
     todo = plan.expected_rows - plan.already_final

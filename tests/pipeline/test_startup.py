@@ -1,0 +1,107 @@
+"""Start-up overlap (issue 14): the processing dataset, and with it the OCR actor's model load,
+starts before discovery and planning end; the plan reaches it through `pipeline.feed.PlanFeed`.
+
+Real local Ray, the job in this process (`pipeline.run.run`), the tiny random model on CPU.
+`PAGEMILL_TEST_HOLD_PLAN_S` holds the finished plan back (a slow discovery): the OCR actor must be
+ready before the plan is published. An empty plan (a rerun with nothing to do) and a discovery
+that fails both end the job cleanly: the feed is closed on every path, so nothing waits for a plan.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.run import HOLD_PLAN_ENV, compose, run
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+HOLD_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded local Ray for the module's runs (`run` joins it), shut down at the end."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_ADDRESS", "local")  # a fresh embedded Ray, never another job's cluster
+        yield
+        ray.shutdown()
+
+
+def _cfg(src: Path, out: Path) -> object:
+    return compose(
+        [
+            "model=tiny_random",
+            "mode=tiny",
+            "generation.max_new_tokens=8",
+            "progress=false",
+            f"input.uri={src}",
+            f"output.uri={out}",
+        ]
+    )
+
+
+def _pump_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "pagemill-receipts" and t.is_alive()]
+
+
+def test_ocr_actor_loads_while_planning_then_a_noop_rerun(
+    local_ray: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(DATA / "form-libreoffice-01.pdf", src)
+    shutil.copy(DATA / "not-a-pdf-01.pdf", src)  # a doc_error row rides the feed too
+    out = tmp_path / "out"
+
+    monkeypatch.setenv(HOLD_PLAN_ENV, str(HOLD_S))
+    s = run(_cfg(src, out))  # pyright: ignore[reportArgumentType]
+    at = s["startup_s"]
+    assert s["accounting_ok"] and s["rows_written"] == s["rows_expected"] >= 2
+    assert at["ray_init"] <= at["dataset_started"] <= at["discovery"] <= at["plan"]
+    assert at["plan"] - at["discovery"] >= HOLD_S - 0.5  # the plan was held back
+    # the OCR actor was built (model loaded, KV pool allocated) before the plan was published
+    assert at["ocr_load_start"] < at["ocr_ready"] < at["plan"]
+    assert at["plan"] <= at["first_page_into_ocr"] <= at["first_row_written"] <= at["processing_done"]
+    assert list(at.values()) == sorted(at.values())  # in the order reached
+    cpu = s["stage_cpu_s"]
+    assert set(cpu) == {"render", "ocr", "write", "driver"} and all(v > 0 for v in cpu.values())
+    assert set(s["ocr_steady"]) == {"pages_per_s", "window_s", "pages"}  # < 10 pages: no figure
+    assert not _pump_threads()
+
+    # the same input again: an empty plan; the dataset ends without a page reaching OCR
+    monkeypatch.delenv(HOLD_PLAN_ENV)
+    t = time.monotonic()
+    again = run(_cfg(src, out))  # pyright: ignore[reportArgumentType]
+    assert again["accounting_ok"] and again["rows_written"] == 0
+    assert again["rows_already_final"] == s["rows_expected"]
+    assert "first_page_into_ocr" not in again["startup_s"]
+    assert "first_row_written" not in again["startup_s"]
+    assert time.monotonic() - t < 300
+    assert not _pump_threads()
+
+
+def test_a_failed_discovery_fails_the_job_without_a_hang(
+    local_ray: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.discover
+
+    def broken(*_a: object, **_k: object) -> list[dict[str, object]]:
+        time.sleep(1.0)  # the dataset is up and waiting on the feed by now
+        raise RuntimeError("listing failed: the input store is down")
+
+    monkeypatch.setattr(pipeline.discover, "discover", broken)
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(DATA / "form-libreoffice-01.pdf", src)
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="listing failed: the input store is down"):
+        run(_cfg(src, tmp_path / "out"))  # pyright: ignore[reportArgumentType]
+    assert time.monotonic() - t < 180  # the feed was closed: the dataset ended, nothing waited
+    assert not _pump_threads()
+    assert not list((tmp_path / "out").glob("pages/*.parquet"))  # nothing written
