@@ -2,12 +2,15 @@
 
     python -m pipeline.run input.uri=/data/pdfs output.uri=/data/out mode=gundam model=tiny_random
 
-Two phases, both on Ray:
+Two phases, both on Ray, overlapping at start-up:
 1. discovery: list the input (a Ray task) and probe every document (a Ray Data stage that reads,
    hashes and opens each file); only small per-document metadata comes back to the driver;
 2. processing: page-range rows stream through render (page PNGs) -> OCR (views built in the actor; one actor
    per GPU) -> post-process -> Parquet writer; the driver only consumes per-batch receipts for
    progress and accounting.
+The processing dataset starts before discovery (its rows come from a `pipeline.feed.PlanFeed`
+once the plan is made), so the OCR actors load the model and allocate their KV pool meanwhile.
+The summary's `startup_s` says when each phase ended, relative to the job's start.
 This is the only module where Hydra meets Ray (compose -> dataclasses -> `run`).
 """
 
@@ -307,10 +310,11 @@ def _run_leased(
             log.info("force: %d committed rows will be redone", ledger.forget(store, plan.done))
             plan = plan_pages(cfg, docs, ledger, ledger.failures)
         ledger.record_sources(store, plan.source_pairs)
+        phases.mark("plan")
         _hold_plan()
         if plan.tasks:
             ray.get(feed.publish.remote(stages.to_batch(plan.tasks)))
-        phases.mark("plan")
+        phases.mark("plan_published")
     except BaseException:
         ray.get(feed.close.remote())  # the dataset ends (no rows) instead of waiting for a plan
         if not pump.join(60.0):
@@ -318,6 +322,7 @@ def _run_leased(
         ray.kill(registry)
         ray.kill(feed)
         raise
+    # no more rows: with an empty plan the dataset ends once its actors are up (no page reaches OCR)
     ray.get(feed.close.remote())
     todo = plan.expected_rows - plan.already_final
     log.info(

@@ -63,11 +63,12 @@ def test_ocr_actor_loads_while_planning_then_a_noop_rerun(
     s = run(_cfg(src, out))  # pyright: ignore[reportArgumentType]
     at = s["startup_s"]
     assert s["accounting_ok"] and s["rows_written"] == s["rows_expected"] >= 2
-    assert at["ray_init"] <= at["dataset_started"] <= at["discovery"] <= at["plan"]
-    assert at["plan"] - at["discovery"] >= HOLD_S - 0.5  # the plan was held back
+    assert at["ray_init"] <= at["dataset_started"] <= at["discovery"] <= at["plan"] <= at["plan_published"]
+    assert at["plan_published"] - at["plan"] >= HOLD_S - 0.5  # the plan was held back
     # the OCR actor was built (model loaded, KV pool allocated) before the plan was published
-    assert at["ocr_load_start"] < at["ocr_ready"] < at["plan"]
-    assert at["plan"] <= at["first_page_into_ocr"] <= at["first_row_written"] <= at["processing_done"]
+    assert at["ocr_load_start"] < at["ocr_ready"] < at["plan_published"]
+    assert at["plan_published"] <= at["first_page_into_ocr"] <= at["first_row_written"]
+    assert at["first_row_written"] <= at["processing_done"]
     assert list(at.values()) == sorted(at.values())  # in the order reached
     cpu = s["stage_cpu_s"]
     assert set(cpu) == {"render", "ocr", "write", "driver"} and all(v > 0 for v in cpu.values())
