@@ -106,3 +106,34 @@ def test_a_failed_discovery_fails_the_job_without_a_hang(
     assert time.monotonic() - t < 180  # the feed was closed: the dataset ended, nothing waited
     assert not _pump_threads()
     assert not list((tmp_path / "out").glob("pages/*.parquet"))  # nothing written
+
+
+def test_plan_feed_chunks_and_close() -> None:
+    """`PlanFeed` in-process (no Ray): `take` waits for the plan, hands out chunks of about
+    1/slots of it, then None; an empty plan (close without publish) gives None at once."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from pipeline.feed import PlanFeed
+
+    async def scenario() -> None:
+        feed = PlanFeed(slots=4)
+        waiting = asyncio.ensure_future(feed.take())
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # nothing published yet: the read task waits
+        await feed.publish(pa.table({"x": list(range(10))}))
+        chunks = [await waiting]
+        while (c := await feed.take()) is not None:
+            chunks.append(c)
+        assert [c.column("x").to_pylist() for c in chunks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+        await feed.close()  # idempotent after the plan
+        assert await feed.take() is None
+        with pytest.raises(RuntimeError, match="already published or closed"):
+            await feed.publish(pa.table({"x": [1]}))
+
+        empty = PlanFeed(slots=4)
+        await empty.close()
+        assert await empty.take() is None
+
+    asyncio.run(scenario())
