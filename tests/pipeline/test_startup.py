@@ -123,7 +123,9 @@ def test_plan_feed_chunks_and_close() -> None:
         await asyncio.sleep(0.05)
         assert not waiting.done()  # nothing published yet: the read task waits
         await feed.publish(pa.table({"x": list(range(10))}))
-        chunks = [await waiting]
+        first = await waiting
+        assert first is not None
+        chunks = [first]
         while (c := await feed.take()) is not None:
             chunks.append(c)
         assert [c.column("x").to_pylist() for c in chunks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
