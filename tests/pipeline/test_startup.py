@@ -139,3 +139,27 @@ def test_plan_feed_chunks_and_close() -> None:
         assert await empty.take() is None
 
     asyncio.run(scenario())
+
+
+def test_registry_timing_from_the_actors_reports() -> None:
+    """`ActorRegistry.timing` in-process: OCR start-up points over all actors, the steady window
+    over every page's (into the engine, finished) times, and CPU seconds by stage (the latest
+    figure of each process, summed)."""
+    from pipeline.metrics import ActorRegistry
+
+    reg = ActorRegistry()
+    reg.register("a", "cpu", 100.0, 103.0)
+    reg.register("b", "cpu", 101.0, 102.5)
+    # 20 pages, one a second from t=110 to 129, each 5 s in the engine: the last went in at 124
+    done = [110.0 + i for i in range(20)]
+    reg.beat("a", 120.0, 10, 104.0, [t - 5 for t in done[:10]], done[:10])
+    reg.beat("b", 130.0, 10, 106.0, [t - 5 for t in done[10:]], done[10:])
+    for key, seconds in (("p1", 1.0), ("p1", 2.5), ("p2", 1.5)):
+        reg.cpu("render", key, seconds)
+    reg.cpu("ocr", "p3", 7.0)
+    t = reg.timing()
+    assert (t["ocr_load_start"], t["ocr_ready"], t["first_page_into_ocr"]) == (100.0, 102.5, 104.0)
+    assert t["last_page_into_ocr"] == 124.0
+    assert t["steady"] == {"pages_per_s": 1.0, "window_s": 14.0, "pages": 14}
+    assert t["stage_cpu_s"] == {"ocr": 7.0, "render": 4.0}
+    assert reg.summary()["ocr_actors"] == 2
