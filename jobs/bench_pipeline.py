@@ -11,7 +11,12 @@ end of the run (model load, rendering and the documents/ build included), then r
 Parquet back and reports JSON (printed and written to --json-out): wall and steady-state pages/s,
 bytes per page and CPU seconds per page of every Ray Data operator (Ray Data's stats), GPU
 utilisation sampled every 10 s (pynvml or nvidia-smi, when present), and - right after, on the same
-pages, with the same engine settings - the engine alone (`engine_pages_per_s`). `--min-pages N`
+pages, with the same engine settings - the engine alone (`engine_pages_per_s`). The job's steady
+state comes from the OCR actors' own per-page timestamps (`ocr_steady` of the run summary), as
+the engine alone's; start-up (`startup_spent_s`: seconds from the job's start to each phase,
+`first_page_into_ocr_s`), CPU seconds per page by stage (`cpu_s_per_page`, render children
+included) and `cores_per_gpu_at_engine_speed` (their sum x the engine's pages/s) come from the
+run summary too. `--min-pages N`
 makes at least N distinct pages by writing byte-distinct copies of the corpus PDFs (a comment
 line appended after `%%EOF`; the ledger dedups identical bytes, the renderer sees the same pages). `--allow-cpu` without CUDA:
 a smoke run with `model=tiny_random` (numbers meaningless). `--out` must be new or empty: a rerun
@@ -27,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from pipeline.metrics import steady_window
 
 # OCR produced output (forced pages end `truncated`)
 from pipeline.schema import OUTPUT_STATUSES as OCR_DONE
@@ -77,44 +84,36 @@ def report(rows: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     return out
 
 
-def steady_window(done_at: list[float], admitted_at: list[float]) -> dict[str, Any]:
-    """Steady state as `jobs/benchmark.py` measures the engine: pages finished from the first
-    finished page to the last admission (after it only the drain is left), over that window.
-    `done_at` / `admitted_at`: per page, when it finished and when it entered the engine
-    (finish time minus its OCR time)."""
-    if len(done_at) < 10:
-        return {"pages_per_s": None, "window_s": None, "pages": 0}
-    t_first, t_last = min(done_at), max(admitted_at)
-    n = sum(1 for t in done_at if t_first < t <= t_last)
+def steady_state(summary: dict[str, Any]) -> dict[str, Any]:
+    """The job's steady state, as `jobs/benchmark.py` measures the engine (`steady_window`): the
+    OCR actors' own timestamps of every page (into the engine, finished), not the writer's: pages
+    finished from the first finished page to the last page into the engine (after it only the
+    drain is left), over that window (`ocr_steady` of the run summary)."""
+    win = summary.get("ocr_steady") or {}
     return {
-        "pages_per_s": round(n / (t_last - t_first), 4) if t_last > t_first and n else None,
-        "window_s": round(t_last - t_first, 2),
-        "pages": n,
+        "steady_pages_per_s": win.get("pages_per_s"),
+        "steady_window_s": win.get("window_s"),
+        "steady_pages": win.get("pages", 0),
+        "steady_note": "OCR actor timestamps: pages finished from the first finished page to the last "
+        "page into the engine, over that window (the engine benchmark's definition)",
     }
 
 
-def steady_state(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The job's steady state (`steady_window` over the rows: written_at, written_at - ocr_ms),
-    and, for reference, the rate between the 10 % and 90 % quantiles of the write times (it
-    overstates: the rows of a filled engine finish in bursts)."""
-    timed = [
-        r for r in rows if r["page_index"] >= 0 and r["written_at"] is not None and r["ocr_ms"] is not None
-    ]
-    done_at = [r["written_at"].timestamp() for r in timed]
-    win = steady_window(done_at, [t - r["ocr_ms"] / 1000 for t, r in zip(done_at, timed)])
-    out: dict[str, Any] = {
-        "steady_pages_per_s": win["pages_per_s"],
-        "steady_window_s": win["window_s"],
-        "steady_pages": win["pages"],
-        "steady_note": "pages written from the first written page to the last page's admission "
-        "(written_at - ocr_ms), over that window: the engine benchmark's definition",
+def startup(summary: dict[str, Any], pages: int) -> dict[str, Any]:
+    """What start-up time is spent on (`startup_s` of the run summary: seconds from the job's
+    start to each point reached) and the CPU seconds per page of each stage's processes (render
+    children included; `driver` is the job's driver process; discovery's probe actors and Ray's
+    own daemons are not counted)."""
+    at = summary.get("startup_s") or {}
+    cpu = summary.get("stage_cpu_s") or {}
+    per_page = {k: round(v / pages, 4) for k, v in cpu.items()} if pages else {}
+    return {
+        "startup_spent_s": at,
+        "first_page_into_ocr_s": at.get("first_page_into_ocr"),
+        "stage_cpu_s": cpu,
+        "cpu_s_per_page": per_page,
+        "cpu_s_per_page_total": round(sum(per_page.values()), 4) if per_page else None,
     }
-    times = sorted(done_at)
-    if len(times) >= 10:
-        i, j = int(0.1 * (len(times) - 1)), int(0.9 * (len(times) - 1))
-        if times[j] > times[i]:
-            out["write_quantile_pages_per_s"] = round((j - i) / (times[j] - times[i]), 4)
-    return out
 
 
 def make_copies(corpus: Path, dest: Path, min_pages: int) -> tuple[Path, int]:
@@ -379,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         ):  # the issue's targets: wall >= 0.85, steady >= 0.95
             if result.get(job) and result.get(eng):
                 result[key] = round(result[job] / result[eng], 3)
+        if result.get("cpu_s_per_page_total") and result.get("engine_pages_per_s"):
+            # measured CPU seconds per page of the job's processes x the engine's pages/s (one GPU)
+            result["cores_per_gpu_at_engine_speed"] = round(
+                result["cpu_s_per_page_total"] * result["engine_pages_per_s"], 2
+            )
         json_out.write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != "ray_data_stats"}))
     print(f"report: {json_out}")
@@ -416,7 +420,8 @@ def _result(
         "corpus": str(corpus),
         "pages_made": pages_made,
         **report(rows, wall),
-        **steady_state(rows),
+        **steady_state(summary),
+        **startup(summary, sum(1 for r in rows if r["page_index"] >= 0)),
         "pipeline_wall_s": summary["wall_time_s"],
         "accounting_ok": summary["accounting_ok"],
         # per Ray Data operator: bytes out per row (a page, after the render stage) and CPU s per row

@@ -121,24 +121,76 @@ def registry_name(run_id: str, config_hash: str) -> str:
 
 
 class ActorRegistry:
-    """A small Ray actor (no CPU) the OCR actors report to: device name at start, a heartbeat
-    after each batch. Its `summary` gives the run's GPUs by type and GPU-hours (each GPU actor's
-    life from the start of its model load to its last batch)."""
+    """A small Ray actor (no CPU) the stage actors report to. OCR actors: device name and model
+    load start/ready at start, a heartbeat after each batch with its pages' OCR times. Its
+    `summary` gives the run's GPUs by type and GPU-hours (each GPU actor's life from the start of
+    its model load to its last batch); `timing` the OCR start-up points, the OCR steady state
+    (`steady_window` over every page's submit and finish times) and CPU seconds by stage (every
+    stage actor reports its process's CPU time, render children included: `CpuReporter`)."""
 
     def __init__(self) -> None:
+        from array import array
+
         self.actors: dict[str, dict[str, Any]] = {}
+        self.first_in: float | None = None  # the first page into an OCR actor
+        self.submitted, self.done = array("d"), array("d")  # per page: into the engine, finished
+        self.cpu_s: dict[str, dict[str, float]] = {}  # stage -> process key -> its CPU seconds
 
-    def register(self, key: str, device: str, t: float) -> None:
-        self.actors[key] = {"device": device, "start": t, "last": t, "pages": 0}
+    def register(self, key: str, device: str, t: float, ready: float | None = None) -> None:
+        self.actors[key] = {"device": device, "start": t, "last": t, "pages": 0, "ready": ready or t}
 
-    def beat(self, key: str, t: float, pages: int) -> None:
+    def beat(
+        self,
+        key: str,
+        t: float,
+        pages: int,
+        first_in: float | None = None,
+        submitted: list[float] | None = None,
+        done: list[float] | None = None,
+    ) -> None:
         a = self.actors.get(key)
         if a is not None:
             a["last"] = max(a["last"], t)
             a["pages"] += pages
+        if first_in is not None:
+            self.first_in = first_in if self.first_in is None else min(self.first_in, first_in)
+        self.submitted.extend(submitted or [])
+        self.done.extend(done or [])
+
+    def cpu(self, stage: str, key: str, seconds: float) -> None:
+        """A stage process's CPU seconds so far (the latest figure of each process counts)."""
+        self.cpu_s.setdefault(stage, {})[key] = seconds
 
     def summary(self) -> dict[str, Any]:
         return actors_summary(list(self.actors.values()))
+
+    def timing(self) -> dict[str, Any]:
+        starts = [a["start"] for a in self.actors.values()]
+        ready = [a["ready"] for a in self.actors.values()]
+        return {
+            "ocr_load_start": min(starts, default=None),
+            "ocr_ready": min(ready, default=None),
+            "first_page_into_ocr": self.first_in,
+            "last_page_into_ocr": max(self.submitted, default=None),
+            "steady": steady_window(list(self.done), list(self.submitted)),
+            "stage_cpu_s": {k: round(sum(v.values()), 3) for k, v in sorted(self.cpu_s.items())},
+        }
+
+
+def steady_window(done_at: list[float], admitted_at: list[float]) -> dict[str, Any]:
+    """Steady state as `jobs/benchmark.py` measures the engine: pages finished from the first
+    finished page to the last admission (after it only the drain is left), over that window.
+    `done_at` / `admitted_at`: per page, when it finished and when it entered the engine (for
+    the engine alone: finish time minus its OCR time; in the job: the OCR actor's timestamps)."""
+    if len(done_at) < 10:
+        return {"pages_per_s": None, "window_s": None, "pages": 0}
+    t_first, t_last = min(done_at), max(admitted_at)
+    n = sum(1 for t in done_at if t_first < t <= t_last)
+    return {
+        "pages_per_s": round(n / (t_last - t_first), 4) if t_last > t_first and n else None,
+        "window_s": round(t_last - t_first, 2),
+        "pages": n,
+    }
 
 
 def actors_summary(actors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -178,19 +230,53 @@ class RegistryClient:
         self.handle: Any = None
         try:
             self.handle = ray.get_actor(name, namespace=namespace)
-            ray.get(self.handle.register.remote(self.key, device, t_start), timeout=60)
+            ray.get(self.handle.register.remote(self.key, device, t_start, time.time()), timeout=60)
         except Exception as e:  # noqa: BLE001 - the run record then lacks this actor's GPU time
             log.warning("OCR actor registry %s not reachable: %s", name, e)
             self.handle = None
 
-    async def beat(self, pages: int) -> None:
-        """After each batch (awaited, so the run's last beat lands before its rows are counted)."""
+    async def beat(
+        self,
+        pages: int,
+        t_in: float | None = None,
+        submitted: list[float] | None = None,
+        done: list[float] | None = None,
+    ) -> None:
+        """After each batch (awaited, so the run's last beat lands before its rows are counted),
+        with the batch's times: when it reached the actor (`t_in`), and per page when it went
+        into the engine (`submitted`) and finished (`done`)."""
         if self.handle is None:
             return
         try:
-            await self.handle.beat.remote(self.key, time.time(), pages)
+            await self.handle.beat.remote(self.key, time.time(), pages, t_in, submitted, done)
         except Exception as e:  # noqa: BLE001 - a lost beat only shortens GPU-hours
             log.debug("registry beat failed: %s", e)
+
+
+class CpuReporter:
+    """A stage actor's CPU seconds so far (its process, plus `extra_s`: e.g. its render children)
+    to the registry after each call (fire and forget; nothing when there is no registry)."""
+
+    def __init__(self, name: str, namespace: str, stage: str) -> None:
+        import os
+
+        self.stage, self.key = stage, f"{os.getpid()}-{id(self)}"
+        self.handle: Any = None
+        if name:
+            try:
+                import ray
+
+                self.handle = ray.get_actor(name, namespace=namespace)
+            except Exception as e:  # noqa: BLE001 - the run record then lacks this stage's CPU
+                log.debug("registry %s not reachable: %s", name, e)
+
+    def report(self, extra_s: float = 0.0) -> None:
+        if self.handle is None:
+            return
+        try:
+            self.handle.cpu.remote(self.stage, self.key, time.process_time() + extra_s)
+        except Exception as e:  # noqa: BLE001 - metrics must never stop a stage
+            log.debug("cpu report failed: %s", e)
 
 
 # ----------------------------------------------------------------------------- run record

@@ -99,7 +99,7 @@ def _child_main(conn: Any) -> None:
         except Exception as e:  # per-page errors are already PageErrors; this is a bug or bad args
             fatal = f"{type(e).__name__}: {e}"
         pymupdf.TOOLS.store_shrink(100)  # drop MuPDF's resource cache between tasks
-        conn.send(("done", {"rss": _rss_bytes(), "fatal": fatal}))
+        conn.send(("done", {"rss": _rss_bytes(), "fatal": fatal, "cpu_s": time.process_time()}))
 
 
 def _exit_text(code: int | None) -> str:
@@ -135,6 +135,8 @@ class RenderWorker:
         self._tasks = 0  # tasks done by the current child
         self.children_started = 0
         self.last_rss_bytes = 0
+        self.children_cpu_s = 0.0  # CPU seconds of the children, as they last reported it
+        self._child_cpu_s = 0.0  # of it, the current child's
         self._lock = threading.Lock()
 
     @property
@@ -148,6 +150,7 @@ class RenderWorker:
         proc.start()
         child.close()  # only the child holds its end now: its death reads as EOF here
         self._proc, self._conn, self._tasks = proc, parent, 0
+        self._child_cpu_s = 0.0
         self.children_started += 1
 
     def _stop(self, kill: bool = False) -> int | None:
@@ -219,6 +222,9 @@ class RenderWorker:
                 continue
             self._tasks += 1
             self.last_rss_bytes = payload["rss"]
+            cpu = payload.get("cpu_s", self._child_cpu_s)
+            self.children_cpu_s += cpu - self._child_cpu_s
+            self._child_cpu_s = cpu
             too_big = self.max_rss_mb is not None and payload["rss"] > self.max_rss_mb * 2**20
             if self._tasks >= self.recycle_after or too_big:
                 self._stop()

@@ -2,12 +2,15 @@
 
     python -m pipeline.run input.uri=/data/pdfs output.uri=/data/out mode=gundam model=tiny_random
 
-Two phases, both on Ray:
+Two phases, both on Ray, overlapping at start-up:
 1. discovery: list the input (a Ray task) and probe every document (a Ray Data stage that reads,
    hashes and opens each file); only small per-document metadata comes back to the driver;
 2. processing: page-range rows stream through render (page PNGs) -> OCR (views built in the actor; one actor
    per GPU) -> post-process -> Parquet writer; the driver only consumes per-batch receipts for
    progress and accounting.
+The processing dataset starts before discovery (its rows come from a `pipeline.feed.PlanFeed`
+once the plan is made), so the OCR actors load the model and allocate their KV pool meanwhile.
+The summary's `startup_s` says when each phase ended, relative to the job's start.
 This is the only module where Hydra meets Ray (compose -> dataclasses -> `run`).
 """
 
@@ -176,6 +179,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     from pipeline.sources import read_passwords
 
     t0 = time.time()
+    phases = Phases(t0)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(t0))
     preflight.check_model_available(cfg)
     provenance.resolve(cfg)  # before any config_hash(): the revision is part of it
@@ -183,6 +187,7 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
     # a bad file fails before any work; its passwords are secrets too
     redact.register_values(read_passwords(cfg.input.passwords_file, cfg.input.storage_options))
     local = not init_ray(cfg)
+    phases.mark("ray_init")
     from pipeline.cluster import check_paths
 
     check_paths(cfg)  # local paths on a multi-node cluster: a config error before anything is written
@@ -192,27 +197,97 @@ def run(cfg: PipelineConfig, dataset_stats: bool = False) -> dict[str, Any]:
         return dry_run(cfg)
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     lease = Lease(store, run_id, cfg.output.lease_timeout_s).acquire()  # LeaseHeld: another run is on it
+    phases.mark("lease")
     try:
-        return _run_leased(cfg, store, lease, run_id, t0, local, dataset_stats)
+        return _run_leased(cfg, store, lease, run_id, phases, local, dataset_stats)
     finally:
         lease.release()
 
 
+class Phases:
+    """Start-up timestamps of the run: seconds from the job's start (`t0`, time.time()) to each
+    named point, in the order reached (the summary's `startup_s`)."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.at: dict[str, float] = {}
+
+    def mark(self, name: str, t: float | None = None) -> None:
+        self.at[name] = round((time.time() if t is None else t) - self.t0, 3)
+
+
+class ReceiptPump:
+    """The processing dataset, built and iterated in a thread: its streaming executor (and with it
+    the OCR actors' model load and KV pool) starts while the driver discovers and plans. The
+    receipts queue up here; the driver takes them (`for receipt in pump`) once it has published
+    the plan. An error of the dataset (building it: e.g. no GPU joined the cluster; or running it)
+    is raised by the iteration."""
+
+    def __init__(self, build: Any) -> None:
+        import queue
+        import threading
+
+        self.ds: Any = None
+        self.error: BaseException | None = None
+        self._build = build
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, name="pagemill-receipts", daemon=True)
+
+    def start(self) -> ReceiptPump:
+        self._thread.start()
+        return self
+
+    def _pump(self) -> None:
+        try:
+            self.ds = self._build()
+            for receipt in self.ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                self._queue.put(receipt)
+        except BaseException as e:  # noqa: BLE001 - raised on the driver's thread by __iter__
+            self.error = e
+        finally:
+            self._queue.put(None)
+
+    def __iter__(self) -> Any:
+        while (receipt := self._queue.get()) is not None:
+            yield receipt
+        self._queue.put(None)  # a second iteration ends at once too
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait (bounded) for the dataset to end; True when it has."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
 def _run_leased(
-    cfg: PipelineConfig, store: Any, lease: Lease, run_id: str, t0: float, local: bool, dataset_stats: bool
+    cfg: PipelineConfig,
+    store: Any,
+    lease: Lease,
+    run_id: str,
+    phases: Phases,
+    local: bool,
+    dataset_stats: bool,
 ) -> dict[str, Any]:
-    """The rest of `run`, while it holds the output root's lease (released by `run`, also on failure)."""
+    """The rest of `run`, while it holds the output root's lease (released by `run`, also on failure).
+
+    The processing dataset starts first, over an empty `pipeline.feed.PlanFeed`: its OCR actors
+    load the model while the ledger is read, the input discovered and the plan made. Then the plan
+    is published to the feed (an empty one too: the feed is closed on every path, so the dataset
+    always ends) and the receipts are consumed."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
     from ray.exceptions import RayActorError
 
-    from pipeline import stages
+    from pipeline import metrics, stages
     from pipeline.discover import discover
+    from pipeline.feed import start_feed
     from pipeline.ledger import RUNS_SCHEMA, Ledger, runs_from_rows
     from pipeline.plan import plan_pages
 
-    ledger = Ledger.load(store, cfg.config_hash(), temporaries_before=lease.started_at)
+    t0 = phases.t0
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not local  # locally our own tqdm bar is the progress display
     ctx.log_internal_stack_trace_to_stdout = False
@@ -220,12 +295,35 @@ def _run_leased(
     # missing by the accounting below (non-zero exit) and the next run retries them.
     ctx.max_errored_blocks = -1
 
-    docs = discover(cfg, store)  # unchanged inputs come from the stat cache in the output root
-    plan = plan_pages(cfg, docs, ledger, ledger.failures)  # the keys stay in Arrow (ledger.runs)
-    if cfg.force and plan.already_final:  # redo this input's rows: take them out of the outputs first
-        log.info("force: %d committed rows will be redone", ledger.forget(store, plan.done))
-        plan = plan_pages(cfg, docs, ledger, ledger.failures)
-    ledger.record_sources(store, plan.source_pairs)
+    reg_name = metrics.registry_name(run_id, cfg.config_hash())
+    registry = metrics.start_registry(reg_name, cfg.ray.namespace)
+    feed = start_feed()
+    pump = ReceiptPump(lambda: stages.process(cfg, feed, store, registry=reg_name)).start()
+    phases.mark("dataset_started")
+    try:
+        ledger = Ledger.load(store, cfg.config_hash(), temporaries_before=lease.started_at)
+        phases.mark("ledger")
+        docs = discover(cfg, store)  # unchanged inputs come from the stat cache in the output root
+        phases.mark("discovery")
+        plan = plan_pages(cfg, docs, ledger, ledger.failures)  # the keys stay in Arrow (ledger.runs)
+        if cfg.force and plan.already_final:  # redo this input's rows: take them out of the outputs first
+            log.info("force: %d committed rows will be redone", ledger.forget(store, plan.done))
+            plan = plan_pages(cfg, docs, ledger, ledger.failures)
+        ledger.record_sources(store, plan.source_pairs)
+        phases.mark("plan")
+        _hold_plan()
+        if plan.tasks:
+            ray.get(feed.publish.remote(stages.to_batch(plan.tasks)))
+        phases.mark("plan_published")
+    except BaseException:
+        ray.get(feed.close.remote())  # the dataset ends (no rows) instead of waiting for a plan
+        if not pump.join(FAILED_PLAN_JOIN_S):  # else it ends by itself (or with Ray) soon after
+            log.info("the processing dataset is still ending (its actors were starting)")
+        ray.kill(registry)
+        ray.kill(feed)
+        raise
+    # no more rows: with an empty plan the dataset ends once its actors are up (no page reaches OCR)
+    ray.get(feed.close.remote())
     todo = plan.expected_rows - plan.already_final
     log.info(
         "discovered %d documents (%d duplicate paths), %d rows: %d already final, %d to do",
@@ -241,42 +339,48 @@ def _run_leased(
     new_files: set[str] = set()  # pages parts this run committed
     new_counts: Counter[str] = Counter()
     bar = _progress(cfg, todo, local)
-    ds = None
-    from pipeline import metrics
     from pipeline.status import StatusLine
 
     metrics.inc("quarantined_documents", plan.quarantined)
-    actors: dict[str, Any] = metrics.actors_summary([])
-    if plan.tasks:  # nothing to do: no Ray work at all, no model loaded
-        reg_name = metrics.registry_name(run_id, cfg.config_hash())
-        registry = metrics.start_registry(reg_name, cfg.ray.namespace)
-        # above the local tqdm bar (bar.write) so the bar stays intact; else a log line
-        emit = (
-            None
-            if bar is None
-            else (lambda line: bar.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=sys.stderr))
-        )
-        status = StatusLine(todo, cfg.status_interval_s, emit=emit).start()
-        try:
-            ds = stages.process(cfg, plan, store, registry=reg_name)
-            for receipt in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                statuses = receipt.column("status").to_pylist()
-                new_counts.update(statuses)
-                written.append(runs_from_rows(receipt))
-                new_files.update(receipt.column("file").to_pylist())
-                metrics.record_pages(statuses)
+    # above the local tqdm bar (bar.write) so the bar stays intact; else a log line
+    emit = (
+        None
+        if bar is None
+        else (lambda line: bar.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=sys.stderr))
+    )
+    status = StatusLine(todo, cfg.status_interval_s, emit=emit).start() if plan.tasks else None
+    try:
+        for receipt in pump:
+            if "first_row_written" not in phases.at:
+                phases.mark("first_row_written")
+            statuses = receipt.column("status").to_pylist()
+            new_counts.update(statuses)
+            written.append(runs_from_rows(receipt))
+            new_files.update(receipt.column("file").to_pylist())
+            metrics.record_pages(statuses)
+            if status is not None:
                 status.update(statuses)
-                if bar is not None:
-                    bar.update(len(statuses))
-                lease.check()  # taken over by another run (heartbeat stale): stop here, LeaseLost
-        finally:
+            if bar is not None:
+                bar.update(len(statuses))
+            lease.check()  # taken over by another run (heartbeat stale): stop here, LeaseLost
+    except Exception as e:
+        if plan.tasks:
+            raise
+        # nothing to do: a dataset that could not even start (e.g. no GPU node) costs no row
+        log.info("nothing to do; the unused processing dataset ended with %s", type(e).__name__)
+    finally:
+        if status is not None:
             status.stop()
-        try:
-            actors = ray.get(registry.summary.remote())
-        except RayActorError:  # its node left the cluster: the per-actor figures are lost, no rows
-            log.warning("the OCR actor registry is gone (its node left the cluster): no per-actor figures")
-            actors = metrics.actors_summary([])
-        ray.kill(registry)
+    phases.mark("processing_done")
+    ds = pump.ds
+    try:
+        actors: dict[str, Any] = ray.get(registry.summary.remote())
+        timing: dict[str, Any] = ray.get(registry.timing.remote())
+    except RayActorError:  # its node left the cluster: the per-actor figures are lost, no rows
+        log.warning("the OCR actor registry is gone (its node left the cluster): no per-actor figures")
+        actors, timing = metrics.actors_summary([]), {}
+    ray.kill(registry)
+    ray.kill(feed)
     if bar is not None:
         bar.close()
     lease.check()
@@ -337,6 +441,7 @@ def _run_leased(
         **actors,  # ocr_actors, gpus (torch.cuda names -> count; empty on CPU), gpu_hours
         **metrics.cost_fields(len(written), actors["gpu_hours"], cfg.cost.gpu_hour_usd),
         "gpu_hour_usd": cfg.cost.gpu_hour_usd or None,
+        **_timing_fields(phases, timing),
     }
     store.write_json(f"_runs/{run_id}-{cfg.config_hash()}.json", summary)
     store.write_json("_summary.json", summary)
@@ -363,6 +468,41 @@ def _run_leased(
         summary["ray_data_stats"] = ds.stats() if ds is not None else ""
         summary["ray_data_operators"] = operator_stats(ds) if ds is not None else []
     return summary
+
+
+FAILED_PLAN_JOIN_S = 10.0  # how long a failed discovery/planning waits for the dataset to end
+HOLD_PLAN_ENV = "PAGEMILL_TEST_HOLD_PLAN_S"  # tests: hold the finished plan back this many seconds
+
+
+def _hold_plan() -> None:
+    """Test switch (`PAGEMILL_TEST_HOLD_PLAN_S`): a slow discovery, to see what overlaps it."""
+    hold = float(os.environ.get(HOLD_PLAN_ENV) or 0)
+    if hold > 0:
+        log.warning("%s: holding the plan back %gs", HOLD_PLAN_ENV, hold)
+        time.sleep(hold)
+
+
+def _timing_fields(phases: Phases, timing: dict[str, Any]) -> dict[str, Any]:
+    """The summary's start-up and timing figures: `startup_s` (seconds from the job's start to each
+    point: driver phases, and from the OCR actors their model load start, ready, first page in),
+    `ocr_steady` (the OCR actors' steady state, `pipeline.metrics.steady_window` over the pages'
+    submit and finish times) and `stage_cpu_s` (CPU seconds by stage, render children included)."""
+    at = dict(phases.at)
+    for name in ("ocr_load_start", "ocr_ready", "first_page_into_ocr", "last_page_into_ocr"):
+        if timing.get(name) is not None:
+            at[name] = round(timing[name] - phases.t0, 3)
+    stage_cpu = dict(timing.get("stage_cpu_s", {}))
+    stage_cpu["driver"] = round(_process_cpu_s(), 3)
+    return {
+        "startup_s": dict(sorted(at.items(), key=lambda kv: kv[1])),
+        "ocr_steady": timing.get("steady", {}),
+        "stage_cpu_s": stage_cpu,
+    }
+
+
+def _process_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def _progress(cfg: PipelineConfig, total: int, local: bool) -> Any:

@@ -28,7 +28,6 @@ import pyarrow as pa
 
 from model.engine import FinishReason
 from pipeline.config import Fallback, ForceLength, PipelineConfig
-from pipeline.plan import Plan
 from pipeline.schema import PAGE_SCHEMA, Status
 
 log = logging.getLogger("pagemill")
@@ -112,21 +111,23 @@ def configure_data_context(cfg: PipelineConfig) -> None:
     ctx.execution_options.preserve_order = False
 
 
-def process(cfg: PipelineConfig, plan: Plan, store: Any, registry: str = "") -> Any:
-    """The streaming dataset of write receipts (one row per page row written). `registry`: the
-    name of the run's OCR actor registry (`pipeline.metrics.ActorRegistry`), if any."""
+def process(cfg: PipelineConfig, feed: Any, store: Any, registry: str = "") -> Any:
+    """The streaming dataset of write receipts (one row per page row written), over the task
+    rows that `feed` (a `pipeline.feed.PlanFeed` actor) gets once the plan is made: the dataset
+    (its OCR actors included) can start before planning ends. `registry`: the name of the run's
+    actor registry (`pipeline.metrics.ActorRegistry`), if any."""
     import ray
 
     from pipeline.cluster import connected, ocr_pool
+    from pipeline.feed import read_feed
     from pipeline.preflight import cpu_count, ocr_calls_per_actor, ocr_resources
 
     configure_data_context(cfg)
     min_ocr, n_ocr, gpus = ocr_pool(cfg, connected(cfg))  # waits (bounded) for GPU nodes on a cluster
-    ds = ray.data.from_arrow(to_batch(plan.tasks))
-    ds = ds.repartition(max(1, min(len(plan.tasks), 1024)))
+    ds = read_feed(feed)
     ds = ds.map_batches(
         RenderStage,
-        fn_constructor_kwargs={"cfg": cfg},
+        fn_constructor_kwargs={"cfg": cfg, "registry": registry},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpu_count() - n_ocr)),
@@ -147,7 +148,7 @@ def process(cfg: PipelineConfig, plan: Plan, store: Any, registry: str = "") -> 
     )
     ds = ds.map_batches(
         WriteStage,
-        fn_constructor_kwargs={"cfg": cfg, "root": store.uri},
+        fn_constructor_kwargs={"cfg": cfg, "root": store.uri, "registry": registry},
         batch_size=cfg.ray.write_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=4),
@@ -187,11 +188,13 @@ class RenderStage:
     }
     WRITES = ("page_index", "status", "error_code", "error", *FROM_PAGE)
 
-    def __init__(self, cfg: PipelineConfig):
+    def __init__(self, cfg: PipelineConfig, registry: str = ""):
+        from pipeline.metrics import CpuReporter
         from pipeline.render_proc import RenderWorker
 
         self.cfg = cfg
         self.worker = RenderWorker(recycle_after=cfg.render.recycle_after)
+        self.cpu = CpuReporter(registry, cfg.ray.namespace, "render")  # with the render children
         self.passwords = config_passwords(cfg)
         self.count_blocks = cfg.generation.force_length == ForceLength.text_layer
 
@@ -254,6 +257,7 @@ class RenderStage:
                         "error": f"page beyond render.max_pages={r.max_pages}",
                     }
                 )
+        self.cpu.report(self.worker.children_cpu_s)
         return to_batch(out)
 
 
@@ -346,9 +350,10 @@ class OcrStage:
     def _metrics(self, registry: str, t_start: float) -> None:
         """Engine numbers -> Ray metrics (a sampler thread), and this actor in the run's registry
         (device name, start time: the run record's GPUs by type and GPU-hours)."""
-        from pipeline.metrics import EngineSampler, RegistryClient
+        from pipeline.metrics import CpuReporter, EngineSampler, RegistryClient
 
         self.sampler = EngineSampler(self.ocr)
+        self.cpu = CpuReporter(registry, self.cfg.ray.namespace, "ocr")
         self.registry = (
             RegistryClient(registry, self.cfg.ray.namespace, self.ocr.device_name(), t_start)
             if registry
@@ -398,10 +403,12 @@ class OcrStage:
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         import asyncio
+        import time
         from dataclasses import replace
 
         from model.preprocess import ImageError
 
+        t_in = time.time()  # the batch's pages enter OCR
         todo = pending_rows(batch)
         pngs = batch.column("_page_png").take(_index(todo)).to_pylist()
         forced = self._forced(batch, todo)
@@ -416,7 +423,7 @@ class OcrStage:
                 raise x
         ok = [k for k in range(len(todo)) if k not in bad]
         inputs: list[Any] = [made[k] for k in ok]  # OcrInput (errors were split off above)
-        results = await self._run(inputs)
+        results, submitted, done = await self._run(inputs)
         first = [r.finish_reason for r in results]
         retry = [
             i
@@ -426,7 +433,7 @@ class OcrStage:
         ]
         second: list[str] = []
         if retry and self.fallback:  # no EOS: once more with the stronger ban
-            again = await self._run(
+            again, _, done_again = await self._run(
                 [
                     replace(
                         inputs[i],
@@ -437,14 +444,16 @@ class OcrStage:
                 ]
             )
             second = [r.finish_reason for r in again]
-            for i, res in zip(retry, again):
+            for i, res, t in zip(retry, again, done_again):
+                done[i] = t  # the page is done with its second pass
                 if res.finish_reason != FinishReason.error:
                     res.ocr_ms += results[i].ocr_ms
                     results[i] = res
         self._count(results, first + second, len(second))
         self.sampler.sample()  # the engine's gauges after every batch too, not only every SAMPLE_S
+        self.cpu.report()
         if self.registry is not None:
-            await self.registry.beat(len(todo))
+            await self.registry.beat(len(todo), t_in if todo else None, submitted, done)
         cols: dict[str, list[Any]] = {c: [] for c in self.WRITES}
         status = batch.column("status").take(_index(todo)).to_pylist()
         err_code = batch.column("error_code").take(_index(todo)).to_pylist()
@@ -472,17 +481,24 @@ class OcrStage:
                 cols[c].append(vals[c])
         return with_columns(batch, todo, cols)
 
-    async def _run(self, inputs: list[Any]) -> list[Any]:
-        """Results of `inputs`, in order. If the engine raised while a page was in flight, that
-        page is submitted again on its own (one retry at a time, so a page that keeps failing only
-        fails itself) and, failing again, gets an error result (finish_reason `error`)."""
+    async def _run(self, inputs: list[Any]) -> tuple[list[Any], list[float], list[float]]:
+        """Results of `inputs`, in order, with each page's times (time.time()): into the engine,
+        and finished. If the engine raised while a page was in flight, that page is submitted
+        again on its own (one retry at a time, so a page that keeps failing only fails itself)
+        and, failing again, gets an error result (finish_reason `error`)."""
         import asyncio
+        import time
 
         from model.runner import OcrOutput
 
-        out = await asyncio.gather(
-            *(asyncio.wrap_future(self.ocr.submit(x)) for x in inputs), return_exceptions=True
-        )
+        futures, submitted = [], []
+        done = [0.0] * len(inputs)
+        for i, x in enumerate(inputs):
+            fut = self.ocr.submit(x)
+            submitted.append(time.time())
+            fut.add_done_callback(lambda _f, i=i: done.__setitem__(i, time.time()))
+            futures.append(asyncio.wrap_future(fut))
+        out = await asyncio.gather(*futures, return_exceptions=True)
         if self._retry_lock is None:
             self._retry_lock = asyncio.Lock()
         for i, (x, res) in enumerate(zip(inputs, out)):
@@ -496,7 +512,8 @@ class OcrStage:
                     out[i] = await asyncio.wrap_future(self.ocr.submit(x))
                 except Exception as e:  # noqa: BLE001 - this page's own failure: an ocr_error row
                     out[i] = OcrOutput.failed(x, f"{type(e).__name__}: {e}")
-        return list(out)
+                done[i] = time.time()
+        return list(out), submitted, done
 
 
 # the final status of a row the model finished (FinishReason.error and anything else: ocr_error)
@@ -597,11 +614,13 @@ class WriteStage:
     READS = tuple(WORK_SCHEMA.names)
     WRITES = tuple(RECEIPT_SCHEMA.names)  # the receipts replace the batch
 
-    def __init__(self, cfg: PipelineConfig, root: str):
+    def __init__(self, cfg: PipelineConfig, root: str, registry: str = ""):
+        from pipeline.metrics import CpuReporter
         from pipeline.outputs import MB, OutputStore
         from pipeline.quality import PageQuality
 
         self.cfg = cfg
+        self.cpu = CpuReporter(registry, cfg.ray.namespace, "write")
         self.store = OutputStore(root, cfg.output.storage_options)
         self.quality = PageQuality()
         o = cfg.output
@@ -664,6 +683,7 @@ class WriteStage:
             commit_entry(self.store, part, path)  # after the pages part: the ledger never runs ahead
             files += [path] * part.num_rows
             start += part.num_rows
+        self.cpu.report()
         return pa.table(
             {
                 "doc_id": table.column("doc_id"),

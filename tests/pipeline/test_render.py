@@ -446,6 +446,11 @@ def test_worker_recycles_child(corpus_bytes) -> None:
         # recycled right after the 2nd and 4th task: the child is stopped (pid None) until needed
         assert pids[1] is None and pids[3] is None and pids[0] != pids[2]
         assert pids[4] is not None and w.children_started == 3
+        # the children's CPU seconds (as they reported them) survive their recycling
+        assert w.children_cpu_s > 0
+        before = w.children_cpu_s
+        w.render(data, None, [0], RenderOptions(dpi=36))
+        assert w.children_cpu_s > before
     with RenderWorker(max_rss_mb=1) as w:  # every child ends above 1 MB: replaced after each task
         for _ in range(2):
             w.render(data, None, [0], RenderOptions(dpi=36))

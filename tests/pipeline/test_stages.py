@@ -312,6 +312,14 @@ def test_bench_pipeline_json(tmp_path: Path) -> None:
         assert ops[name]["output_rows"] == 3 and 0 < ops[name]["bytes_per_page"] <= 2 * MB
         assert ops[name]["cpu_s_per_page"] >= 0
     assert rep["gpu_util_source"] == "none" and rep["gpu_util_samples"] == []
+    at = rep["startup_spent_s"]
+    assert 0 < at["ray_init"] <= at["plan"] <= rep["first_page_into_ocr_s"] == at["first_page_into_ocr"]
+    assert set(rep["cpu_s_per_page"]) == {"render", "ocr", "write", "driver"}
+    assert all(v > 0 for v in rep["cpu_s_per_page"].values())
+    assert rep["cores_per_gpu_at_engine_speed"] == round(
+        rep["cpu_s_per_page_total"] * rep["engine_pages_per_s"], 2
+    )
+    assert "steady_pages_per_s" in rep  # None: fewer than 10 pages
 
 
 def test_steady_window_is_the_engine_benchmarks_definition() -> None:
