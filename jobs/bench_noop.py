@@ -1,6 +1,6 @@
 """A no-op nightly rerun over N unchanged documents on a real S3 server (moto, issue 16).
 
-    python -m jobs.bench_noop --docs 10000 [--json-out x.json]
+    python -m jobs.bench_noop --docs 10000 [--json-out x.json] [--log-out rerun.log]
 
 1. Starts moto's server (`python -m moto.server`, its own process on 127.0.0.1) with its request
    recorder, and two buckets (input, output).
@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=10_000)
     ap.add_argument("--json-out", default="")
+    ap.add_argument("--log-out", default="", help="keep the measured rerun's log (stderr) here")
     args = ap.parse_args()
 
     import s3fs
@@ -134,6 +135,8 @@ def main() -> None:
         _post(endpoint, "start-recording")
         again, wall = _job(so, src, out)
         _post(endpoint, "stop-recording")
+        if args.log_out:
+            Path(args.log_out).write_text(again.stderr)
         assert again.returncode == 0, again.stderr[-3000:]
         reqs = _requests(endpoint)
         fs.invalidate_cache()
