@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         rss1 = rss_mb()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ok = sum(1 for d in docs if not d["error_code"] and d["page_count"] == 1)
+    rows = docs.to_pylist()  # the discovery output is one Arrow table (schema.DISCOVERED_SCHEMA)
+    ok = sum(1 for d in rows if not d["error_code"] and d["page_count"] == 1)
     report = {
         "files": args.files,
         "bytes": nbytes,
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "discover_s": round(wall, 1),
         "docs_per_s": round(len(docs) / wall, 1),
         "docs_ok": ok,
-        "distinct_doc_ids": len({d["doc_id"] for d in docs}),
+        "distinct_doc_ids": len({d["doc_id"] for d in rows}),
         "driver_rss_growth_mb": round(rss1 - rss0, 1),
         "driver_peak_rss_mb": round(peak, 1),
         "cpus": os.cpu_count(),

@@ -22,7 +22,7 @@ into parts of `--pages-per-part` rows) out as the writer leaves it on disk:
   few stale `.tmp-*` temporaries.
 
 `measure` (a fresh process) builds the discovery output for the corpus plus `--new-docs` new
-documents (what `discover` hands the planner), then times `Ledger.load` and `plan_pages` exactly as
+documents (what `discover` hands the planner: one schema.DISCOVERED_SCHEMA Arrow table), then times `Ledger.load` and `plan_pages` exactly as
 `pipeline.run` calls them, and reports the driver's peak RSS (getrusage), how many parts came from
 the snapshot and how many were read one by one. JSON on stdout.
 """
@@ -280,28 +280,28 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rss_start = _current_rss_mb()
     load_start = os.getloadavg()[0]
     counts = np.load(f"{args.root}/_bench_counts.npy")
-    docs = [
+    from pipeline.schema import DISCOVERED_SCHEMA
+
+    # what `discover` hands the planner: one DISCOVERED_SCHEMA table (no dict per document)
+    n_old = len(counts)
+    docs = pa.table(
         {
-            "source_uri": f"s3://corpus/pdfs/{i:08d}.pdf",
-            "doc_id": doc_id(i),
-            "page_count": int(n),
-            "error_code": "",
-            "error": None,
-            "password": "",
-        }
-        for i, n in enumerate(counts.tolist())
-    ]
-    docs += [
-        {
-            "source_uri": f"s3://corpus/new/{i:08d}.pdf",
-            "doc_id": doc_id(10**9 + i),
-            "page_count": 20,
-            "error_code": "",
-            "error": None,
-            "password": "",
-        }
-        for i in range(args.new_docs)
-    ]
+            "source_uri": pa.array(
+                [f"s3://corpus/pdfs/{i:08d}.pdf" for i in range(n_old)]
+                + [f"s3://corpus/new/{i:08d}.pdf" for i in range(args.new_docs)],
+                pa.string(),
+            ),
+            "doc_id": pa.array(
+                [doc_id(i) for i in range(n_old)] + [doc_id(10**9 + i) for i in range(args.new_docs)],
+                pa.string(),
+            ),
+            "page_count": pa.array(np.concatenate([counts, np.full(args.new_docs, 20)]), pa.int32()),
+            "error_code": pa.array([""] * (n_old + args.new_docs), pa.string()),
+            "error": pa.nulls(n_old + args.new_docs, pa.string()),
+            "password": pa.array([""] * (n_old + args.new_docs), pa.string()),
+        },
+        schema=DISCOVERED_SCHEMA,
+    )
     rss_docs = _current_rss_mb()
     cfg = PipelineConfig()
     store = OutputStore(args.root)
@@ -341,7 +341,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "rss_at_start_mb": round(rss_start, 1),
         "rss_after_discovery_output_mb": round(rss_docs, 1),
         "rss_after_load_mb": round(rss_load, 1),
-        "documents_in": len(docs),
+        "documents_in": docs.num_rows,
         "ledger_runs": led.runs.num_rows,
         "ledger_rows": led.rows,
         "parts_from_snapshot": led.from_snapshot,

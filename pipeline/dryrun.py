@@ -21,63 +21,48 @@ CATEGORIES = ("new", "changed", "partial", "done")
 RUNS_DIR = "_runs"
 
 
-def classify(docs: list[dict[str, Any]], done: Any, known_sources: Any) -> dict[str, dict[str, int]]:
+def classify(docs: Any, done: Any, known_sources: Any) -> dict[str, dict[str, int]]:
     """Documents (distinct doc_ids) and rows per category. A document is `done` when all its rows
     are final, `partial` when some are, `changed` when none are and one of its paths was seen
-    before with other bytes (another doc_id), else `new`. `done`: the ledger, its runs or a key
-    set; `known_sources`: a (doc_id, source_uri) table or set. Matched in Arrow (no key set)."""
+    before with other bytes (another doc_id), else `new`. `docs`: the discovery output
+    (DISCOVERED_SCHEMA table, or a list of dicts); `done`: the ledger, its runs or a key set;
+    `known_sources`: a (doc_id, source_uri) table or set. Matched in Arrow (no key set)."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from pipeline.ledger import SOURCES_SCHEMA
-    from pipeline.plan import DOCS_SCHEMA, _as_runs, _clip, covered
+    from pipeline.plan import _as_runs, _clip, covered, distinct_docs, docs_table
+    from pipeline.schema import discovered_table
 
     if not isinstance(known_sources, pa.Table):
         ks = sorted(known_sources)
         known_sources = pa.table(
             {"doc_id": [d for d, _ in ks], "source_uri": [u for _, u in ks]}, schema=SOURCES_SCHEMA
         )
-    first: dict[str, dict[str, Any]] = {}
-    for d in docs:
-        first.setdefault(d["doc_id"], d)
-    uniq = list(first.values())
-    err = [bool(d["error_code"]) for d in uniq]
-    n = [int(d["page_count"] or 0) for d in uniq]
-    doc_t = pa.table(
-        {
-            "doc_id": pa.array([d["doc_id"] for d in uniq], pa.string()),
-            "page_count": pa.array(n, pa.int32()),
-            "is_error": pa.array(err, pa.bool_()),
-            "expected": pa.array([1 if e else c for e, c in zip(err, n)], pa.int64()),
-            "done": pa.array([0] * len(uniq), pa.int64()),
-        },
-        schema=DOCS_SCHEMA,
-    )
+    table = discovered_table(docs)
+    uniq, _ = distinct_docs(table)
+    doc_t = docs_table(uniq)
     cov, _ = covered(_clip(_as_runs(done), doc_t))
     at = pc.index_in(doc_t.column("doc_id"), value_set=cov.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
-    n_done = pc.fill_null(pc.take(cov.column("pages"), at), 0).to_pylist()  # pyright: ignore[reportAttributeAccessIssue]
-    inputs = pa.table(
-        {"doc_id": [d["doc_id"] for d in docs], "source_uri": [d["source_uri"] for d in docs]},
-        schema=SOURCES_SCHEMA,
-    )
+    x = pc.fill_null(pc.take(cov.column("pages"), at), 0).cast(pa.int64()).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
+    inputs = pa.Table.from_arrays([table.column("doc_id"), table.column("source_uri")], schema=SOURCES_SCHEMA)
     seen = known_sources.select(SOURCES_SCHEMA.names).rename_columns(["seen_id", "source_uri"])
     j = inputs.join(seen, "source_uri", join_type="inner")
     other = j.filter(pc.not_equal(j.column("doc_id"), j.column("seen_id")))  # pyright: ignore[reportAttributeAccessIssue]
-    changed = set(other.column("doc_id").to_pylist())
+    changed = pc.is_in(doc_t.column("doc_id"), value_set=pc.unique(other.column("doc_id"))).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
+    err = doc_t.column("is_error").to_numpy()
+    rows = doc_t.column("expected").to_numpy()
+    is_done = x >= rows
+    is_partial = ~is_done & (x > 0)
+    is_changed = ~is_done & ~is_partial & changed
+    is_new = ~is_done & ~is_partial & ~changed
+    left = np.where(is_partial, rows - x, rows)
     out = {c: {"documents": 0, "pages": 0, "rows": 0} for c in CATEGORIES}
-    for d, e, c, x in zip(uniq, err, n, n_done):
-        rows = 1 if e else c
-        if x >= rows:
-            cat, left = "done", rows
-        elif x:
-            cat, left = "partial", rows - x
-        elif d["doc_id"] in changed:
-            cat, left = "changed", rows
-        else:
-            cat, left = "new", rows
-        out[cat]["documents"] += 1
-        out[cat]["rows"] += left
-        out[cat]["pages"] += 0 if e else left
+    for cat, m in (("new", is_new), ("changed", is_changed), ("partial", is_partial), ("done", is_done)):
+        out[cat]["documents"] = int(m.sum())
+        out[cat]["rows"] = int(left[m].sum())
+        out[cat]["pages"] = int(left[m & ~err].sum())
     return out
 
 
@@ -136,7 +121,7 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
         "documents_in": len(docs),
         "duplicate_paths": plan.duplicates,
         "documents_quarantined": plan.quarantined,
-        "documents_with_errors": sum(1 for d in docs if d["error_code"]),
+        "documents_with_errors": documents_with_errors(docs),
         "rows_expected": plan.expected_rows,
         "rows_already_final": plan.already_final,
         "rows_to_do": todo,
@@ -146,6 +131,16 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
     }
     print_dry_run(result)
     return result
+
+
+def documents_with_errors(docs: Any) -> int:
+    """Inputs (rows of the discovery output, duplicates included) with an error code."""
+    import pyarrow.compute as pc
+
+    from pipeline.schema import discovered_table
+
+    code = discovered_table(docs).column("error_code")
+    return int(pc.sum(pc.fill_null(pc.not_equal(code, ""), False)).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def print_dry_run(r: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc  # pyright: ignore[reportMissingTypeStubs]  # pyarr
 from model.config import ModelName
 from pipeline.config import PipelineConfig
 from pipeline.ledger import RUNS_SCHEMA, SOURCES_SCHEMA, covered, expand_runs, runs_from_keys
-from pipeline.schema import Status
+from pipeline.schema import Status, discovered_table
 
 Key = tuple[str, int]
 DOCS_SCHEMA = pa.schema(  # one row per distinct doc_id of the input
@@ -138,81 +138,95 @@ def _as_runs(done: Any) -> pa.Table:  # pyright: ignore[reportUnknownParameterTy
     return done.runs  # a Ledger
 
 
+def distinct_docs(docs: Any) -> tuple[pa.Table, int]:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
+    """The first row of each distinct doc_id of the discovery output (DISCOVERED_SCHEMA; a list
+    of dicts is converted), in input order, and how many rows were duplicates of an earlier one."""
+    import numpy as np
+
+    t = discovered_table(docs)
+    if t.num_rows == 0:
+        return t, 0
+    idx = pa.table({"doc_id": t.column("doc_id"), "i": pa.array(np.arange(t.num_rows, dtype=np.int64))})
+    first = np.sort(idx.group_by("doc_id").aggregate([("i", "min")]).column("i_min").to_numpy())
+    return t.take(pa.array(first)), t.num_rows - len(first)
+
+
+def docs_table(uniq: pa.Table) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
+    """DOCS_SCHEMA's columns but `done` for distinct documents (`distinct_docs`)."""
+    import numpy as np
+
+    err = pc.fill_null(pc.not_equal(uniq.column("error_code"), ""), False).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
+    counts = pc.fill_null(uniq.column("page_count"), 0).to_numpy().astype(np.int64)  # pyright: ignore[reportAttributeAccessIssue]
+    return pa.table(
+        {
+            "doc_id": uniq.column("doc_id"),
+            "page_count": pa.array(counts, pa.int32()),
+            "is_error": pa.array(err, pa.bool_()),
+            "expected": pa.array(np.where(err, 1, counts), pa.int64()),
+        }
+    )
+
+
 def plan_pages(
     cfg: PipelineConfig,
-    docs: list[dict[str, Any]],
+    docs: Any,
     done: Any = None,
     failures: dict[str, list[str]] | None = None,
 ) -> Plan:
     """Work items for the rows not yet final, page ranges of at most `render.pages_per_task`;
-    each distinct doc_id is planned once. `done`: the ledger (or its runs, or a key set) whose
-    final rows are skipped. A document that failed in `quarantine_after` earlier runs gets
-    `quarantined` error rows instead.
+    each distinct doc_id is planned once. `docs`: the discovery output, a DISCOVERED_SCHEMA table
+    (a list of dicts is converted). `done`: the ledger (or its runs, or a key set) whose final rows
+    are skipped. A document that failed in `quarantine_after` earlier runs gets `quarantined` error
+    rows instead.
 
-    Per document: page count minus the done ranges. The done runs are matched to the input in
-    Arrow (`_clip`, `covered`): only partly done documents have their done ranges looked at in
-    Python; a new document is planned from its page count, a finished one is skipped."""
+    Per document: page count minus the done ranges, column-wise in Arrow and numpy (`_clip`,
+    `covered`): only documents that still have rows to do become Python rows (tasks); only partly
+    done ones have their done ranges looked at in Python; a finished one is never a Python object."""
+    import numpy as np
+
     failures = failures or {}
     per_task = cfg.render.pages_per_task
     base = _base_row(cfg)
     plan = Plan(tasks=[])
-    first: dict[str, int] = {}
-    src_ids: list[str] = []
-    src_uris: list[str] = []
-    for k, d in enumerate(docs):
-        src_ids.append(d["doc_id"])
-        src_uris.append(d["source_uri"])
-        if d["doc_id"] in first:
-            plan.duplicates += 1
-        else:
-            first[d["doc_id"]] = k
-    plan.source_pairs = pa.table({"doc_id": src_ids, "source_uri": src_uris}, schema=SOURCES_SCHEMA)
-    del src_ids, src_uris
-    order = list(first.values())
-    del first
-    uniq = [docs[k] for k in order]
-    is_err = [bool(d["error_code"]) for d in uniq]
-    counts = [int(d["page_count"] or 0) for d in uniq]
-    doc_t = pa.table(
-        {
-            "doc_id": pa.array([d["doc_id"] for d in uniq], pa.string()),
-            "page_count": pa.array(counts, pa.int32()),
-            "is_error": pa.array(is_err, pa.bool_()),
-            "expected": pa.array([1 if e else c for e, c in zip(is_err, counts)], pa.int64()),
-        }
+    table = discovered_table(docs)
+    plan.source_pairs = pa.Table.from_arrays(
+        [table.column("doc_id"), table.column("source_uri")], schema=SOURCES_SCHEMA
     )
+    uniq, plan.duplicates = distinct_docs(table)
+    del table
+    doc_t = docs_table(uniq)
     plan.done = _clip(_as_runs(done), doc_t)
     cov, _ = covered(plan.done)
     at = pc.index_in(doc_t.column("doc_id"), value_set=cov.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
-    n_done = pc.fill_null(pc.take(cov.column("pages"), at), 0)  # pyright: ignore[reportAttributeAccessIssue]
-    plan.docs = doc_t.append_column("done", n_done.cast(pa.int64()))
-    done_list = n_done.to_pylist()
-    partial = [d["doc_id"] for d, c, e, x in zip(uniq, counts, is_err, done_list) if 0 < x < (1 if e else c)]
+    n_done = pc.fill_null(pc.take(cov.column("pages"), at), 0).cast(pa.int64())  # pyright: ignore[reportAttributeAccessIssue]
+    plan.docs = doc_t.append_column("done", n_done)
+    is_err = doc_t.column("is_error").to_numpy()
+    counts = doc_t.column("page_count").to_numpy().astype(np.int64)
+    x = n_done.to_numpy()
+    expected = np.where(is_err, 1, counts)
+    partial = doc_t.column("doc_id").filter(pa.array((x > 0) & (x < expected))).to_pylist()
     ranges: dict[str, list[tuple[int, int]]] = {}
     if partial:
         pr = plan.done.filter(pc.is_in(plan.done.column("doc_id"), value_set=pa.array(partial, pa.string())))  # pyright: ignore[reportAttributeAccessIssue]
         for d, a, b in zip(*(pr.column(c).to_pylist() for c in ("doc_id", "page_index", "page_stop"))):
             ranges.setdefault(d, []).append((a, b))
-    for d, c, e, x in zip(uniq, counts, is_err, done_list):
-        common = {**base, "doc_id": d["doc_id"], "source_uri": d["source_uri"], "page_count": d["page_count"]}
+    plan.doc_error_rows = int(is_err.sum())
+    # the documents with rows still to do: a doc_error one without its row, a readable one short
+    sel = np.nonzero(np.where(is_err, x == 0, x < counts))[0]
+    todo_t = uniq.take(pa.array(sel, pa.int64()))
+    cols = ("doc_id", "source_uri", "page_count", "error_code", "error")
+    for (doc, uri, raw_count, code, error), c, e in zip(
+        zip(*(todo_t.column(k).to_pylist() for k in cols)), counts[sel].tolist(), is_err[sel].tolist()
+    ):
+        common = {**base, "doc_id": doc, "source_uri": uri, "page_count": raw_count}
         if e:
-            plan.doc_error_rows += 1
-            if not x:
-                plan.tasks.append(
-                    {
-                        **common,
-                        "page_index": -1,
-                        "status": Status.doc_error,
-                        "error_code": d["error_code"],
-                        "error": d["error"],
-                    }
-                )
+            plan.tasks.append(
+                {**common, "page_index": -1, "status": Status.doc_error, "error_code": code, "error": error}
+            )
             continue
-        if x >= c:
-            continue
-        past = failures.get(d["doc_id"], [])
+        past = failures.get(doc, [])
         if len(past) >= cfg.quarantine_after:
-            have: set[int] = {i for a, b in ranges.get(d["doc_id"], []) for i in range(a, b)}
+            have: set[int] = {i for a, b in ranges.get(doc, []) for i in range(a, b)}
             why = f"quarantined after {len(past)} runs that could not process it (last: {past[-1]})"
             plan.tasks.extend(
                 {
@@ -227,10 +241,10 @@ def plan_pages(
             )
             plan.quarantined += 1
             continue
-        if x == 0:
+        if doc not in ranges:
             todo = _cut(0, c, per_task)
         else:
-            have = {i for a, b in ranges[d["doc_id"]] for i in range(a, b)}
+            have = {i for a, b in ranges[doc] for i in range(a, b)}
             todo = _missing_ranges([i for i in range(c) if i not in have], per_task)
         for r in todo:
             plan.tasks.append(
@@ -243,7 +257,7 @@ def plan_pages(
                 }
             )
     plan.expected_rows = int(pc.sum(doc_t.column("expected")).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
-    plan.already_final = int(sum(done_list))
+    plan.already_final = int(x.sum())
     if plan.done.num_rows:
         widths = pc.subtract(plan.done.column("page_stop"), plan.done.column("page_index"))  # pyright: ignore[reportAttributeAccessIssue]
         t = pa.table({"status": plan.done.column("status"), "n": widths.cast(pa.int64())})

@@ -283,6 +283,7 @@ def _run_leased(
 
     from pipeline import metrics, stages
     from pipeline.discover import discover
+    from pipeline.dryrun import documents_with_errors
     from pipeline.feed import start_feed
     from pipeline.ledger import RUNS_SCHEMA, Ledger, runs_from_rows
     from pipeline.plan import plan_pages
@@ -424,7 +425,7 @@ def _run_leased(
         "documents_in": len(docs),
         "duplicate_paths": plan.duplicates,
         "documents_quarantined": plan.quarantined,
-        "documents_with_errors": sum(1 for d in docs if d["error_code"]),
+        "documents_with_errors": documents_with_errors(docs),
         "pages_in": plan.expected_rows - plan.doc_error_rows,
         "rows_expected": plan.expected_rows,
         "rows_already_final": plan.already_final,

@@ -202,6 +202,35 @@ DOCUMENT_SCHEMA = pa.schema(
 
 # Between two pages' markdown in `documents/`.text (no inline page markers: they would end up in
 # training data; `page_spans` says where each page is).
+# What discovery hands the planner: one row per listed input (pipeline.discover, pipeline.plan).
+# The driver holds this table, never one Python object per document (issue 16: a million inputs).
+DISCOVERED_SCHEMA = pa.schema(
+    [
+        pa.field("source_uri", pa.string()),
+        pa.field("doc_id", pa.string()),  # sha256 of the bytes ("uri:…" for an unreadable object)
+        pa.field("page_count", pa.int32()),
+        pa.field("error_code", pa.string()),  # "" or null: readable
+        pa.field("error", pa.string()),
+        pa.field("password", pa.string()),  # the password that opened it ("" if none)
+    ]
+)
+
+
+def discovered_table(docs: Any) -> pa.Table:
+    """`docs` as a DISCOVERED_SCHEMA table: a table is cast (columns in schema order; a missing
+    column is null), a list of dicts (tests, small callers) is converted."""
+    if not isinstance(docs, pa.Table):
+        docs = list(docs)
+        cols = {f.name: pa.array([d.get(f.name) for d in docs], f.type) for f in DISCOVERED_SCHEMA}
+        return pa.table(cols, schema=DISCOVERED_SCHEMA)
+    n = docs.num_rows
+    cols = [
+        docs.column(f.name).cast(f.type) if f.name in docs.column_names else pa.nulls(n, f.type)
+        for f in DISCOVERED_SCHEMA
+    ]
+    return pa.Table.from_arrays(cols, schema=DISCOVERED_SCHEMA)
+
+
 PAGE_SEPARATOR = "\n\n"
 
 

@@ -53,6 +53,7 @@ def test_discovery_is_distributed_and_driver_stays_small(
         growth = _rss_mb() - before
     finally:
         ray.shutdown()
-    assert len(docs) == n and all(d["page_count"] == 1 and not d["error_code"] for d in docs)
-    assert len({d["doc_id"] for d in docs}) == n
+    rows = docs.to_pylist()  # one Arrow table (schema.DISCOVERED_SCHEMA), not a dict per document
+    assert len(rows) == n and all(d["page_count"] == 1 and not d["error_code"] for d in rows)
+    assert len({d["doc_id"] for d in rows}) == n
     assert growth < 30, f"driver grew {growth:.0f} MB for {n} documents of 60 KB"

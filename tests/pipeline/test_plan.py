@@ -162,3 +162,28 @@ def test_resume_and_force_over_a_real_ledger(tmp_path: Path) -> None:
     reloaded = Ledger.load(store, h)
     assert reloaded.done == {("other", 0)}  # on disk too, not only in memory
     assert Ledger.load(store, "another-config").done == {("b", 0)}
+
+
+def test_discovery_table_plans_like_the_dict_rows() -> None:
+    """`discover` hands the planner one DISCOVERED_SCHEMA table (no dict per document): planned
+    column-wise, it gives the same tasks and counts as the same documents as dicts."""
+    from pipeline.schema import DISCOVERED_SCHEMA, discovered_table
+
+    docs = [_doc("a", 40), _doc("b", 3), _doc("a", 40, "/in/copy/a.pdf"), _doc("bad", 0, error="corrupt")]
+    table = discovered_table(docs)
+    assert table.schema.equals(DISCOVERED_SCHEMA) and table.num_rows == 4
+    done = {("a", i) for i in range(16)} | {("b", 0), ("b", 1), ("b", 2)}
+    want, got = plan_pages(_cfg(), docs, done), plan_pages(_cfg(), table, done)
+    assert got.tasks == want.tasks and got.tasks
+    assert (
+        (got.expected_rows, got.already_final, got.duplicates, got.doc_error_rows)
+        == (
+            want.expected_rows,
+            want.already_final,
+            want.duplicates,
+            want.doc_error_rows,
+        )
+        == (44, 19, 1, 1)
+    )
+    assert got.docs.equals(want.docs) and got.sources == want.sources
+    assert _ranges(got, "a") == [(16, 32), (32, 40)] and _ranges(got, "b") == []
