@@ -318,10 +318,11 @@ def _run_leased(
         phases.mark("plan_published")
     except BaseException:
         ray.get(feed.close.remote())  # the dataset ends (no rows) instead of waiting for a plan
-        if not pump.join(FAILED_PLAN_JOIN_S):  # else it ends by itself (or with Ray) soon after
+        if pump.join(FAILED_PLAN_JOIN_S):
+            ray.kill(registry)
+            ray.kill(feed)
+        else:  # its read tasks may still be waiting on the feed: killing it would fail them
             log.info("the processing dataset is still ending (its actors were starting)")
-        ray.kill(registry)
-        ray.kill(feed)
         raise
     # no more rows: with an empty plan the dataset ends once its actors are up (no page reaches OCR)
     ray.get(feed.close.remote())

@@ -150,7 +150,7 @@ def test_default_gundam_overrides_and_images(tmp_path: Path) -> None:
 
 def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
     proc = run_job(f"input.uri={tmp_path / 'nope'}", f"output.uri={tmp_path / 'out'}", timeout=300)
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stderr[-4000:]
     assert "input error" in proc.stderr and "does not exist" in proc.stderr
     assert not (tmp_path / "out" / "pages").exists()
 
