@@ -25,17 +25,9 @@ from typing import Any
 
 
 def _time(fn, reps: int = 10) -> float:  # noqa: ANN001 - any callable
-    import torch
+    from jobs.benchmark import cuda_ms
 
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
+    return cuda_ms(fn, reps)
 
 
 def bench_shape(grid: int, window: int, views: int) -> dict[str, Any]:

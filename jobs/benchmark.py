@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -274,21 +275,30 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
     return {"phase": "decode step profile", "steps": rows, "eager_kernel_table": table}
 
 
+def cuda_ms(fn: Any, reps: int, warmup: int = 1) -> float:
+    """Milliseconds per call of `fn` on the GPU: `warmup` untimed calls, then `reps` calls between
+    two CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 def device_rates() -> dict[str, float]:
     """What this chip does in this run: device copy bandwidth (bytes read + written per second, a
     4 GiB clone) and the bf16 matmul rate (8192^3), both timed with CUDA events."""
     import torch
 
-    def timed(fn, reps: int) -> float:
-        fn()
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        return a.elapsed_time(b) / 1000 / reps
+    def timed(fn, reps: int) -> float:  # seconds per call
+        return cuda_ms(fn, reps) / 1000
 
     def copy_rate() -> float:
         src = torch.empty(2**31, dtype=torch.bfloat16, device="cuda")  # 4 GiB
@@ -341,16 +351,7 @@ def kernel_bench(model, rows_list: list[int], ctx_list: list[int], block_size: i
             point: dict[str, Any] = {"rows": rows, "ctx": ctx, "kv_gb": round(gb, 3)}
             for parts in PARTS_TRIED:
                 paged_attention.PARTS = parts
-                for _ in range(3):
-                    paged_decode(q, k, v, table, lens)
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                for _ in range(20):
-                    paged_decode(q, k, v, table, lens)
-                b.record()
-                torch.cuda.synchronize()
-                ms = a.elapsed_time(b) / 20
+                ms = cuda_ms(partial(paged_decode, q, k, v, table, lens), 20, warmup=3)
                 point[f"parts{parts}"] = {
                     "kernel_ms": round(ms, 3),
                     "kv_gb_per_s": round(gb / ms * 1000, 1),
@@ -505,16 +506,10 @@ def vision_bench(model, pages: list[dict[str, Any]], flops_per_page: float, out_
     best, best_ms = "fused_triton", float("inf")
     for key, (fused, pad_v) in variants.items():
         sam.FUSED_ON_CUDA, sam.PAD_V_ON_CUDA = fused, pad_v
-        with torch.inference_mode():
-            model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH)  # warm-up (autotune)
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(3):
-                model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH)
-            b.record()
-            torch.cuda.synchronize()
-        ms = a.elapsed_time(b) / 3 / len(group)
+        with torch.inference_mode():  # the warm-up call also runs the Triton autotuner
+            ms = cuda_ms(lambda: model.vision.image_embeddings_batch(group, max_batch=VISION_BATCH), 3) / len(
+                group
+            )
         out[key] = {"ms_per_page": round(ms, 2), "tflop_per_s": round(flops_per_page / 1e12 / (ms / 1000), 1)}
         print(f"  vision alone ({key}): {out[key]}", flush=True)
         if ms < best_ms:
