@@ -10,7 +10,8 @@ Runs `pipeline.run.run` in this process on embedded local Ray, timed from before
 end of the run (model load, rendering and the documents/ build included), then reads the written
 Parquet back and reports JSON (printed and written to --json-out): wall and steady-state pages/s,
 bytes per page and CPU seconds per page of every Ray Data operator (Ray Data's stats), GPU
-utilisation sampled every 10 s (pynvml or nvidia-smi, when present), and - right after, on the same
+utilisation in 10-s windows (mean and least of 0.5-s polls; pynvml or nvidia-smi, when present;
+also beside the engine alone, whose first windows are its untimed rendering), and - right after, on the same
 pages, with the same engine settings - the engine alone (`engine_pages_per_s`). The job's steady
 state comes from the OCR actors' own per-page timestamps (`ocr_steady` of the run summary), as
 the engine alone's; start-up (`startup_spent_s`: seconds from the job's start to each phase,
@@ -141,13 +142,31 @@ def make_copies(corpus: Path, dest: Path, min_pages: int) -> tuple[Path, int]:
     return dest, pages * copies
 
 
-class GpuSampler:
-    """GPU utilisation every `every_s` seconds in a thread (pynvml, else nvidia-smi; none on CPU)."""
+def window_sample(t_s: float, polls: list[list[int]], errors: list[str]) -> dict[str, Any]:
+    """One reporting window of GpuSampler: per GPU, the mean and the least of its polls."""
+    out: dict[str, Any] = {"t_s": t_s, "polls": len(polls)}
+    if polls:
+        per_gpu = list(zip(*polls))
+        out["util_pct"] = [round(sum(g) / len(g), 1) for g in per_gpu]
+        out["min_pct"] = [min(g) for g in per_gpu]
+    if errors:
+        out["error"] = errors[-1]
+    return out
 
-    def __init__(self, every_s: float = 10.0):
+
+class GpuSampler:
+    """GPU utilisation in a thread (pynvml, else nvidia-smi; none on CPU): polled every `poll_s`,
+    reported once per `every_s` window as the window's mean and least poll per GPU.
+
+    One NVML reading covers only the driver's last sample period (1/6 s to 1 s), so one reading
+    every 10 s says whether a kernel ran in that instant, not how busy the 10 s were: a 200 ms gap
+    at the moment of reading shows as a few percent. The mean of 20 polls is the window's figure;
+    the least poll shows whether there was a gap in it."""
+
+    def __init__(self, every_s: float = 10.0, poll_s: float = 0.5):
         import threading
 
-        self.every_s, self.samples, self.source = every_s, [], "none"
+        self.every_s, self.poll_s, self.samples, self.source = every_s, poll_s, [], "none"
         self._stop = threading.Event()
         self._read = self._reader()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -181,11 +200,18 @@ class GpuSampler:
 
     def _loop(self) -> None:
         t0 = time.time()
-        while not self._stop.wait(self.every_s):
+        polls: list[list[int]] = []
+        errors: list[str] = []
+        next_report = t0 + self.every_s
+        while not self._stop.wait(self.poll_s):
             try:
-                self.samples.append({"t_s": round(time.time() - t0, 1), "util_pct": self._read()})
-            except Exception as e:  # noqa: BLE001 - a failed sample is recorded, not fatal
-                self.samples.append({"t_s": round(time.time() - t0, 1), "error": str(e)})
+                polls.append(self._read())
+            except Exception as e:  # noqa: BLE001 - a failed poll is recorded, not fatal
+                errors.append(str(e))
+            if time.time() >= next_report:
+                self.samples.append(window_sample(round(time.time() - t0, 1), polls, errors))
+                polls, errors = [], []
+                next_report += self.every_s
 
     def __enter__(self) -> GpuSampler:
         if self._read is not None:
@@ -371,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     json_out.write_text(json.dumps(result, indent=1, default=str))  # the job's figures survive a cut run
     print("\n== Ray Data stats\n" + stats)
     if not args.no_engine_alone:
-        result.update(engine_alone(cfg, corpus, on_gpu=cuda))
+        with GpuSampler() as engine_gpu:  # the same sampling beside the engine alone: its own gaps
+            result.update(engine_alone(cfg, corpus, on_gpu=cuda))
+        result["engine_gpu_util_samples"] = engine_gpu.samples
         for key, job, eng in (
             ("wall_ratio_job_vs_engine", "pages_per_s", "engine_pages_per_s"),
             ("steady_ratio_job_vs_engine", "steady_pages_per_s", "engine_steady_pages_per_s"),
@@ -431,6 +459,7 @@ def _result(
         ],
         "gpu_util_source": gpu.source,
         "gpu_util_every_s": gpu.every_s,
+        "gpu_util_poll_s": gpu.poll_s,
         "gpu_util_samples": gpu.samples,
     }
 

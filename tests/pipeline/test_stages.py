@@ -312,6 +312,7 @@ def test_bench_pipeline_json(tmp_path: Path) -> None:
         assert ops[name]["output_rows"] == 3 and 0 < ops[name]["bytes_per_page"] <= 2 * MB
         assert ops[name]["cpu_s_per_page"] >= 0
     assert rep["gpu_util_source"] == "none" and rep["gpu_util_samples"] == []
+    assert rep["engine_gpu_util_samples"] == []
     at = rep["startup_spent_s"]
     assert 0 < at["ray_init"] <= at["plan"] <= rep["first_page_into_ocr_s"] == at["first_page_into_ocr"]
     assert set(rep["cpu_s_per_page"]) == {"render", "ocr", "write", "driver"}
@@ -320,6 +321,21 @@ def test_bench_pipeline_json(tmp_path: Path) -> None:
         rep["cpu_s_per_page_total"] * rep["engine_pages_per_s"], 2
     )
     assert "steady_pages_per_s" in rep  # None: fewer than 10 pages
+
+
+def test_gpu_window_sample_is_the_mean_and_least_of_its_polls() -> None:
+    """bench_pipeline's GPU utilisation per 10-s window: one reading is an instant, so a window
+    reports the mean of its polls per GPU and the least one (a gap shows in min_pct)."""
+    from jobs.bench_pipeline import window_sample
+
+    polls = [[100, 40], [100, 60], [4, 50], [96, 50]]
+    assert window_sample(10.0, polls, []) == {
+        "t_s": 10.0,
+        "polls": 4,
+        "util_pct": [75.0, 50.0],
+        "min_pct": [4, 40],
+    }
+    assert window_sample(20.0, [], ["NVML gone"]) == {"t_s": 20.0, "polls": 0, "error": "NVML gone"}
 
 
 def test_steady_window_is_the_engine_benchmarks_definition() -> None:
