@@ -74,6 +74,9 @@ def discover_listed(
         listing, cache.table if cache is not None else None, cfg.input.rehash, passwords
     )
     n_cached = cached.num_rows
+    # the join's hash table is gone: hand its memory back (mimalloc keeps freed pages otherwise,
+    # and the driver holds the ledger meanwhile)
+    pa.default_memory_pool().release_unused()
     probed = discovered_table(probe(todo)) if len(todo) else DISCOVERED_SCHEMA.empty_table()
     del todo
     # the probed rows with their listing row (order) and (size, stamp); the join builds its hash
@@ -100,7 +103,9 @@ def discover_listed(
     where = np.concatenate([np.flatnonzero(hit), rows])  # the listing row of each output row
     out = pa.concat_tables([cached, discovered_table(probed)])
     del cached, probed
-    return out.take(pa.array(np.argsort(where, kind="stable"))).combine_chunks()
+    out = out.take(pa.array(np.argsort(where, kind="stable"))).combine_chunks()
+    pa.default_memory_pool().release_unused()
+    return out
 
 
 def _stat_unstated(cfg: PipelineConfig, listing: pa.Table) -> pa.Table:

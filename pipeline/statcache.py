@@ -59,7 +59,8 @@ VALUES = ["doc_id", "page_count", "error_code", "error"]
 
 
 class StatCache:
-    """The cache's entries as one SCHEMA table (`table`, unique keys) and its parts on disk."""
+    """The cache's entries as one SCHEMA table (`table`: the parts' chunks; a key is in one part
+    but after a crash between a rewrite and its removals) and its parts on disk."""
 
     def __init__(self, store: Any):
         self.store = store
@@ -90,10 +91,10 @@ class StatCache:
         with ThreadPoolExecutor(max_workers=16) as pool:
             tables = [t for t in pool.map(read, names) if t is not None]
         cache.parts = list(names)
-        if len(tables) == 1:  # one part: its keys are unique (each part is written so)
-            cache.table = tables[0].combine_chunks()
-        elif tables:  # the same key in two parts (a crash between a rewrite and its removals)
-            cache.table = _unique(pa.concat_tables(tables))
+        # chunks, not copied; a key may be in two parts (a crash between a rewrite and the removal
+        # of the old parts): split_listing and a rewrite take it once
+        if tables:
+            cache.table = pa.concat_tables(tables)
         return cache
 
     @property
@@ -140,7 +141,7 @@ class StatCache:
             )
             keep = merged.join(_keys_table(live), keys=KEY, join_type="left semi")
             del rest, merged
-            self.table = _sorted(keep)
+            self.table = _sorted(keep, unique=True)
             written = self._write(self.table)
             for p in self.parts:
                 if p.rsplit("/", 1)[-1] != written:
@@ -168,44 +169,72 @@ def split_listing(
     passwords: Mapping[str, str] | None = None,
 ) -> tuple[pa.Table, pa.Array]:
     """The listing (pipeline.sources.LISTING_SCHEMA: source_uri, size, stamp) split against the
-    stat cache's table (SCHEMA, unique keys): the hits as a DISCOVERED_SCHEMA table (password "")
-    in listing order, and the uris to read and probe (in listing order): new or changed (size or
-    stamp), without a stamp, all of them with `rehash`, and every hit that a password applies to
-    (by doc_id or by file name: a changed password changes the outcome). Vectorised: a hash join
-    and two `is_in`s, no Python object per document."""
+    stat cache's table (SCHEMA; a key twice is taken once): the hits as a DISCOVERED_SCHEMA table
+    (password "") in listing order, and the uris to read and probe, in listing order: new or
+    changed (size or stamp), without a stamp, all of them with `rehash`, and every hit that a
+    password applies to (by doc_id or by file name: a changed password changes the outcome).
+
+    Vectorised, no Python object per document, and lean: one `index_in` of the listed uris in the
+    cache's (a hash table of the uris only, not a join's of every column), the size and stamp
+    compared at the match; only a uri whose first cache entry is another version of it (the cache
+    keeps every listed version until a rewrite) goes through a join on (source_uri, size, stamp),
+    over those few uris."""
     uris = listing.column("source_uri").combine_chunks()
-    if rehash or cache is None or not cache.num_rows or not listing.num_rows:
+    n = listing.num_rows
+    if rehash or cache is None or not cache.num_rows or not n:
         return DISCOVERED_SCHEMA.empty_table(), uris
-    row = pa.array(np.arange(listing.num_rows, dtype=np.int64))
-    left = listing.select(KEY).append_column("_row", row)
-    left = left.filter(pc.and_(pc.is_valid(left.column("stamp")), pc.is_valid(left.column("size"))))  # pyright: ignore[reportAttributeAccessIssue]
-    hits = left.join(cache.select(KEY + VALUES), keys=KEY, join_type="inner")
-    del left, row
-    keys = [k for k, v in (passwords or {}).items() if v]
-    if keys and hits.num_rows:
-        pw = pa.array(keys, pa.string())
-        name = pc.replace_substring_regex(pc.utf8_rtrim(hits.column("source_uri"), "/"), r"^.*/", "")  # pyright: ignore[reportAttributeAccessIssue]
-        by_pw = pc.or_(pc.is_in(hits.column("doc_id"), value_set=pw), pc.is_in(name, value_set=pw))  # pyright: ignore[reportAttributeAccessIssue]
-        hits = hits.filter(pc.invert(by_pw))  # pyright: ignore[reportAttributeAccessIssue]
-        del name, by_pw
-    hit_rows = hits.column("_row").to_numpy()
-    order = np.argsort(hit_rows, kind="stable")
-    hits = hits.take(pa.array(order))
-    n = hits.num_rows
+    c_uri = cache.column("source_uri").combine_chunks()
+    at = pc.index_in(uris, value_set=c_uri)  # pyright: ignore[reportAttributeAccessIssue]
+    found = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]
+        pc.is_valid(at),  # pyright: ignore[reportAttributeAccessIssue]
+        pc.and_(pc.is_valid(listing.column("stamp")), pc.is_valid(listing.column("size"))),  # pyright: ignore[reportAttributeAccessIssue]
+    )
+    rows = np.flatnonzero(found.to_numpy(zero_copy_only=False))
+    crows = at.take(pa.array(rows)).to_numpy(zero_copy_only=False).astype(np.int64)
+    del at, found
+    same = np.ones(len(rows), dtype=bool)
+    for k in ("size", "stamp"):
+        mine = listing.column(k).take(pa.array(rows))
+        theirs = cache.column(k).take(pa.array(crows))
+        same &= pc.fill_null(pc.equal(mine, theirs), False).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+        del mine, theirs
+    other = rows[~same]  # the uri is cached, its first entry is another version: join those
+    rows, crows = rows[same], crows[same]
+    if len(other):
+        sub = pc.is_in(c_uri, value_set=uris.take(pa.array(other)))  # pyright: ignore[reportAttributeAccessIssue]
+        csub = np.flatnonzero(sub.to_numpy(zero_copy_only=False))
+        right = cache.select(KEY).take(pa.array(csub)).append_column("_crow", pa.array(csub))
+        left = listing.select(KEY).take(pa.array(other)).append_column("_row", pa.array(other))
+        more = left.join(right, keys=KEY, join_type="inner")
+        rows = np.concatenate([rows, more.column("_row").to_numpy()])
+        crows = np.concatenate([crows, more.column("_crow").to_numpy()])
+        order = np.argsort(rows, kind="stable")
+        rows, crows = rows[order], crows[order]
+        once = np.ones(len(rows), dtype=bool)  # a key in two parts matched twice: take it once
+        once[1:] = rows[1:] != rows[:-1]
+        rows, crows = rows[once], crows[once]
+        del sub, csub, right, left, more
+    del c_uri
+    take = pa.array(crows)
     cached = pa.Table.from_arrays(
         [
-            hits.column("source_uri"),
-            hits.column("doc_id"),
-            hits.column("page_count").cast(pa.int32()),
-            hits.column("error_code"),
-            hits.column("error"),
-            pa.nulls(n, pa.string()).fill_null(""),
+            uris.take(pa.array(rows)),
+            *(cache.column(k).take(take) for k in VALUES),
+            pa.nulls(len(rows), pa.string()).fill_null(""),
         ],
         schema=DISCOVERED_SCHEMA,
     ).combine_chunks()
-    del hits
-    todo = np.ones(listing.num_rows, dtype=bool)
-    todo[hit_rows] = False
+    del take
+    keys = [k for k, v in (passwords or {}).items() if v]
+    if keys and cached.num_rows:
+        pw = pa.array(keys, pa.string())
+        name = pc.replace_substring_regex(pc.utf8_rtrim(cached.column("source_uri"), "/"), r"^.*/", "")  # pyright: ignore[reportAttributeAccessIssue]
+        by_pw = pc.or_(pc.is_in(cached.column("doc_id"), value_set=pw), pc.is_in(name, value_set=pw))  # pyright: ignore[reportAttributeAccessIssue]
+        keep = ~by_pw.to_numpy(zero_copy_only=False)
+        cached, rows = cached.filter(pa.array(keep)), rows[keep]
+        del name, by_pw, keep
+    todo = np.ones(n, dtype=bool)
+    todo[rows] = False
     return cached, uris.filter(pa.array(todo))
 
 
@@ -243,15 +272,20 @@ def _all_equal(t: pa.Table, names: list[str], suffix: str) -> pa.ChunkedArray | 
     return out
 
 
-def _unique(t: pa.Table) -> pa.Table:
-    """One row per key (the first in `t`)."""
-    g = t.group_by(KEY, use_threads=False).aggregate([(v, "first") for v in VALUES])
-    g = g.rename_columns([n.removesuffix("_first") for n in g.column_names])
-    return g.select(SCHEMA.names).cast(SCHEMA)
-
-
-def _sorted(t: pa.Table) -> pa.Table:
-    return t.sort_by([(k, "ascending") for k in KEY]).combine_chunks()
+def _sorted(t: pa.Table, unique: bool = False) -> pa.Table:
+    """`t` sorted by KEY; `unique`: one row per key (the first of each run of equal keys)."""
+    t = t.sort_by([(k, "ascending") for k in KEY]).combine_chunks()
+    n = t.num_rows
+    if unique and n > 1:
+        first = np.ones(n, dtype=bool)
+        same = np.ones(n - 1, dtype=bool)
+        for k in KEY:
+            c = t.column(k)
+            same &= pc.equal(c.slice(1), c.slice(0, n - 1)).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+        first[1:] = ~same
+        if not first.all():
+            t = t.filter(pa.array(first))
+    return t
 
 
 def _keys_table(live: pa.Table | set[Key]) -> pa.Table:

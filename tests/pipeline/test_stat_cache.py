@@ -166,6 +166,21 @@ def test_split_listing_hits_misses_and_changed_versions() -> None:
         "s3://b/new-stamp.pdf",
         "s3://b/null.pdf",
     ]
+    # a uri cached in several versions (the cache keeps every listed one until a rewrite), one
+    # of them twice (a key in two parts): the listed version is one hit
+    versions = _cache_table(
+        _row("s3://b/v.pdf", "etag:a", "d-a"),
+        _row("s3://b/v.pdf", "etag:b", "d-b"),
+        _row("s3://b/w.pdf", "etag:c", "d-c"),
+        _row("s3://b/v.pdf", "etag:b", "d-b"),
+    )
+    cached, todo = split_listing(
+        _listing(
+            ("s3://b/v.pdf", 10, "etag:b"), ("s3://b/w.pdf", 10, "etag:c"), ("s3://b/x.pdf", 10, "etag:a")
+        ),
+        versions,
+    )
+    assert cached.column("doc_id").to_pylist() == ["d-b", "d-c"] and todo.to_pylist() == ["s3://b/x.pdf"]
     # rehash, no cache, an empty cache: every listed uri is probed
     uris = listing.column("source_uri").to_pylist()
     for args in ((cache, True), (None, False), (cache.slice(0, 0), False)):
@@ -238,7 +253,7 @@ def test_a_key_in_two_parts_is_one_entry(tmp_path: Path) -> None:
     (part,) = (tmp_path / "out" / CACHE_DIR).glob("part-*.parquet")
     shutil.copy(part, part.with_name("part-00000000000000000000.parquet"))
     cache = StatCache.load(store)
-    assert len(cache.parts) == 2 and cache.table.num_rows == 2
+    assert len(cache.parts) == 2 and len(cache.entries) == 2
     cached, todo = split_listing(_listing(("file:///a.pdf", 10, "etag:1")), cache.table)
     assert cached.num_rows == 1 and len(todo) == 0
 
