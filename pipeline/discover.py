@@ -126,19 +126,20 @@ def _stat_unstated(cfg: PipelineConfig, listing: pa.Table) -> pa.Table:
         for a in range(0, len(unstated), 1000)
     ]
     del unstated
-    got = pa.concat_tables(ray.get(refs))
-    return pa.table(
-        {
-            "source_uri": listing.column("source_uri"),
-            "size": pc.replace_with_mask(  # pyright: ignore[reportAttributeAccessIssue]
-                listing.column("size"), missing, got.column("size").combine_chunks()
-            ),
-            "stamp": pc.replace_with_mask(  # pyright: ignore[reportAttributeAccessIssue]
-                listing.column("stamp"), missing, got.column("stamp").combine_chunks()
-            ),
-        },
-        schema=listing.schema,
-    )
+    return with_stats(listing, pa.concat_tables(ray.get(refs)))
+
+
+def with_stats(listing: pa.Table, stated: pa.Table) -> pa.Table:
+    """`listing` with its rows without a stamp given the size and stamp of `stated`
+    (sources.stat_table's output for those rows' uris, in listing order)."""
+    import pyarrow.compute as pc
+
+    missing = pc.is_null(listing.column("stamp").combine_chunks())  # pyright: ignore[reportAttributeAccessIssue]
+    cols = {"source_uri": listing.column("source_uri")}
+    for k in ("size", "stamp"):
+        have = listing.column(k).combine_chunks()
+        cols[k] = pc.replace_with_mask(have, missing, stated.column(k).combine_chunks().cast(have.type))  # pyright: ignore[reportAttributeAccessIssue]
+    return pa.table(cols, schema=listing.schema)
 
 
 def _probe(cfg: PipelineConfig, uris: pa.Array) -> pa.Table:

@@ -17,9 +17,10 @@ skipped with a warning: those inputs are just hashed again. Past `MAX_PARTS` par
 rewritten as one part.
 
 On the driver the cache is one Arrow table (`StatCache.table`, SCHEMA, one row per key), and the
-listing is one too (`pipeline.sources.LISTING_SCHEMA`): `split_listing` finds the hits by a hash
-join on (source_uri, size, stamp), so a nightly over a million inputs makes no Python object per
-document (issue 16: bounded driver memory).
+listing is one too (`pipeline.sources.LISTING_SCHEMA`): `split_listing` finds the hits on
+(source_uri, size, stamp) with Arrow kernels (an `index_in` of the uris, a join for the few cached
+in another version), so a nightly over a million inputs makes no Python object per document
+(issue 16: bounded driver memory; measured by `jobs/bench_ledger.py measure --stat-cache`).
 """
 
 from __future__ import annotations

@@ -300,7 +300,8 @@ def test_discover_listed_merges_probed_rows_in_listing_order(tmp_path: Path) -> 
 
 
 def test_listing_table_is_the_listing_as_arrow(tmp_path: Path) -> None:
-    from pipeline.sources import LISTING_SCHEMA, expand_input_stats, listing_table
+    from pipeline.discover import with_stats
+    from pipeline.sources import LISTING_SCHEMA, expand_input_stats, listing_table, stat_table
 
     (tmp_path / "in").mkdir()
     for i in range(3):
@@ -312,6 +313,19 @@ def test_listing_table_is_the_listing_as_arrow(tmp_path: Path) -> None:
     assert [(r["source_uri"], (r["size"], r["stamp"])) for r in t.to_pylist()] == listed
     listed_file = listing_table(str(tmp_path / "list.txt"))  # not stat'ed while listing: nulls
     assert listed_file.num_rows == 2 and listed_file.column("stamp").null_count == 2
+    # discovery's HEADs (stat_table, in Ray workers) fill them in, in listing order
+    mixed = pa.concat_tables([listed_file, t.slice(2), _listing(("file:///nowhere/x.pdf", None, None))])
+    unstated = [
+        u
+        for u, st in zip(mixed.column("source_uri").to_pylist(), mixed.column("stamp").to_pylist())
+        if st is None
+    ]
+    filled = with_stats(mixed, stat_table(unstated))
+    assert filled.schema.equals(LISTING_SCHEMA)
+    assert filled.slice(0, 3).to_pylist() == t.to_pylist()
+    assert filled.slice(3).to_pylist() == [
+        {"source_uri": "file:///nowhere/x.pdf", "size": None, "stamp": None}
+    ]
 
 
 def test_list_file_entries_are_stated_like_the_listing(root_and_files) -> None:
