@@ -94,6 +94,7 @@ def discover_listed(
             new,
         )
         del cache
+        pa.default_memory_pool().release_unused()
     if not probed.num_rows:
         return cached
     # merge in listing order: the hits' rows are those not probed, in order

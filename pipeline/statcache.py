@@ -84,7 +84,9 @@ class StatCache:
 
         def read(p: str) -> pa.Table | None:
             try:
-                return pq.read_table(p, filesystem=store.fs, schema=SCHEMA)
+                # parts are read in parallel here; Arrow's own pool threads would keep the
+                # decoding's freed memory in their allocator heaps (the driver holds the ledger)
+                return pq.read_table(p, filesystem=store.fs, schema=SCHEMA, use_threads=False)
             except Exception as e:
                 log.warning("stat cache: skipping unreadable %s (%s: %s)", p, type(e).__name__, e)
                 return None
