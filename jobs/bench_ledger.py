@@ -21,10 +21,27 @@ into parts of `--pages-per-part` rows) out as the writer leaves it on disk:
   `--orphans` of them as pages parts without a ledger part (a crash between the two commits), and a
   few stale `.tmp-*` temporaries.
 
-`measure` (a fresh process) builds the discovery output for the corpus plus `--new-docs` new
-documents (what `discover` hands the planner: one schema.DISCOVERED_SCHEMA Arrow table), then times `Ledger.load` and `plan_pages` exactly as
-`pipeline.run` calls them, and reports the driver's peak RSS (getrusage), how many parts came from
-the snapshot and how many were read one by one. JSON on stdout.
+- a stat cache (`_cache/stat/`, pipeline.statcache) with one entry per document, written by the
+  real writer (`StatCache.add`) from the bench's listing (`bench_listing`: uri
+  `s3://corpus/pdfs/{i:08d}.pdf`, a size and an ETag-like stamp per document), doc_id and page
+  count as in the ledger, so a resume finds every known document done. `--stat-cache-only` writes
+  just that, into a root made before it had this step.
+
+`measure` (a fresh process) times `Ledger.load` and `plan_pages` exactly as `pipeline.run` calls
+them, and reports the driver's peak RSS (getrusage), how many parts came from the snapshot and how
+many were read one by one. JSON on stdout. The discovery output the planner gets is either
+- (default) built directly: the corpus plus `--new-docs` new documents as one
+  schema.DISCOVERED_SCHEMA Arrow table, or
+- `--stat-cache`: made by the real driver-side discovery, after `Ledger.load` as in `pipeline.run`:
+  `discover.discover_listed` over the listing of the corpus plus `--new-docs` new documents
+  (`s3://corpus/new/…`), i.e. `StatCache.load` of the cache under the root, the Arrow split
+  (`statcache.split_listing`), and the new documents' entries added to the cache (the first
+  measure after `make` writes that part, `--read-only` or not; later ones find them cached). Not
+  run here: the Ray parts of `discover`. The listing, which a real run gets from a Ray task
+  (`sources.listing_table`, Arrow buffers), is built in this process as that table
+  (`bench_listing`, vectorised; its time is `listing_build_s`, outside `startup_s`, its memory
+  counts); the probe of the new documents (a Ray Data pool) is a stand-in that returns the rows the
+  pool would (doc_id, 20 pages). Peak RSS is reported after each phase.
 """
 
 from __future__ import annotations
@@ -192,11 +209,74 @@ def _runs_of(parts: int, rows: int, starts: np.ndarray, counts: np.ndarray) -> p
     )
 
 
+OLD_PREFIX = "s3://corpus/pdfs/"
+NEW_PREFIX = "s3://corpus/new/"
+NEW_ID_BASE = 10**9  # doc_id(NEW_ID_BASE + i): the i-th new document
+
+
+def _numbered(prefix: str, idx: np.ndarray) -> pa.Array:
+    """`f"{prefix}{i:08d}.pdf"` for each i, in Arrow (no Python string per document)."""
+    import pyarrow.compute as pc
+
+    digits = pc.utf8_lpad(pa.array(idx, pa.int64()).cast(pa.string()), 8, "0")  # pyright: ignore[reportAttributeAccessIssue]
+    return pc.binary_join_element_wise(prefix, digits, ".pdf", "")  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def bench_listing(n_old: int, new_docs: int) -> pa.Table:
+    """The input listing as `sources.listing_table` returns it (LISTING_SCHEMA, sorted by
+    source_uri): the `n_old` known documents `s3://corpus/pdfs/{i:08d}.pdf` and `new_docs` new ones
+    `s3://corpus/new/{i:08d}.pdf`, each with a size and a 37-character ETag stamp (like S3's
+    `etag:<32 hex>`) derived from its number; built vectorised."""
+    import pyarrow.compute as pc
+
+    from pipeline.sources import LISTING_SCHEMA
+
+    new_i = np.arange(new_docs, dtype=np.int64) + NEW_ID_BASE
+    old_i = np.arange(n_old, dtype=np.int64)
+    key = np.concatenate([new_i, old_i])  # "…/new/" sorts before "…/pdfs/"
+    uris = pa.chunked_array([_numbered(NEW_PREFIX, new_i - NEW_ID_BASE), _numbered(OLD_PREFIX, old_i)])
+    size = 10_000 + (key * 7919) % 5_000_000
+    tag = pc.utf8_lpad(pa.array((key * 2654435761) % 10**16, pa.int64()).cast(pa.string()), 32, "0")  # pyright: ignore[reportAttributeAccessIssue]
+    stamp = pc.binary_join_element_wise("etag:", tag, "")  # pyright: ignore[reportAttributeAccessIssue]
+    return pa.Table.from_arrays(
+        [uris.combine_chunks(), pa.array(size, pa.int64()), stamp], schema=LISTING_SCHEMA
+    )
+
+
+def write_stat_cache(root: str, counts: np.ndarray) -> dict[str, Any]:
+    """One stat-cache entry per known document (listing of `bench_listing`, doc_id and page count
+    as in the ledger), written by the real writer (`StatCache.add`) into an empty cache."""
+    from pipeline.outputs import OutputStore
+    from pipeline.statcache import CACHE_DIR, StatCache
+
+    t0 = time.perf_counter()
+    listing = bench_listing(len(counts), 0)
+    n = listing.num_rows
+    rows = listing.append_column("doc_id", pa.array([doc_id(i) for i in range(n)], pa.string()))
+    rows = rows.append_column("page_count", pa.array(counts, pa.int32()))
+    rows = rows.append_column("error_code", pa.nulls(n, pa.string()).fill_null(""))
+    rows = rows.append_column("error", pa.nulls(n, pa.string()).fill_null(""))
+    store = OutputStore(root)
+    cache = StatCache.load(store)
+    if cache.parts:
+        raise SystemExit(f"{root}/{CACHE_DIR} already has {len(cache.parts)} part(s)")
+    added = cache.add(rows, live=listing)
+    (part,) = cache.parts
+    return {
+        "stat_cache_entries": added,
+        "stat_cache_part": part.rsplit("/", 1)[-1],
+        "stat_cache_bytes": os.path.getsize(part),
+        "generate_stat_cache_s": round(time.perf_counter() - t0, 1),
+    }
+
+
 def make(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline import ledger as L
     from pipeline.outputs import OutputStore
 
     root, rows, parts = args.root, args.pages_per_part, args.parts
+    if getattr(args, "stat_cache_only", False):  # a root made before `make` wrote the cache
+        return {"stat_cache_only": True, **write_stat_cache(root, np.load(f"{root}/_bench_counts.npy"))}
     counts = page_counts(parts * rows)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     os.makedirs(f"{root}/pages", exist_ok=True)
@@ -244,6 +324,7 @@ def make(args: argparse.Namespace) -> dict[str, Any]:
                     part_file(k)
                 }
     du = sum(e.stat().st_size for sub in ("pages", "_ledger") for e in os.scandir(f"{root}/{sub}"))
+    cache = write_stat_cache(root, counts)
     return {
         "parts": parts,
         "pages": parts * rows,
@@ -259,6 +340,7 @@ def make(args: argparse.Namespace) -> dict[str, Any]:
         "generate_snapshot_s": round(t_snap, 1),
         "written": written + args.newer,
         "workers": args.workers,
+        **cache,
     }
 
 
@@ -271,6 +353,56 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
+def _bench_docs(counts: np.ndarray, new_docs: int) -> pa.Table:
+    """What `discover` hands the planner, built directly: one DISCOVERED_SCHEMA table."""
+    from pipeline.schema import DISCOVERED_SCHEMA
+
+    n_old = len(counts)
+    return pa.table(
+        {
+            "source_uri": pa.array(
+                [f"{OLD_PREFIX}{i:08d}.pdf" for i in range(n_old)]
+                + [f"{NEW_PREFIX}{i:08d}.pdf" for i in range(new_docs)],
+                pa.string(),
+            ),
+            "doc_id": pa.array(
+                [doc_id(i) for i in range(n_old)] + [doc_id(NEW_ID_BASE + i) for i in range(new_docs)],
+                pa.string(),
+            ),
+            "page_count": pa.array(np.concatenate([counts, np.full(new_docs, 20)]), pa.int32()),
+            "error_code": pa.array([""] * (n_old + new_docs), pa.string()),
+            "error": pa.nulls(n_old + new_docs, pa.string()),
+            "password": pa.array([""] * (n_old + new_docs), pa.string()),
+        },
+        schema=DISCOVERED_SCHEMA,
+    )
+
+
+def _stand_in_probe(counts: np.ndarray) -> Any:
+    """What the Ray Data probe pool returns for `uris` (DISCOVERED_SCHEMA rows), for the bench's
+    documents: doc_id and page count of the numbered document (20 pages for a new one)."""
+    from pipeline.schema import discovered_table
+
+    def probe(uris: pa.Array) -> pa.Table:
+        rows = []
+        for u in uris.to_pylist():
+            i = int(u.rsplit("/", 1)[-1].removesuffix(".pdf"))
+            new = u.startswith(NEW_PREFIX)
+            rows.append(
+                {
+                    "source_uri": u,
+                    "doc_id": doc_id(NEW_ID_BASE + i if new else i),
+                    "page_count": 20 if new else int(counts[i]),
+                    "error_code": "",
+                    "error": "",
+                    "password": "",
+                }
+            )
+        return discovered_table(rows)
+
+    return probe
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.config import PipelineConfig
     from pipeline.ledger import Ledger
@@ -280,31 +412,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rss_start = _current_rss_mb()
     load_start = os.getloadavg()[0]
     counts = np.load(f"{args.root}/_bench_counts.npy")
-    from pipeline.schema import DISCOVERED_SCHEMA
-
-    # what `discover` hands the planner: one DISCOVERED_SCHEMA table (no dict per document)
-    n_old = len(counts)
-    docs = pa.table(
-        {
-            "source_uri": pa.array(
-                [f"s3://corpus/pdfs/{i:08d}.pdf" for i in range(n_old)]
-                + [f"s3://corpus/new/{i:08d}.pdf" for i in range(args.new_docs)],
-                pa.string(),
-            ),
-            "doc_id": pa.array(
-                [doc_id(i) for i in range(n_old)] + [doc_id(10**9 + i) for i in range(args.new_docs)],
-                pa.string(),
-            ),
-            "page_count": pa.array(np.concatenate([counts, np.full(args.new_docs, 20)]), pa.int32()),
-            "error_code": pa.array([""] * (n_old + args.new_docs), pa.string()),
-            "error": pa.nulls(n_old + args.new_docs, pa.string()),
-            "password": pa.array([""] * (n_old + args.new_docs), pa.string()),
-        },
-        schema=DISCOVERED_SCHEMA,
-    )
-    rss_docs = _current_rss_mb()
     cfg = PipelineConfig()
     store = OutputStore(args.root)
+    out: dict[str, Any] = {}
+    if not args.stat_cache:
+        docs = _bench_docs(counts, args.new_docs)
+    rss_docs = _current_rss_mb()
     prof = None
     if args.profile:
         import cProfile
@@ -315,7 +428,42 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     # read_only: the same reads; nothing on disk changes, so the measurement can be repeated
     led = Ledger.load(store, CONFIG_HASH, temporaries_before=time.time(), read_only=args.read_only)
     t1, c1 = time.perf_counter(), time.process_time()
-    rss_load = _current_rss_mb()
+    rss_load, peak_load = _current_rss_mb(), _rss_mb()
+    disc_s = disc_cpu_s = 0.0
+    if args.stat_cache:
+        import pyarrow.compute as pc
+
+        from pipeline.discover import discover_listed
+
+        # the listing as discover's Ray task hands it over (built here: outside startup_s)
+        tl = time.perf_counter()
+        listing = bench_listing(len(counts), args.new_docs)
+        listing_s = time.perf_counter() - tl
+        rss_listing, peak_listing = _current_rss_mb(), _rss_mb()
+        probe = _stand_in_probe(counts)
+        probed: list[int] = []
+
+        def counted(uris: pa.Array) -> pa.Table:
+            probed.append(len(uris))
+            return probe(uris)
+
+        td0, cd0 = time.perf_counter(), time.process_time()
+        docs = discover_listed(cfg, listing, store, counted)
+        del listing  # discover's own listing ends with it
+        td1, cd1 = time.perf_counter(), time.process_time()
+        disc_s, disc_cpu_s = td1 - td0, cd1 - cd0
+        out = {
+            "listing_build_s": round(listing_s, 2),
+            "rss_after_listing_mb": round(rss_listing, 1),
+            "peak_rss_after_listing_mb": round(peak_listing, 1),
+            "rss_after_discovery_mb": round(_current_rss_mb(), 1),
+            "peak_rss_after_discovery_mb": round(_rss_mb(), 1),
+            "documents_probed": sum(probed),
+            "documents_from_stat_cache": docs.num_rows - sum(probed),
+            "documents_with_errors": int(pc.sum(pc.not_equal(docs.column("error_code"), "")).as_py() or 0),  # pyright: ignore[reportAttributeAccessIssue]
+        }
+    else:
+        td1, cd1 = t1, c1
     plan = plan_pages(cfg, docs, led, led.failures)
     t2, c2 = time.perf_counter(), time.process_time()
     if prof is not None:
@@ -328,19 +476,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         with open(args.profile, "w") as f:
             f.write(s.getvalue())
     # what the ledger found: parts from the snapshot vs read one by one
+    load_s, plan_s = t1 - t0, t2 - td1
+    load_cpu_s, plan_cpu_s = c1 - c0, c2 - cd1
     return {
-        "load_s": round(t1 - t0, 2),
-        "plan_s": round(t2 - t1, 2),
-        "startup_s": round(t2 - t0, 2),
+        "stat_cache": args.stat_cache,
+        "load_s": round(load_s, 2),
+        **({"discovery_s": round(disc_s, 2)} if args.stat_cache else {}),
+        "plan_s": round(plan_s, 2),
+        "startup_s": round(load_s + disc_s + plan_s, 2),
         # CPU seconds of this process (all threads): on a shared machine the wall time above also
         # holds the time other sessions' processes had the 2 cores
-        "load_cpu_s": round(c1 - c0, 2),
-        "plan_cpu_s": round(c2 - c1, 2),
-        "startup_cpu_s": round(c2 - c0, 2),
+        "load_cpu_s": round(load_cpu_s, 2),
+        **({"discovery_cpu_s": round(disc_cpu_s, 2)} if args.stat_cache else {}),
+        "plan_cpu_s": round(plan_cpu_s, 2),
+        "startup_cpu_s": round(load_cpu_s + disc_cpu_s + plan_cpu_s, 2),
         "peak_rss_mb": round(_rss_mb(), 1),
         "rss_at_start_mb": round(rss_start, 1),
-        "rss_after_discovery_output_mb": round(rss_docs, 1),
+        **({} if args.stat_cache else {"rss_after_discovery_output_mb": round(rss_docs, 1)}),
+        "rss_before_load_mb": round(rss_docs, 1),
         "rss_after_load_mb": round(rss_load, 1),
+        "peak_rss_after_load_mb": round(peak_load, 1),
+        **out,
         "documents_in": docs.num_rows,
         "ledger_runs": led.runs.num_rows,
         "ledger_rows": led.rows,
@@ -369,6 +525,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--new-docs", type=int, default=1000, help="documents of the input not in the ledger")
     ap.add_argument("--read-only", action="store_true", help="Ledger.load(read_only=True): repeatable")
+    ap.add_argument(
+        "--stat-cache",
+        action="store_true",
+        help="measure: the discovery output from the real driver-side discovery (stat cache, Arrow split)",
+    )
+    ap.add_argument(
+        "--stat-cache-only", action="store_true", help="make: only write the stat cache into an existing root"
+    )
     ap.add_argument("--profile", default="", help="write a cProfile listing (cumulative) here")
     ap.add_argument("--json-out", default="")
     args = ap.parse_args()

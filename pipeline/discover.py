@@ -2,14 +2,18 @@
 Data actor pool; MuPDF in a killable child). Only small per-document rows come back to the
 driver: `(source_uri, doc_id, page_count, error_code, error, password)`, never document bytes.
 Inputs unchanged since a previous run (same uri, size and etag or mtime: pipeline.statcache) are
-neither read nor hashed again.
+neither read nor hashed again. On the driver the listing, the stat cache and the result are Arrow
+tables (the hits by a join, `statcache.split_listing`): no Python object per listed document.
+`discover_listed` is that driver side without Ray (jobs/bench_ledger.py measures it at 1 M).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import PipelineConfig
@@ -24,16 +28,16 @@ def discover(cfg: PipelineConfig, store: Any = None) -> pa.Table:
 
     With `store` (the output root), inputs whose (uri, size, etag or mtime) is in its stat cache
     (pipeline.statcache) are taken from there, not read, unless `input.rehash`; the others are
-    probed and added to it."""
+    probed and added to it. The listing reaches the driver as one Arrow table
+    (sources.LISTING_SCHEMA) and the hits are found by an Arrow join (`discover_listed`)."""
     import ray
     from ray.exceptions import RayTaskError
 
-    from pipeline.sources import InputError, expand_input_stats, read_passwords, stat_many
-    from pipeline.statcache import StatCache
+    from pipeline.sources import InputError, listing_table
 
-    lister = ray.remote(num_cpus=0.5)(expand_input_stats)
+    lister = ray.remote(num_cpus=0.5)(listing_table)
     try:
-        listed = ray.get(
+        listing: pa.Table = ray.get(
             lister.remote(
                 cfg.input.uri,
                 cfg.input.storage_options,  # pyright: ignore[reportCallIssue]  # ray's .remote() typing: 1-arg fn
@@ -44,75 +48,121 @@ def discover(cfg: PipelineConfig, store: Any = None) -> pa.Table:
         if isinstance(e.cause, InputError):
             raise e.cause from None
         raise
-    if not listed:
+    if not listing.num_rows:
         return DISCOVERED_SCHEMA.empty_table()
-    stats: dict[str, Any] = dict(listed)
+    if store is not None:  # the stat cache keys on (size, stamp): list-file entries get a HEAD
+        listing = _stat_unstated(cfg, listing)
+    return discover_listed(cfg, listing, store, lambda uris: _probe(cfg, uris))
+
+
+def discover_listed(
+    cfg: PipelineConfig,
+    listing: pa.Table,
+    store: Any,
+    probe: Callable[[pa.Array], pa.Table],
+) -> pa.Table:
+    """The driver's side of discovery once the input is listed (no Ray here: `probe` reads and
+    probes the uris it is given, one DISCOVERED_SCHEMA row each): the stat cache's hits by an
+    Arrow join (statcache.split_listing), `probe` for the rest, which then go into the cache.
+    `listing`: sources.LISTING_SCHEMA sorted by source_uri; the result has its order."""
+    from pipeline.sources import read_passwords
+    from pipeline.statcache import StatCache, split_listing
+
     cache = StatCache.load(store) if store is not None else None
-    unstated = [u for u, st in listed if st is None]  # list-file entries: one HEAD each, in workers
-    if cache is not None and unstated:
-        stat = ray.remote(num_cpus=0.5)(stat_many)
-        chunks = [unstated[i : i + 1000] for i in range(0, len(unstated), 1000)]
-        got = ray.get([stat.remote(c, cfg.input.storage_options) for c in chunks])  # pyright: ignore[reportCallIssue]  # ray's .remote() typing
-        stats.update(zip(unstated, (st for part in got for st in part)))
     passwords = {**read_passwords(cfg.input.passwords_file, cfg.input.storage_options), **cfg.input.passwords}
-    # the stat-cache hits as columns (no dict per document: a nightly over a million inputs)
-    hit_cols: dict[str, list[Any]] = {
-        k: [] for k in ("source_uri", "doc_id", "page_count", "error_code", "error")
-    }
-    todo: list[str] = []
-    for uri, _ in listed:
-        st = stats[uri]
-        hit = cache.get(uri, *st) if cache is not None and st is not None and not cfg.input.rehash else None
-        name = uri.rstrip("/").rsplit("/", 1)[-1]
-        if hit is None or passwords.get(hit["doc_id"]) or passwords.get(name):
-            todo.append(uri)  # new, changed, rehash, or a password applies: read and probe it
-            continue
-        hit_cols["source_uri"].append(uri)
-        for k in ("doc_id", "page_count", "error_code", "error"):
-            hit_cols[k].append(hit[k])
-    n_cached = len(hit_cols["source_uri"])
-    cached = pa.table(
-        {
-            **{f.name: pa.array(hit_cols[f.name], f.type) for f in DISCOVERED_SCHEMA if f.name != "password"},
-            "password": pa.array([""] * n_cached, pa.string()),
-        },
-        schema=DISCOVERED_SCHEMA,
+    cached, todo = split_listing(
+        listing, cache.table if cache is not None else None, cfg.input.rehash, passwords
     )
-    del hit_cols
-    docs = _probe(cfg, todo) if todo else []
+    n_cached = cached.num_rows
+    # the join's hash table is gone: hand its memory back (mimalloc keeps freed pages otherwise,
+    # and the driver holds the ledger meanwhile)
+    pa.default_memory_pool().release_unused()
+    probed = discovered_table(probe(todo)) if len(todo) else DISCOVERED_SCHEMA.empty_table()
+    del todo
+    # the probed rows with their listing row (order) and (size, stamp); the join builds its hash
+    # table on `probed`, small on a rerun
+    row = pa.array(np.arange(listing.num_rows, dtype=np.int64))
+    probed = listing.append_column("_row", row).join(probed, keys="source_uri", join_type="inner")
+    del row
     if cache is not None:
-        new = cache.add(
-            [
-                {**d, "size": stats[d["source_uri"]][0], "stamp": stats[d["source_uri"]][1]}
-                for d in docs
-                if stats[d["source_uri"]]
-            ],
-            live={(u, *st) for u, st in stats.items() if st is not None},
-        )
+        new = cache.add(probed, live=listing)
         log.info(
             "discovery: %d of %d document(s) from the stat cache, %d read and hashed (%d cached now)",
             n_cached,
-            len(listed),
-            len(docs),
+            listing.num_rows,
+            probed.num_rows,
             new,
         )
-    out = pa.concat_tables([discovered_table(docs), cached]) if docs else cached
-    return out.sort_by("source_uri").combine_chunks()
+        del cache
+        pa.default_memory_pool().release_unused()
+    if not probed.num_rows:
+        return cached
+    # merge in listing order: the hits' rows are those not probed, in order
+    hit = np.ones(listing.num_rows, dtype=bool)
+    rows = probed.column("_row").to_numpy()
+    hit[rows] = False
+    where = np.concatenate([np.flatnonzero(hit), rows])  # the listing row of each output row
+    out = pa.concat_tables([cached, discovered_table(probed)])
+    del cached, probed
+    out = out.take(pa.array(np.argsort(where, kind="stable"))).combine_chunks()
+    pa.default_memory_pool().release_unused()
+    return out
 
 
-def _probe(cfg: PipelineConfig, uris: list[str]) -> list[dict[str, Any]]:
-    """Read, hash and probe `uris` on a Ray Data actor pool; one small row each."""
+def _stat_unstated(cfg: PipelineConfig, listing: pa.Table) -> pa.Table:
+    """(size, stamp) for the listing's rows without them (list-file entries): one HEAD each, in
+    Ray workers, 1000 per task."""
+    import pyarrow.compute as pc
     import ray
 
-    ds = ray.data.from_items([{"source_uri": u} for u in uris], override_num_blocks=min(len(uris), 256))
-    return ds.map_batches(
+    from pipeline.sources import stat_table
+
+    missing = pc.is_null(listing.column("stamp"))  # pyright: ignore[reportAttributeAccessIssue]
+    unstated = listing.column("source_uri").filter(missing).combine_chunks()
+    if not len(unstated):
+        return listing
+    stat = ray.remote(num_cpus=0.5)(stat_table)
+    refs = [
+        stat.remote(unstated.slice(a, 1000).to_pylist(), cfg.input.storage_options)  # pyright: ignore[reportCallIssue]  # ray's .remote() typing
+        for a in range(0, len(unstated), 1000)
+    ]
+    del unstated
+    return with_stats(listing, pa.concat_tables(ray.get(refs)))
+
+
+def with_stats(listing: pa.Table, stated: pa.Table) -> pa.Table:
+    """`listing` with its rows without a stamp given the size and stamp of `stated`
+    (sources.stat_table's output for those rows' uris, in listing order)."""
+    import pyarrow.compute as pc
+
+    missing = pc.is_null(listing.column("stamp").combine_chunks())  # pyright: ignore[reportAttributeAccessIssue]
+    cols = {"source_uri": listing.column("source_uri")}
+    for k in ("size", "stamp"):
+        have = listing.column(k).combine_chunks()
+        cols[k] = pc.replace_with_mask(have, missing, stated.column(k).combine_chunks().cast(have.type))  # pyright: ignore[reportAttributeAccessIssue]
+    return pa.table(cols, schema=listing.schema)
+
+
+def _probe(cfg: PipelineConfig, uris: pa.Array) -> pa.Table:
+    """Read, hash and probe `uris` on a Ray Data actor pool; one small row each, as Arrow (the
+    blocks come back as tables, not a dict per row)."""
+    import ray
+
+    blocks = min(len(uris), 256)
+    step = -(-len(uris) // blocks)
+    ds = ray.data.from_arrow(
+        [pa.table({"source_uri": uris.slice(a, step)}) for a in range(0, len(uris), step)]
+    )
+    out = ds.map_batches(
         ProbeDocuments,
         fn_constructor_kwargs={"cfg": cfg},
         batch_size=32,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=64),
         num_cpus=0.5,
-    ).take_all()
+    )
+    tables = [discovered_table(t) for t in ray.get(out.to_arrow_refs())]  # pyright: ignore[reportArgumentType, reportCallIssue]  # ray.get typing
+    return pa.concat_tables(tables) if tables else DISCOVERED_SCHEMA.empty_table()
 
 
 class ProbeDocuments:

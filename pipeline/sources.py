@@ -13,7 +13,9 @@ Deliberately not done here: list-file entries are not stat'ed while listing (a 1
 cost 1M round trips on S3; discovery stats them in parallel workers, `stat_many`, for the stat
 cache); a missing entry surfaces later as a per-document read error, which keeps it in the
 ledger instead of aborting discovery. `expand_input_stats` keeps what a listing already says
-about each file (size, ETag or mtime: `stat_stamp`), free, for the stat cache.
+about each file (size, ETag or mtime: `stat_stamp`), free, for the stat cache; `listing_table` is
+the same as one Arrow table (LISTING_SCHEMA), which is what discovery's listing task hands the
+driver (no Python object per document there).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import fsspec
+import pyarrow as pa
 from fsspec.spec import AbstractFileSystem
 
 __all__ = [
@@ -33,6 +36,9 @@ __all__ = [
     "DocumentTooLarge",
     "expand_input",
     "expand_input_stats",
+    "listing_table",
+    "stat_table",
+    "LISTING_SCHEMA",
     "stat_stamp",
     "read_document",
     "read_passwords",
@@ -46,6 +52,11 @@ __all__ = [
 DEFAULT_SUFFIXES: tuple[str, ...] = (".pdf",)
 LIST_SUFFIXES: tuple[str, ...] = (".txt", ".lst")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
+# one row per listed document: size and stamp (`stat_stamp`) as the listing gave them, both null
+# where it gave none (list-file entries, a failed HEAD)
+LISTING_SCHEMA = pa.schema(
+    [pa.field("source_uri", pa.string()), pa.field("size", pa.int64()), pa.field("stamp", pa.string())]
+)
 
 
 class InputError(ValueError):
@@ -201,6 +212,41 @@ def expand_input_stats(
         for u, st in hits.items():
             found[u] = found.get(u) or st
     return sorted(found.items())
+
+
+def _stats_table(uris: list[str], stats: Iterable[Stat]) -> pa.Table:
+    sizes: list[int | None] = []
+    stamps: list[str | None] = []
+    for st in stats:
+        sizes.append(st[0] if st is not None else None)
+        stamps.append(st[1] if st is not None else None)
+    return pa.table(
+        [pa.array(uris, pa.string()), pa.array(sizes, pa.int64()), pa.array(stamps, pa.string())],
+        schema=LISTING_SCHEMA,
+    )
+
+
+def listing_table(
+    uri: str | Sequence[str],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    suffixes: Sequence[str] | None = DEFAULT_SUFFIXES,
+    list_suffixes: Sequence[str] = LIST_SUFFIXES,
+) -> pa.Table:
+    """`expand_input_stats` as one LISTING_SCHEMA table, sorted by source_uri (size and stamp
+    null where the listing gave none). Discovery runs it as a Ray task: the driver gets Arrow
+    buffers back, not a tuple per document."""
+    listed = expand_input_stats(uri, storage_options, suffixes=suffixes, list_suffixes=list_suffixes)
+    table = _stats_table([u for u, _ in listed], (st for _, st in listed))
+    del listed
+    return table
+
+
+def stat_table(uris: Sequence[str], storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """`stat_many` as a LISTING_SCHEMA table (the uris in order; size and stamp null where the
+    request failed)."""
+    uris = list(uris)
+    return _stats_table(uris, stat_many(uris, storage_options))
 
 
 def stat_many(uris: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[Stat]:

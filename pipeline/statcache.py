@@ -15,16 +15,27 @@ It lives in `<output>/_cache/stat/` as Parquet parts, each written atomically (O
 named by its content, so a run with nothing new writes nothing. A missing or unreadable part is
 skipped with a warning: those inputs are just hashed again. Past `MAX_PARTS` parts the cache is
 rewritten as one part.
+
+On the driver the cache is one Arrow table (`StatCache.table`, SCHEMA, one row per key), and the
+listing is one too (`pipeline.sources.LISTING_SCHEMA`): `split_listing` finds the hits on
+(source_uri, size, stamp) with Arrow kernels (an `index_in` of the uris, a join for the few cached
+in another version), so a nightly over a million inputs makes no Python object per document
+(issue 16: bounded driver memory; measured by `jobs/bench_ledger.py measure --stat-cache`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
 import pyarrow.parquet as pq
+
+from pipeline.schema import DISCOVERED_SCHEMA
 
 log = logging.getLogger("pagemill")
 
@@ -44,12 +55,17 @@ SCHEMA = pa.schema(
     ]
 )
 Key = tuple[str, int, str]
+KEY = ["source_uri", "size", "stamp"]
+VALUES = ["doc_id", "page_count", "error_code", "error"]
 
 
 class StatCache:
+    """The cache's entries as one SCHEMA table (`table`: the parts' chunks; a key is in one part
+    but after a crash between a rewrite and its removals) and its parts on disk."""
+
     def __init__(self, store: Any):
         self.store = store
-        self.entries: dict[Key, dict[str, Any]] = {}
+        self.table: pa.Table = SCHEMA.empty_table()
         self.parts: list[str] = []
 
     @classmethod
@@ -68,53 +84,238 @@ class StatCache:
 
         def read(p: str) -> pa.Table | None:
             try:
-                return pq.read_table(p, filesystem=store.fs, schema=SCHEMA)
+                # parts are read in parallel here; Arrow's own pool threads would keep the
+                # decoding's freed memory in their allocator heaps (the driver holds the ledger)
+                return pq.read_table(p, filesystem=store.fs, schema=SCHEMA, use_threads=False)
             except Exception as e:
                 log.warning("stat cache: skipping unreadable %s (%s: %s)", p, type(e).__name__, e)
                 return None
 
         with ThreadPoolExecutor(max_workers=16) as pool:
-            tables = list(pool.map(read, names))
+            tables = [t for t in pool.map(read, names) if t is not None]
         cache.parts = list(names)
-        for t in tables:
-            if t is None:
-                continue
-            for row in t.to_pylist():
-                cache.entries[(row["source_uri"], int(row["size"]), row["stamp"])] = row
+        # chunks, not copied; a key may be in two parts (a crash between a rewrite and the removal
+        # of the old parts): split_listing and a rewrite take it once
+        if tables:
+            cache.table = pa.concat_tables(tables)
         return cache
 
-    def get(self, uri: str, size: int, stamp: str) -> dict[str, Any] | None:
-        return self.entries.get((uri, size, stamp))
+    @property
+    def entries(self) -> dict[Key, dict[str, Any]]:
+        """The entries as a dict of dicts (tests and small callers only: one dict per entry)."""
+        return {(r["source_uri"], int(r["size"]), r["stamp"]): r for r in self.table.to_pylist()}
 
-    def add(self, rows: list[dict[str, Any]], live: set[Key]) -> int:
-        """Record new probe outcomes (rows with `size`, `stamp`); writes one part if any is new.
-        `live`: the keys this run listed; a rewrite of the whole cache keeps only those."""
-        new = [
-            {k: r[k] for k in SCHEMA.names}
-            for r in rows
-            if r.get("stamp") is not None
-            and r["error_code"] in CACHEABLE_ERRORS
-            and not r.get("password")
-            and self.entries.get((r["source_uri"], r["size"], r["stamp"])) != {k: r[k] for k in SCHEMA.names}
-        ]
-        # an entry that a rehash contradicts (same stamp, other bytes): parts have no order, so
-        # the whole cache is rewritten without the old entry
-        conflict = any((r["source_uri"], r["size"], r["stamp"]) in self.entries for r in new)
-        for r in new:
-            self.entries[(r["source_uri"], r["size"], r["stamp"])] = r
-        if conflict or len(self.parts) + bool(new) > MAX_PARTS:  # consolidate: the live entries
-            keep = sorted((v for k, v in self.entries.items() if k in live), key=lambda r: r["source_uri"])
-            written = self._write(keep)
+    def get(self, uri: str, size: int, stamp: str) -> dict[str, Any] | None:
+        """One entry (a scan of the table: tests and small callers; discovery uses split_listing)."""
+        t = self.table
+        mask = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]
+            pc.and_(pc.equal(t.column("source_uri"), uri), pc.equal(t.column("size"), size)),  # pyright: ignore[reportAttributeAccessIssue]
+            pc.equal(t.column("stamp"), stamp),  # pyright: ignore[reportAttributeAccessIssue]
+        )
+        rows = t.filter(mask).slice(0, 1).to_pylist()
+        return rows[0] if rows else None
+
+    def add(self, rows: pa.Table | Iterable[Mapping[str, Any]], live: pa.Table | set[Key]) -> int:
+        """Record new probe outcomes (rows with SCHEMA's columns, `password` optional: a table, or
+        dicts); writes one part if any is new. Not kept: rows without a stamp, with an error that
+        may be transient (not in CACHEABLE_ERRORS) or opened with a password.
+        `live`: the keys this run listed (a table with source_uri, size, stamp, e.g. the listing,
+        or a set of keys); a rewrite of the whole cache keeps only those."""
+        new = _cacheable(rows)
+        if new.num_rows and self.table.num_rows:
+            # the new keys already in the cache (the join builds its hash table on `new`: small on
+            # a rerun, whatever the cache's size)
+            known = self.table.join(new, keys=KEY, join_type="inner", right_suffix="_new")
+            same = known.filter(_all_equal(known, VALUES, "_new")).select(KEY)
+            new = new.join(same, keys=KEY, join_type="left anti") if same.num_rows else new
+            # an entry that a rehash contradicts (same stamp, other bytes): parts have no order,
+            # so the whole cache is rewritten without the old entry
+            conflict = known.num_rows > same.num_rows
+            del known, same
+        else:
+            conflict = False
+        n_new = new.num_rows
+        if conflict or len(self.parts) + bool(n_new) > MAX_PARTS:  # consolidate: the live entries
+            rest = (
+                self.table.join(new.select(KEY), keys=KEY, join_type="left anti") if conflict else self.table
+            )
+            merged = (
+                pa.concat_tables([rest.select(SCHEMA.names), new.select(SCHEMA.names)]) if n_new else rest
+            )
+            keep = merged.join(_keys_table(live), keys=KEY, join_type="left semi")
+            del rest, merged
+            self.table = _sorted(keep, unique=True)
+            written = self._write(self.table)
             for p in self.parts:
                 if p.rsplit("/", 1)[-1] != written:
                     self.store.fs.rm(p)
             self.parts = [self.store.join(CACHE_DIR, written)]
-        elif new:
+        elif n_new:
+            new = _sorted(new)
             self.parts.append(self.store.join(CACHE_DIR, self._write(new)))
-        return len(new)
+            self.table = pa.concat_tables([self.table, new]) if self.table.num_rows else new
+        return n_new
 
-    def _write(self, rows: list[dict[str, Any]]) -> str:
-        blob = "\n".join(f"{r['source_uri']}\t{r['size']}\t{r['stamp']}" for r in rows).encode()
-        name = f"part-{hashlib.sha256(blob).hexdigest()[:20]}.parquet"
-        self.store.write_parquet(CACHE_DIR, pa.Table.from_pylist(rows, schema=SCHEMA), name=name)
+    def _write(self, table: pa.Table) -> str:
+        """One part, named by the sha256 of its keys (`uri\tsize\tstamp` lines): the same entries
+        give the same name."""
+        table = table.select(SCHEMA.names).cast(SCHEMA)
+        name = f"part-{_keys_digest(table)[:20]}.parquet"
+        self.store.write_parquet(CACHE_DIR, table, name=name)
         return name
+
+
+def split_listing(
+    listing: pa.Table,
+    cache: pa.Table | None,
+    rehash: bool = False,
+    passwords: Mapping[str, str] | None = None,
+) -> tuple[pa.Table, pa.Array]:
+    """The listing (pipeline.sources.LISTING_SCHEMA: source_uri, size, stamp) split against the
+    stat cache's table (SCHEMA; a key twice is taken once): the hits as a DISCOVERED_SCHEMA table
+    (password "") in listing order, and the uris to read and probe, in listing order: new or
+    changed (size or stamp), without a stamp, all of them with `rehash`, and every hit that a
+    password applies to (by doc_id or by file name: a changed password changes the outcome).
+
+    Vectorised, no Python object per document, and lean: one `index_in` of the listed uris in the
+    cache's (a hash table of the uris only, not a join's of every column), the size and stamp
+    compared at the match; only a uri whose first cache entry is another version of it (the cache
+    keeps every listed version until a rewrite) goes through a join on (source_uri, size, stamp),
+    over those few uris."""
+    uris = listing.column("source_uri").combine_chunks()
+    n = listing.num_rows
+    if rehash or cache is None or not cache.num_rows or not n:
+        return DISCOVERED_SCHEMA.empty_table(), uris
+    c_uri = cache.column("source_uri").combine_chunks()
+    at = pc.index_in(uris, value_set=c_uri)  # pyright: ignore[reportAttributeAccessIssue]
+    found = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]
+        pc.is_valid(at),  # pyright: ignore[reportAttributeAccessIssue]
+        pc.and_(pc.is_valid(listing.column("stamp")), pc.is_valid(listing.column("size"))),  # pyright: ignore[reportAttributeAccessIssue]
+    )
+    rows = np.flatnonzero(found.to_numpy(zero_copy_only=False))
+    crows = at.take(pa.array(rows)).to_numpy(zero_copy_only=False).astype(np.int64)
+    del at, found
+    same = np.ones(len(rows), dtype=bool)
+    for k in ("size", "stamp"):
+        mine = listing.column(k).take(pa.array(rows))
+        theirs = cache.column(k).take(pa.array(crows))
+        same &= pc.fill_null(pc.equal(mine, theirs), False).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+        del mine, theirs
+    other = rows[~same]  # the uri is cached, its first entry is another version: join those
+    rows, crows = rows[same], crows[same]
+    if len(other):
+        sub = pc.is_in(c_uri, value_set=uris.take(pa.array(other)))  # pyright: ignore[reportAttributeAccessIssue]
+        csub = np.flatnonzero(sub.to_numpy(zero_copy_only=False))
+        right = cache.select(KEY).take(pa.array(csub)).append_column("_crow", pa.array(csub))
+        left = listing.select(KEY).take(pa.array(other)).append_column("_row", pa.array(other))
+        more = left.join(right, keys=KEY, join_type="inner")
+        rows = np.concatenate([rows, more.column("_row").to_numpy()])
+        crows = np.concatenate([crows, more.column("_crow").to_numpy()])
+        order = np.argsort(rows, kind="stable")
+        rows, crows = rows[order], crows[order]
+        once = np.ones(len(rows), dtype=bool)  # a key in two parts matched twice: take it once
+        once[1:] = rows[1:] != rows[:-1]
+        rows, crows = rows[once], crows[once]
+        del sub, csub, right, left, more
+    del c_uri
+    take = pa.array(crows)
+    cached = pa.Table.from_arrays(
+        [
+            uris.take(pa.array(rows)),
+            *(cache.column(k).take(take) for k in VALUES),
+            pa.nulls(len(rows), pa.string()).fill_null(""),
+        ],
+        schema=DISCOVERED_SCHEMA,
+    ).combine_chunks()
+    del take
+    keys = [k for k, v in (passwords or {}).items() if v]
+    if keys and cached.num_rows:
+        pw = pa.array(keys, pa.string())
+        name = pc.replace_substring_regex(pc.utf8_rtrim(cached.column("source_uri"), "/"), r"^.*/", "")  # pyright: ignore[reportAttributeAccessIssue]
+        by_pw = pc.or_(pc.is_in(cached.column("doc_id"), value_set=pw), pc.is_in(name, value_set=pw))  # pyright: ignore[reportAttributeAccessIssue]
+        keep = ~by_pw.to_numpy(zero_copy_only=False)
+        cached, rows = cached.filter(pa.array(keep)), rows[keep]
+        del name, by_pw, keep
+    todo = np.ones(n, dtype=bool)
+    todo[rows] = False
+    return cached, uris.filter(pa.array(todo))
+
+
+def _cacheable(rows: pa.Table | Iterable[Mapping[str, Any]]) -> pa.Table:
+    """The rows of `rows` the cache may keep, in SCHEMA."""
+    if isinstance(rows, pa.Table):
+        t: pa.Table = rows
+    else:
+        dicts = list(rows)
+        fields = [*SCHEMA, pa.field("password", pa.string())]
+        t = pa.table({f.name: pa.array([r.get(f.name) for r in dicts], f.type) for f in fields})
+    if not t.num_rows:
+        return SCHEMA.empty_table()
+    ok = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]
+        pc.and_(pc.is_valid(t.column("stamp")), pc.is_valid(t.column("size"))),  # pyright: ignore[reportAttributeAccessIssue]
+        pc.fill_null(pc.is_in(t.column("error_code"), value_set=pa.array(CACHEABLE_ERRORS)), False),  # pyright: ignore[reportAttributeAccessIssue]
+    )
+    if "password" in t.column_names:
+        pw = t.column("password").cast(pa.string())
+        ok = pc.and_(ok, pc.equal(pc.fill_null(pw, ""), ""))  # pyright: ignore[reportAttributeAccessIssue]
+    kept = t.filter(ok)
+    return pa.Table.from_arrays(
+        [kept.column(f.name).cast(f.type) for f in SCHEMA], schema=SCHEMA
+    ).combine_chunks()
+
+
+def _all_equal(t: pa.Table, names: list[str], suffix: str) -> pa.ChunkedArray | pa.Array:
+    """Rows where every `name` equals `name+suffix` (two nulls are equal)."""
+    out: Any = None
+    for name in names:
+        a, b = t.column(name), t.column(name + suffix)
+        both_null = pc.and_(pc.is_null(a), pc.is_null(b))  # pyright: ignore[reportAttributeAccessIssue]
+        eq = pc.or_(pc.fill_null(pc.equal(a, b), False), both_null)  # pyright: ignore[reportAttributeAccessIssue]
+        out = eq if out is None else pc.and_(out, eq)  # pyright: ignore[reportAttributeAccessIssue]
+    return out
+
+
+def _sorted(t: pa.Table, unique: bool = False) -> pa.Table:
+    """`t` sorted by KEY; `unique`: one row per key (the first of each run of equal keys)."""
+    t = t.sort_by([(k, "ascending") for k in KEY]).combine_chunks()
+    n = t.num_rows
+    if unique and n > 1:
+        first = np.ones(n, dtype=bool)
+        same = np.ones(n - 1, dtype=bool)
+        for k in KEY:
+            c = t.column(k)
+            same &= pc.equal(c.slice(1), c.slice(0, n - 1)).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+        first[1:] = ~same
+        if not first.all():
+            t = t.filter(pa.array(first))
+    return t
+
+
+def _keys_table(live: pa.Table | set[Key]) -> pa.Table:
+    if not isinstance(live, set):
+        return live.select(KEY)
+    keys = list(live)
+    return pa.table(
+        {
+            "source_uri": pa.array([k[0] for k in keys], pa.string()),
+            "size": pa.array([k[1] for k in keys], pa.int64()),
+            "stamp": pa.array([k[2] for k in keys], pa.string()),
+        }
+    )
+
+
+def _keys_digest(t: pa.Table) -> str:
+    """sha256 hex of the `uri\tsize\tstamp` lines of `t`, joined by newlines, built in Arrow
+    (no Python string per entry)."""
+    h = hashlib.sha256()
+    step = 1 << 18
+    for a in range(0, t.num_rows, step):
+        s = t.slice(a, step)
+        lines = pc.binary_join_element_wise(  # pyright: ignore[reportAttributeAccessIssue]
+            s.column("source_uri"), s.column("size").cast(pa.string()), s.column("stamp"), "\t"
+        ).combine_chunks()
+        joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(lines)], pa.int32()), lines), "\n")  # pyright: ignore[reportAttributeAccessIssue]
+        if a:
+            h.update(b"\n")
+        h.update(joined[0].as_buffer())
+    return h.hexdigest()

@@ -98,6 +98,236 @@ def test_rehash_that_contradicts_an_entry_replaces_it(tmp_path: Path) -> None:
     assert hit is not None and hit["doc_id"] == "d2"
 
 
+# ----------------------------------------------------------------------------- the Arrow split
+
+
+def _listing(*rows: tuple[str, int | None, str | None]) -> pa.Table:
+    from pipeline.sources import LISTING_SCHEMA
+
+    return pa.table(
+        {
+            "source_uri": [r[0] for r in rows],
+            "size": pa.array([r[1] for r in rows], pa.int64()),
+            "stamp": pa.array([r[2] for r in rows], pa.string()),
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+def _cache_table(*rows: dict[str, Any]) -> pa.Table:
+    from pipeline.statcache import SCHEMA
+
+    return pa.Table.from_pylist([{k: r[k] for k in SCHEMA.names} for r in rows], schema=SCHEMA)
+
+
+def test_split_listing_hits_misses_and_changed_versions() -> None:
+    from pipeline.schema import DISCOVERED_SCHEMA
+    from pipeline.statcache import split_listing
+
+    cache = _cache_table(
+        _row("s3://b/hit.pdf", "etag:1", "d-hit"),
+        {**_row("s3://b/err.pdf", "etag:2", "d-err"), "error_code": "not_a_pdf", "error": "no"},
+        _row("s3://b/new-stamp.pdf", "etag:old"),
+        _row("s3://b/new-size.pdf", "etag:4"),
+        _row("s3://b/null.pdf", "etag:5"),
+        _row("s3://b/gone.pdf", "etag:6"),
+    )
+    listing = _listing(
+        ("s3://b/err.pdf", 10, "etag:2"),
+        ("s3://b/hit.pdf", 10, "etag:1"),
+        ("s3://b/miss.pdf", 10, "etag:3"),
+        ("s3://b/new-size.pdf", 11, "etag:4"),
+        ("s3://b/new-stamp.pdf", 10, "etag:new"),
+        ("s3://b/null.pdf", None, None),  # a list-file entry whose HEAD failed
+    )
+    cached, todo = split_listing(listing, cache)
+    assert cached.schema.equals(DISCOVERED_SCHEMA)
+    assert cached.to_pylist() == [  # in listing order
+        {
+            "source_uri": "s3://b/err.pdf",
+            "doc_id": "d-err",
+            "page_count": 1,
+            "error_code": "not_a_pdf",
+            "error": "no",
+            "password": "",
+        },
+        {
+            "source_uri": "s3://b/hit.pdf",
+            "doc_id": "d-hit",
+            "page_count": 1,
+            "error_code": "",
+            "error": "",
+            "password": "",
+        },
+    ]
+    assert todo.to_pylist() == [
+        "s3://b/miss.pdf",
+        "s3://b/new-size.pdf",
+        "s3://b/new-stamp.pdf",
+        "s3://b/null.pdf",
+    ]
+    # a uri cached in several versions (the cache keeps every listed one until a rewrite), one
+    # of them twice (a key in two parts): the listed version is one hit
+    versions = _cache_table(
+        _row("s3://b/v.pdf", "etag:a", "d-a"),
+        _row("s3://b/v.pdf", "etag:b", "d-b"),
+        _row("s3://b/w.pdf", "etag:c", "d-c"),
+        _row("s3://b/v.pdf", "etag:b", "d-b"),
+    )
+    cached, todo = split_listing(
+        _listing(
+            ("s3://b/v.pdf", 10, "etag:b"), ("s3://b/w.pdf", 10, "etag:c"), ("s3://b/x.pdf", 10, "etag:a")
+        ),
+        versions,
+    )
+    assert cached.column("doc_id").to_pylist() == ["d-b", "d-c"] and todo.to_pylist() == ["s3://b/x.pdf"]
+    # rehash, no cache, an empty cache: every listed uri is probed
+    uris = listing.column("source_uri").to_pylist()
+    for args in ((cache, True), (None, False), (cache.slice(0, 0), False)):
+        cached, todo = split_listing(listing, *args)
+        assert cached.num_rows == 0 and cached.schema.equals(DISCOVERED_SCHEMA)
+        assert todo.to_pylist() == uris
+
+
+def test_split_listing_probes_password_documents_every_run() -> None:
+    from pipeline.statcache import split_listing
+
+    cache = _cache_table(
+        _row("s3://b/x/by-id.pdf", "etag:1", "d-secret"),
+        _row("s3://b/x/by-name.pdf", "etag:2", "d-2"),
+        _row("s3://b/x/plain.pdf", "etag:3", "d-3"),
+        _row("s3://b/x/empty-pw.pdf", "etag:4", "d-4"),
+    )
+    listing = _listing(
+        ("s3://b/x/by-id.pdf", 10, "etag:1"),
+        ("s3://b/x/by-name.pdf", 10, "etag:2"),
+        ("s3://b/x/empty-pw.pdf", 10, "etag:4"),
+        ("s3://b/x/plain.pdf", 10, "etag:3"),
+    )
+    pw = {"d-secret": "pw1", "by-name.pdf": "pw2", "empty-pw.pdf": "", "x": "pw3"}
+    cached, todo = split_listing(listing, cache, passwords=pw)
+    assert cached.column("source_uri").to_pylist() == ["s3://b/x/empty-pw.pdf", "s3://b/x/plain.pdf"]
+    assert todo.to_pylist() == ["s3://b/x/by-id.pdf", "s3://b/x/by-name.pdf"]
+
+
+def test_add_takes_tables_and_consolidation_keeps_listed_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.statcache as sc
+    from pipeline.outputs import OutputStore
+
+    monkeypatch.setattr(sc, "MAX_PARTS", 2)
+    store = OutputStore(str(tmp_path / "out"))
+    rows = pa.Table.from_pylist([_row(f"file:///{i}.pdf", "etag:x", f"d{i}") for i in range(4)])
+    assert sc.StatCache.load(store).add(rows.slice(0, 2), live=_listing()) == 2
+    assert sc.StatCache.load(store).add(rows.slice(2, 1), live=_listing()) == 1
+    cache = sc.StatCache.load(store)
+    assert cache.add(rows.slice(0, 3), live=_listing()) == 0  # nothing new: nothing written
+    assert len(cache.parts) == 2 and cache.table.num_rows == 3
+    # a third part would pass MAX_PARTS: one part of the listed keys (1.pdf's size changed)
+    listed = _listing(
+        ("file:///1.pdf", 99, "etag:x"), ("file:///2.pdf", 10, "etag:x"), ("file:///3.pdf", 10, "etag:x")
+    )
+    assert cache.add(rows.slice(3, 1), live=listed) == 1
+    parts = list((tmp_path / "out" / sc.CACHE_DIR).glob("part-*.parquet"))
+    assert len(parts) == 1
+    again = sc.StatCache.load(store)
+    assert set(again.entries) == {("file:///2.pdf", 10, "etag:x"), ("file:///3.pdf", 10, "etag:x")}
+    assert again.table.column("source_uri").to_pylist() == ["file:///2.pdf", "file:///3.pdf"]
+    # the part's name is its keys' digest, as the dict-based writer named it
+    import hashlib
+
+    blob = b"file:///2.pdf\t10\tetag:x\nfile:///3.pdf\t10\tetag:x"
+    assert parts[0].name == f"part-{hashlib.sha256(blob).hexdigest()[:20]}.parquet"
+
+
+def test_a_key_in_two_parts_is_one_entry(tmp_path: Path) -> None:
+    """A crash between a rewrite and the removal of the old parts leaves a key in two parts."""
+    import shutil
+
+    from pipeline.outputs import OutputStore
+    from pipeline.statcache import CACHE_DIR, StatCache, split_listing
+
+    store = OutputStore(str(tmp_path / "out"))
+    StatCache.load(store).add([_row("file:///a.pdf", "etag:1"), _row("file:///b.pdf", "etag:2")], live=set())
+    (part,) = (tmp_path / "out" / CACHE_DIR).glob("part-*.parquet")
+    shutil.copy(part, part.with_name("part-00000000000000000000.parquet"))
+    cache = StatCache.load(store)
+    assert len(cache.parts) == 2 and len(cache.entries) == 2
+    cached, todo = split_listing(_listing(("file:///a.pdf", 10, "etag:1")), cache.table)
+    assert cached.num_rows == 1 and len(todo) == 0
+
+
+def test_discover_listed_merges_probed_rows_in_listing_order(tmp_path: Path) -> None:
+    """The driver's side of discovery without Ray: hits from the cache, the rest probed (here by
+    a stand-in for the Ray Data pool) and cached for the next run."""
+    from pipeline.config import PipelineConfig
+    from pipeline.discover import discover_listed
+    from pipeline.outputs import OutputStore
+    from pipeline.schema import DISCOVERED_SCHEMA, discovered_table
+
+    store = OutputStore(str(tmp_path / "out"))
+    cfg = PipelineConfig()
+    cfg.input.passwords = {"locked.pdf": "pw"}
+    listing = _listing(*((f"file:///{n}.pdf", 10, f"etag:{n}") for n in ("a", "b", "c", "locked")))
+    probed: list[list[str]] = []
+
+    def probe(uris: pa.Array) -> pa.Table:
+        probed.append(uris.to_pylist())
+        return discovered_table(
+            [
+                {
+                    "source_uri": u,
+                    "doc_id": "id-" + u[8:],
+                    "page_count": 2,
+                    "error_code": "",
+                    "error": "",
+                    "password": "pw" if "locked" in u else "",
+                }
+                for u in reversed(uris.to_pylist())  # the pool gives no order
+            ]
+        )
+
+    first = discover_listed(cfg, listing, store, probe)
+    assert first.schema.equals(DISCOVERED_SCHEMA)
+    assert first.column("source_uri").to_pylist() == listing.column("source_uri").to_pylist()
+    again = discover_listed(cfg, listing, store, probe)
+    assert again.to_pylist() == first.to_pylist()
+    assert probed == [listing.column("source_uri").to_pylist(), ["file:///locked.pdf"]]
+    cfg.input.rehash = True
+    discover_listed(cfg, listing, store, probe)
+    assert probed[-1] == listing.column("source_uri").to_pylist()
+
+
+def test_listing_table_is_the_listing_as_arrow(tmp_path: Path) -> None:
+    from pipeline.discover import with_stats
+    from pipeline.sources import LISTING_SCHEMA, expand_input_stats, listing_table, stat_table
+
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.pdf").write_bytes(b"%PDF-1 " + bytes([i]))
+    (tmp_path / "list.txt").write_text("\n".join(str(tmp_path / "in" / f"{i}.pdf") for i in range(2)))
+    t = listing_table(str(tmp_path / "in"))
+    assert t.schema.equals(LISTING_SCHEMA)
+    listed = expand_input_stats(str(tmp_path / "in"))
+    assert [(r["source_uri"], (r["size"], r["stamp"])) for r in t.to_pylist()] == listed
+    listed_file = listing_table(str(tmp_path / "list.txt"))  # not stat'ed while listing: nulls
+    assert listed_file.num_rows == 2 and listed_file.column("stamp").null_count == 2
+    # discovery's HEADs (stat_table, in Ray workers) fill them in, in listing order
+    mixed = pa.concat_tables([listed_file, t.slice(2), _listing(("file:///nowhere/x.pdf", None, None))])
+    unstated = [
+        u
+        for u, st in zip(mixed.column("source_uri").to_pylist(), mixed.column("stamp").to_pylist())
+        if st is None
+    ]
+    filled = with_stats(mixed, stat_table(unstated))
+    assert filled.schema.equals(LISTING_SCHEMA)
+    assert filled.slice(0, 3).to_pylist() == t.to_pylist()
+    assert filled.slice(3).to_pylist() == [
+        {"source_uri": "file:///nowhere/x.pdf", "size": None, "stamp": None}
+    ]
+
+
 def test_list_file_entries_are_stated_like_the_listing(root_and_files) -> None:
     from pipeline.sources import expand_input_stats, stat_many
 
