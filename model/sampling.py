@@ -22,8 +22,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from model.engine_config import NGRAM_WHITELIST as NGRAM_WHITELIST  # re-exported (its home has no torch)
+
 TABLE_TOKEN_IDS = (128821, 128822, 128823, 128824)  # <td> </td> <tr> </tr>: legit long runs
-NGRAM_WHITELIST = (128821, 128822)  # <td> </td>: the official ban whitelist
 
 
 def no_repeat_ngram_mask(

@@ -24,9 +24,9 @@ from enum import Enum
 from typing import Any
 
 from model.config import DType, ModelName, StrEnum
-from model.engine import EngineConfig
+from model.engine_config import EngineConfig
 from model.hub import OFFICIAL_HUB_ID
-from model.preprocess import DEFAULT_MODE, MODES, ModeName
+from model.modes import DEFAULT_MODE, MODES, ModeName
 from model.tokenizer import PromptName
 from pipeline.render import DEFAULT_RENDER, RenderOptions
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from model.config import ModelName
-from model.engine import PAGED_AUTO_ROWS, EngineConfig
+from model.engine_config import PAGED_AUTO_ROWS, EngineConfig
 from pipeline.config import PipelineConfig
 
 

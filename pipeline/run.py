@@ -81,8 +81,7 @@ def schema_error(e: BaseException) -> ConfigValueError | None:
 
 def compose(overrides: list[str] | None = None) -> PipelineConfig:
     """Compose `conf/` with overrides, as the CLI does (used by tests and notebooks)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import compose as hydra_compose, initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

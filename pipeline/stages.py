@@ -26,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from model.engine import FinishReason
+from model.engine_config import FinishReason
 from pipeline.config import Fallback, ForceLength, PipelineConfig
 from pipeline.schema import PAGE_SCHEMA, Status
 

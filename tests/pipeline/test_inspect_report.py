@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.inspect import PALETTE, draw_layout
-from pipeline.inspect import main as inspect_main
+from pipeline.inspect import PALETTE, draw_layout, main as inspect_main
 from pipeline.outputs import encode_png
 from pipeline.run import compose
 from pipeline.schema import page_image_name

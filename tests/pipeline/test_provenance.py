@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config as config_mod
-from pipeline import provenance
+from pipeline import config as config_mod, provenance
 from pipeline.plan import model_id
 from pipeline.run import compose
 
