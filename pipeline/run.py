@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from omegaconf import OmegaConf
 
@@ -555,6 +555,22 @@ def check_overrides(argv: list[str]) -> None:
         return
 
 
+def exit_now(code: int) -> NoReturn:
+    """Exit with `code` whatever Ray's teardown does. A run that fails early may leave the
+    processing dataset's thread still starting its actors; Python's own finalisation (Ray's
+    atexit shutdown racing that thread) then ended the process with 1 instead of `code` under
+    load. By now the lease is released and nothing is left to commit, and an embedded Ray's
+    processes share the driver's fate (on a cluster the GCS ends the job's actors), so the
+    process ends here, streams flushed."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
     import hydra
 
@@ -586,7 +602,7 @@ def main() -> None:
         except tuple(kind for kind, _, _ in failures) as e:
             prefix, code = next((p, c) for kind, p, c in failures if isinstance(e, kind))
             print(f"pagemill: {prefix}{redact.scrub(str(e))}", file=sys.stderr)
-            sys.exit(code)
+            exit_now(code)
         if not summary.get("dry_run") and not summary["accounting_ok"]:
             sys.exit(EXIT_ROWS_MISSING)
 

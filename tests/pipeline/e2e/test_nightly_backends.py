@@ -168,7 +168,9 @@ def test_sigkill_then_resume_equals_uninterrupted(backend, reference: list[tuple
     proc = subprocess.Popen(
         _cmd(src, out, extra),
         cwd=REPO,
-        env=_env_local(),
+        # each page's render slowed (output unchanged): the commits spread out over seconds, so the
+        # kill lands between the second one and the last even on a loaded machine
+        env={**_env_local(), "PAGEMILL_TEST_RENDER_FAULT": "sleep:0.75"},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
