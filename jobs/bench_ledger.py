@@ -216,10 +216,10 @@ NEW_ID_BASE = 10**9  # doc_id(NEW_ID_BASE + i): the i-th new document
 
 def _numbered(prefix: str, idx: np.ndarray) -> pa.Array:
     """`f"{prefix}{i:08d}.pdf"` for each i, in Arrow (no Python string per document)."""
-    import pyarrow.compute as pc
+    from pipeline.arrow import pc
 
-    digits = pc.utf8_lpad(pa.array(idx, pa.int64()).cast(pa.string()), 8, "0")  # pyright: ignore[reportAttributeAccessIssue]
-    return pc.binary_join_element_wise(prefix, digits, ".pdf", "")  # pyright: ignore[reportAttributeAccessIssue]
+    digits = pc.utf8_lpad(pa.array(idx, pa.int64()).cast(pa.string()), 8, "0")
+    return pc.binary_join_element_wise(prefix, digits, ".pdf", "")
 
 
 def bench_listing(n_old: int, new_docs: int) -> pa.Table:
@@ -227,8 +227,7 @@ def bench_listing(n_old: int, new_docs: int) -> pa.Table:
     source_uri): the `n_old` known documents `s3://corpus/pdfs/{i:08d}.pdf` and `new_docs` new ones
     `s3://corpus/new/{i:08d}.pdf`, each with a size and a 37-character ETag stamp (like S3's
     `etag:<32 hex>`) derived from its number; built vectorised."""
-    import pyarrow.compute as pc
-
+    from pipeline.arrow import pc
     from pipeline.sources import LISTING_SCHEMA
 
     new_i = np.arange(new_docs, dtype=np.int64) + NEW_ID_BASE
@@ -236,8 +235,8 @@ def bench_listing(n_old: int, new_docs: int) -> pa.Table:
     key = np.concatenate([new_i, old_i])  # "…/new/" sorts before "…/pdfs/"
     uris = pa.chunked_array([_numbered(NEW_PREFIX, new_i - NEW_ID_BASE), _numbered(OLD_PREFIX, old_i)])
     size = 10_000 + (key * 7919) % 5_000_000
-    tag = pc.utf8_lpad(pa.array((key * 2654435761) % 10**16, pa.int64()).cast(pa.string()), 32, "0")  # pyright: ignore[reportAttributeAccessIssue]
-    stamp = pc.binary_join_element_wise("etag:", tag, "")  # pyright: ignore[reportAttributeAccessIssue]
+    tag = pc.utf8_lpad(pa.array((key * 2654435761) % 10**16, pa.int64()).cast(pa.string()), 32, "0")
+    stamp = pc.binary_join_element_wise("etag:", tag, "")
     return pa.Table.from_arrays(
         [uris.combine_chunks(), pa.array(size, pa.int64()), stamp], schema=LISTING_SCHEMA
     )
@@ -431,8 +430,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rss_load, peak_load = _current_rss_mb(), _rss_mb()
     disc_s = disc_cpu_s = 0.0
     if args.stat_cache:
-        import pyarrow.compute as pc
-
+        from pipeline.arrow import pc
         from pipeline.discover import discover_listed
 
         # the listing as discover's Ray task hands it over (built here: outside startup_s)
@@ -460,7 +458,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "peak_rss_after_discovery_mb": round(_rss_mb(), 1),
             "documents_probed": sum(probed),
             "documents_from_stat_cache": docs.num_rows - sum(probed),
-            "documents_with_errors": int(pc.sum(pc.not_equal(docs.column("error_code"), "")).as_py() or 0),  # pyright: ignore[reportAttributeAccessIssue]
+            "documents_with_errors": int(pc.sum(pc.not_equal(docs.column("error_code"), "")).as_py() or 0),
         }
     else:
         td1, cd1 = t1, c1

@@ -194,6 +194,8 @@ def _synthesize(
     seconds of each phase."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import pyarrow as pa
+
     from pipeline.ledger import Ledger, commit_entry
     from pipeline.outputs import OutputStore
     from pipeline.schema import rows_to_table
@@ -218,7 +220,7 @@ def _synthesize(
     summary = json.loads(fs.cat_file("bench-out/out/_summary.json"))
     h = summary["config_hash"]
     cache = StatCache.load(store)
-    (seed_row,) = [v for v in cache.entries.values()]
+    (seed_row,) = cache.table.to_pylist()
     listed = dict(expand_input_stats(src, so, suffixes=[".pdf"]))
     lap("list_inputs_s")
     rows: list[dict[str, Any]] = []
@@ -235,7 +237,15 @@ def _synthesize(
             }
         )
     del blobs
-    cache.add(rows, live={(u, *st) for u, st in listed.items() if st is not None})
+    live = [(u, *st) for u, st in listed.items() if st is not None]
+    live_keys = pa.table(
+        {
+            "source_uri": pa.array([k[0] for k in live], pa.string()),
+            "size": pa.array([k[1] for k in live], pa.int64()),
+            "stamp": pa.array([k[2] for k in live], pa.string()),
+        }
+    )
+    cache.add(pa.Table.from_pylist(rows), live=live_keys)
     lap("stat_cache_s")
     pages = [
         {

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from model.engine import EngineConfig
-from model.preprocess import DEFAULT_MODE
+from model.engine_config import EngineConfig
+from model.modes import DEFAULT_MODE
 from model.synth import random_model
 from pipeline.render import RenderOptions
 
@@ -98,7 +98,8 @@ def run_engine(model, pages: list[dict[str, Any]], label: str, **engine_kw: Any)
 
     import torch
 
-    from model.engine import Engine, EngineConfig, Request
+    from model.engine import Engine, Request
+    from model.engine_config import EngineConfig
     from model.preprocess import to_pixel_tensor
     from model.tokenizer import DEFAULT_PROMPT, OcrTokenizer
     from model.vision import PageViews
@@ -206,7 +207,8 @@ def profile_decode(model, max_batch: int, ctx_lens: list[int], out_dir: str) -> 
     table written to `out_dir`). This is the profile behind the account in BENCHMARKS.md."""
     import torch
 
-    from model.engine import Engine, EngineConfig, KvLayout, kv_bytes_per_token
+    from model.engine import Engine, kv_bytes_per_token
+    from model.engine_config import EngineConfig, KvLayout
 
     # the slotted engine: flash varlen vs masked SDPA are its two attention paths
     engine = Engine(
@@ -381,7 +383,8 @@ def step_profile(
     an eager op profile (`_profile_step`, table to `out_dir`)."""
     import torch
 
-    from model.engine import PAGED_AUTO_ROWS, Engine, EngineConfig
+    from model.engine import Engine
+    from model.engine_config import PAGED_AUTO_ROWS, EngineConfig
     from model.kv_cache import PagedKVCache
 
     engine = Engine(model, EngineConfig(max_batch=PAGED_AUTO_ROWS, max_model_len=MAX_MODEL_LEN))
@@ -563,7 +566,8 @@ def print_row(r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import inspect
 
-    from model.engine import EngineConfig, KvLayout, fit_max_batch
+    from model.engine import fit_max_batch
+    from model.engine_config import EngineConfig, KvLayout
 
     assert __doc__ is not None  # module docstring is present
     ap = argparse.ArgumentParser(prog="python -m jobs.benchmark", description=__doc__.splitlines()[0])
@@ -676,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params",
         flush=True,
     )
-    from model.engine import PAGED_AUTO_ROWS, fit_max_batch
+    from model.engine import fit_max_batch
+    from model.engine_config import PAGED_AUTO_ROWS
 
     slotted_rows = args.max_batch or fit_max_batch(model, MAX_MODEL_LEN, args.headroom_gib)
     paged_rows = args.max_batch or PAGED_AUTO_ROWS

@@ -12,9 +12,10 @@ import argparse
 import sys
 
 from model.config import DType, ModelName
-from model.engine import EngineConfig
+from model.engine_config import EngineConfig
 from model.hub import OFFICIAL_HUB_ID
-from model.preprocess import DEFAULT_MODE, MODES, ImageError, ModeName, load_image, preprocess_image
+from model.modes import DEFAULT_MODE, MODES, ModeName
+from model.preprocess import ImageError, load_image, preprocess_image
 from model.tokenizer import PromptName
 
 

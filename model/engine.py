@@ -48,12 +48,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.engine_config import (  # re-exported: the settings live there, without torch
-    DEVICE_FINISH as DEVICE_FINISH,
-    PAGED_AUTO_ROWS as PAGED_AUTO_ROWS,
-    EngineConfig as EngineConfig,
-    FinishReason as FinishReason,
-    KvLayout as KvLayout,
+from model.engine_config import (
+    DEVICE_FINISH,
+    EngineConfig,
+    FinishReason,
+    KvLayout,
 )
 from model.kv_cache import KVCache, PagedKVCache
 from model.ocr import OcrModel

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from model.engine import FinishReason
+from model.engine_config import FinishReason
 
 if TYPE_CHECKING:
     from model.ocr import OcrModel

@@ -31,13 +31,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.modes import (  # re-exported: the modes live there, without torch or Pillow
-    DEFAULT_MODE as DEFAULT_MODE,
-    MODES as MODES,
-    PATCHES_PER_QUERY as PATCHES_PER_QUERY,
-    ModeName as ModeName,
-    ModeSpec as ModeSpec,
-    get_mode as get_mode,
+from model.modes import (
+    PATCHES_PER_QUERY,
+    ModeSpec,
+    get_mode,
 )
 
 PAD_COLOR = (127, 127, 127)  # tuple(int(0.5 * 255)) — normalises to -1/255, not 0

@@ -27,16 +27,8 @@ import numpy as np
 import torch
 
 from model.config import DType, ModelName, OcrConfig
-from model.engine import (
-    PAGED_AUTO_ROWS,
-    Engine,
-    EngineConfig,
-    FinishReason,
-    KvLayout,
-    Request,
-    Result,
-    fit_max_batch,
-)
+from model.engine import Engine, Request, Result, fit_max_batch
+from model.engine_config import PAGED_AUTO_ROWS, EngineConfig, FinishReason, KvLayout
 from model.ocr import OcrModel
 from model.preprocess import to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer, PromptName

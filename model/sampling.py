@@ -22,8 +22,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from model.engine_config import NGRAM_WHITELIST as NGRAM_WHITELIST  # re-exported (its home has no torch)
-
 TABLE_TOKEN_IDS = (128821, 128822, 128823, 128824)  # <td> </td> <tr> </tr>: legit long runs
 
 

@@ -271,13 +271,14 @@ def merge_group(
 ) -> int:
     """Write the merged part `name` of `olds` (figures, pages, then its ledger entry: the writer's
     order); returns its rows. Rows are sorted by (doc_id, page_index); a key seen twice aborts."""
-    import pyarrow.compute as pc
-
+    from pipeline.arrow import pc
     from pipeline.ledger import commit_entry
 
     pages = _merge(store, "pages", olds)
     assert pages is not None, f"compact: parts of group {name} vanished under the lease"
-    order = pc.sort_indices(pages, sort_keys=[("doc_id", "ascending"), ("page_index", "ascending")])  # pyright: ignore[reportAttributeAccessIssue]  # generated
+    order = pc.sort_indices(
+        pages, sort_keys=[("doc_id", "ascending"), ("page_index", "ascending")]
+    )  # generated
     pages = pages.take(order)
     keys = list(zip(pages.column("doc_id").to_pylist(), pages.column("page_index").to_pylist()))
     if len(set(keys)) != len(keys):

@@ -30,7 +30,7 @@ from model.modes import DEFAULT_MODE, MODES, ModeName
 from model.tokenizer import PromptName
 from pipeline.render import DEFAULT_RENDER, RenderOptions
 
-# The engine's knobs have one home, model.engine.EngineConfig; GenerationConfig re-exposes the
+# The engine's knobs have one home, model.engine_config.EngineConfig; GenerationConfig re-exposes the
 # ones a job sets and takes their defaults from there (tests/pipeline/test_config.py checks it).
 _ENGINE = EngineConfig()
 _RENDER = DEFAULT_RENDER  # the render bounds' defaults live in RenderOptions (benchmarks, inspect)

@@ -33,9 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.arrow import pc
 from pipeline.outputs import OutputStore
 
 log = logging.getLogger("pagemill")
@@ -57,11 +57,11 @@ def _place(
         t = pq.read_table(path, columns=[id_col, "config_hash"], filesystem=src.fs)
     except FileNotFoundError:
         return "missing"
-    mask = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]  # generated
-        pc.is_in(t.column(id_col), value_set=pa.array(sorted(keep), pa.string())),  # pyright: ignore[reportAttributeAccessIssue]
-        pc.equal(t.column("config_hash"), config_hash),  # pyright: ignore[reportAttributeAccessIssue]
+    mask = pc.and_(  # generated
+        pc.is_in(t.column(id_col), value_set=pa.array(sorted(keep), pa.string())),
+        pc.equal(t.column("config_hash"), config_hash),
     )
-    wanted = int(pc.sum(mask).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
+    wanted = int(pc.sum(mask).as_py() or 0)
     if wanted == 0:
         return "empty"
     if wanted == t.num_rows:

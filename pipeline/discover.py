@@ -112,12 +112,12 @@ def discover_listed(
 def _stat_unstated(cfg: PipelineConfig, listing: pa.Table) -> pa.Table:
     """(size, stamp) for the listing's rows without them (list-file entries): one HEAD each, in
     Ray workers, 1000 per task."""
-    import pyarrow.compute as pc
     import ray
 
+    from pipeline.arrow import pc
     from pipeline.sources import stat_table
 
-    missing = pc.is_null(listing.column("stamp"))  # pyright: ignore[reportAttributeAccessIssue]
+    missing = pc.is_null(listing.column("stamp"))
     unstated = listing.column("source_uri").filter(missing).combine_chunks()
     if not len(unstated):
         return listing
@@ -133,13 +133,13 @@ def _stat_unstated(cfg: PipelineConfig, listing: pa.Table) -> pa.Table:
 def with_stats(listing: pa.Table, stated: pa.Table) -> pa.Table:
     """`listing` with its rows without a stamp given the size and stamp of `stated`
     (sources.stat_table's output for those rows' uris, in listing order)."""
-    import pyarrow.compute as pc
+    from pipeline.arrow import pc
 
-    missing = pc.is_null(listing.column("stamp").combine_chunks())  # pyright: ignore[reportAttributeAccessIssue]
+    missing = pc.is_null(listing.column("stamp").combine_chunks())
     cols = {"source_uri": listing.column("source_uri")}
     for k in ("size", "stamp"):
         have = listing.column(k).combine_chunks()
-        cols[k] = pc.replace_with_mask(have, missing, stated.column(k).combine_chunks().cast(have.type))  # pyright: ignore[reportAttributeAccessIssue]
+        cols[k] = pc.replace_with_mask(have, missing, stated.column(k).combine_chunks().cast(have.type))
     return pa.table(cols, schema=listing.schema)
 
 

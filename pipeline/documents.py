@@ -34,10 +34,10 @@ from collections import Counter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.arrow import pc
 from pipeline.cli import add_storage_options, parse_storage_options
 from pipeline.outputs import MB, OutputStore, split_by_bytes
 from pipeline.schema import DOCUMENT_SCHEMA, PAGE_SCHEMA, PAGE_SEPARATOR, STATUSES, Status
@@ -78,7 +78,7 @@ def _scan_keys(pages: ds.Dataset, flt: Any) -> dict[str, dict[str, Any]]:
         n: pc.field(n)
         for n in ("doc_id", "source_uri", "page_index", "page_count", "status", "error_code", "model_id")
     }
-    columns["md_bytes"] = pc.binary_length(pc.field("markdown"))  # pyright: ignore[reportAttributeAccessIssue]  # generated
+    columns["md_bytes"] = pc.binary_length(pc.field("markdown"))  # generated
     for batch in pages.to_batches(columns=columns, filter=flt):
         for r in batch.to_pylist():
             key = (r["doc_id"], r["page_index"])
@@ -280,7 +280,9 @@ def update_documents(
         if name in fresh or not touched.intersection(names):
             continue
         table = pq.read_table(parts[name], filesystem=store.fs)
-        keep = pc.invert(pc.is_in(table.column("id"), value_set=pa.array(sorted(touched), pa.string())))  # pyright: ignore[reportAttributeAccessIssue]  # generated
+        keep = pc.invert(
+            pc.is_in(table.column("id"), value_set=pa.array(sorted(touched), pa.string()))
+        )  # generated
         kept = table.filter(keep)
         if kept.num_rows:
             store.write_parquet(

@@ -29,8 +29,8 @@ def classify(docs: Any, done: Any, known_sources: Any) -> dict[str, dict[str, in
     `known_sources`: a (doc_id, source_uri) table or set. Matched in Arrow (no key set)."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
+    from pipeline.arrow import pc
     from pipeline.ledger import SOURCES_SCHEMA
     from pipeline.plan import _as_runs, _clip, covered, distinct_docs, docs_table
     from pipeline.schema import discovered_table
@@ -44,13 +44,13 @@ def classify(docs: Any, done: Any, known_sources: Any) -> dict[str, dict[str, in
     uniq, _ = distinct_docs(table)
     doc_t = docs_table(uniq)
     cov, _ = covered(_clip(_as_runs(done), doc_t))
-    at = pc.index_in(doc_t.column("doc_id"), value_set=cov.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
-    x = pc.fill_null(pc.take(cov.column("pages"), at), 0).cast(pa.int64()).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
+    at = pc.index_in(doc_t.column("doc_id"), value_set=cov.column("doc_id"))
+    x = pc.fill_null(pc.take(cov.column("pages"), at), 0).cast(pa.int64()).to_numpy()
     inputs = pa.Table.from_arrays([table.column("doc_id"), table.column("source_uri")], schema=SOURCES_SCHEMA)
     seen = known_sources.select(SOURCES_SCHEMA.names).rename_columns(["seen_id", "source_uri"])
     j = inputs.join(seen, "source_uri", join_type="inner")
-    other = j.filter(pc.not_equal(j.column("doc_id"), j.column("seen_id")))  # pyright: ignore[reportAttributeAccessIssue]
-    changed = pc.is_in(doc_t.column("doc_id"), value_set=pc.unique(other.column("doc_id"))).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
+    other = j.filter(pc.not_equal(j.column("doc_id"), j.column("seen_id")))
+    changed = pc.is_in(doc_t.column("doc_id"), value_set=pc.unique(other.column("doc_id"))).to_numpy()
     err = doc_t.column("is_error").to_numpy()
     rows = doc_t.column("expected").to_numpy()
     is_done = x >= rows
@@ -135,12 +135,11 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
 
 def documents_with_errors(docs: Any) -> int:
     """Inputs (rows of the discovery output, duplicates included) with an error code."""
-    import pyarrow.compute as pc
-
+    from pipeline.arrow import pc
     from pipeline.schema import discovered_table
 
     code = discovered_table(docs).column("error_code")
-    return int(pc.sum(pc.fill_null(pc.not_equal(code, ""), False)).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
+    return int(pc.sum(pc.fill_null(pc.not_equal(code, ""), False)).as_py() or 0)
 
 
 def print_dry_run(r: dict[str, Any]) -> None:

@@ -26,8 +26,8 @@ import sys
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from pipeline.arrow import pc
 from pipeline.outputs import MB, OutputStore
 from pipeline.schema import STATUSES, Status
 

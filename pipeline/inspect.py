@@ -23,8 +23,7 @@ import io
 import sys
 from typing import Any
 
-import pyarrow.compute as pc
-
+from pipeline.arrow import pc
 from pipeline.cli import add_storage_options, parse_storage_options
 from pipeline.outputs import OutputStore, figure_box_px
 from pipeline.schema import PAGE_SIGNALS, Status

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pyarrow as pa  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
-import pyarrow.compute as pc  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
 import pyarrow.parquet as pq  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
+
+from pipeline.arrow import pc
 
 log = logging.getLogger("pagemill")
 
@@ -139,7 +140,7 @@ def runs_from_rows(rows: pa.Table, with_config: bool = False) -> pa.Table:  # py
     brk[0] = True
     for c in group:
         col = t.column(c).combine_chunks().cast(pa.string())
-        brk[1:] |= pc.not_equal(col.slice(1), col.slice(0, n - 1)).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+        brk[1:] |= pc.not_equal(col.slice(1), col.slice(0, n - 1)).to_numpy(zero_copy_only=False)
     p = t.column("page_index").to_numpy().astype(np.int64)
     brk[1:] |= p[1:] != p[:-1] + 1
     starts = np.flatnonzero(brk)
@@ -194,7 +195,7 @@ def covered(runs: pa.Table) -> tuple[pa.Table, int]:  # pyright: ignore[reportUn
     e = t.column("page_stop").to_numpy().astype(np.int64)
     new = np.zeros(n, dtype=bool)
     new[0] = True
-    new[1:] = pc.not_equal(d.slice(1), d.slice(0, n - 1)).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+    new[1:] = pc.not_equal(d.slice(1), d.slice(0, n - 1)).to_numpy(zero_copy_only=False)
     gid = np.cumsum(new) - 1
     big, shift = 1 << 34, 1 << 31  # stops are int32: shifted positive, they stay below `big`
     run_max = np.maximum.accumulate(gid * big + e + shift) - gid * big - shift
@@ -218,7 +219,7 @@ def _first_overlap(runs: pa.Table) -> tuple[Key, list[str]] | None:  # pyright: 
     row = t.slice(i, 1).to_pylist()[0]
     doc = row["doc_id"]
     key = (doc, int(row["page_index"]))
-    same = t.filter(pc.equal(t.column("doc_id"), doc)).to_pylist()  # pyright: ignore[reportAttributeAccessIssue]
+    same = t.filter(pc.equal(t.column("doc_id"), doc)).to_pylist()
     files = [r["file"] for r in same if r["page_index"] <= key[1] < r["page_stop"]]
     return key, files
 
@@ -313,7 +314,7 @@ def _part_scans(store: Any) -> dict[str, tuple[pa.Table, list[tuple[str, float |
     for sub in (PAGES_DIR, LEDGER_DIR):
         t, temps = _scan(store, sub)
         if len(hidden):
-            t = t.filter(pc.invert(_is_in(t.column("name"), hidden)))  # pyright: ignore[reportAttributeAccessIssue]
+            t = t.filter(pc.invert(_is_in(t.column("name"), hidden)))
         out[sub] = (t, temps)
     return out
 
@@ -368,7 +369,7 @@ def _snapshot_parts(runs: pa.Table, versions: pa.Table) -> pa.Table:  # pyright:
     pages_version, ledger_version): one row per part that has both."""
     import numpy as np
 
-    runs = runs.filter(pc.is_in(runs.column("file"), value_set=versions.column("file")))  # pyright: ignore[reportAttributeAccessIssue]
+    runs = runs.filter(pc.is_in(runs.column("file"), value_set=versions.column("file")))
     runs = runs.sort_by([("file", "ascending"), ("doc_id", "ascending"), ("page_index", "ascending")])
     n = runs.num_rows
     if n == 0:
@@ -376,11 +377,11 @@ def _snapshot_parts(runs: pa.Table, versions: pa.Table) -> pa.Table:  # pyright:
     f = runs.column("file").combine_chunks()
     new = np.zeros(n, dtype=bool)
     new[0] = True
-    new[1:] = pc.not_equal(f.slice(1), f.slice(0, n - 1)).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+    new[1:] = pc.not_equal(f.slice(1), f.slice(0, n - 1)).to_numpy(zero_copy_only=False)
     heads = np.flatnonzero(new)
     offsets = pa.array(np.append(heads, n), pa.int32())
     files = f.take(pa.array(heads))
-    v = versions.take(pc.index_in(files, value_set=versions.column("file")))  # pyright: ignore[reportAttributeAccessIssue]
+    v = versions.take(pc.index_in(files, value_set=versions.column("file")))
 
     def lists(c: str, typ: Any) -> Any:
         return pa.ListArray.from_arrays(offsets, runs.column(c).combine_chunks().cast(typ))
@@ -405,7 +406,7 @@ def _snapshot_runs(parts: pa.Table, config_hash: str | None = None) -> pa.Table:
     if parts.num_rows == 0:
         return runs_from_rows(LEDGER_SCHEMA.empty_table(), with_config=config_hash is None)
     cfgs = parts.column("config_hash").combine_chunks()
-    parent = pc.list_parent_indices(cfgs)  # pyright: ignore[reportAttributeAccessIssue]
+    parent = pc.list_parent_indices(cfgs)
     cols = {
         c: parts.column(c).combine_chunks().flatten() for c in ("doc_id", "page_index", "page_stop", "status")
     }
@@ -415,8 +416,8 @@ def _snapshot_runs(parts: pa.Table, config_hash: str | None = None) -> pa.Table:
     )
     if config_hash is None:
         return t.select([*RUNS_SCHEMA.names, "config_hash"])
-    mine = pc.equal(flat_cfg, config_hash)  # pyright: ignore[reportAttributeAccessIssue]
-    if pc.all(mine).as_py():  # pyright: ignore[reportAttributeAccessIssue]  # one configuration: no copy
+    mine = pc.equal(flat_cfg, config_hash)
+    if pc.all(mine).as_py():  # one configuration: no copy
         return t.select(RUNS_SCHEMA.names)
     return t.filter(mine).select(RUNS_SCHEMA.names)
 
@@ -428,22 +429,22 @@ def _unchanged(snap: pa.Table, pages: pa.Table, entries: pa.Table) -> pa.Array: 
     if snap.num_rows == 0 or pages.num_rows == 0:
         return pa.array([], pa.string())
     files = snap.column("file").combine_chunks()
-    names = pc.utf8_slice_codeunits(files, len(PAGES_DIR) + 1)  # pyright: ignore[reportAttributeAccessIssue]
+    names = pc.utf8_slice_codeunits(files, len(PAGES_DIR) + 1)
     ok = None
     for listing, col in ((pages, "pages_version"), (entries, "ledger_version")):
-        at = pc.index_in(names, value_set=listing.column("name"))  # pyright: ignore[reportAttributeAccessIssue]
-        now = pc.take(listing.column("version"), at)  # pyright: ignore[reportAttributeAccessIssue]
-        same = pc.fill_null(pc.equal(now, snap.column(col)), False)  # pyright: ignore[reportAttributeAccessIssue]
-        ok = same if ok is None else pc.and_(ok, same)  # pyright: ignore[reportAttributeAccessIssue]
-    return pc.filter(files, ok)  # pyright: ignore[reportAttributeAccessIssue]
+        at = pc.index_in(names, value_set=listing.column("name"))
+        now = pc.take(listing.column("version"), at)
+        same = pc.fill_null(pc.equal(now, snap.column(col)), False)
+        ok = same if ok is None else pc.and_(ok, same)
+    return pc.filter(files, ok)
 
 
 def _not_in(names: pa.Array, others: pa.Array) -> list[str]:  # pyright: ignore[reportUnknownParameterType]  # pa.Array untyped
     """The strings of `names` that are not in `others` (vectorised; the result is usually short)."""
     if len(names) == 0:
         return []
-    mask = pc.invert(pc.is_in(names, value_set=others))  # pyright: ignore[reportAttributeAccessIssue]
-    return pc.filter(names, mask).to_pylist()  # pyright: ignore[reportAttributeAccessIssue]
+    mask = pc.invert(pc.is_in(names, value_set=others))
+    return pc.filter(names, mask).to_pylist()
 
 
 def _read_ledger_parts(store: Any, paths: list[str]) -> pa.Table:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
@@ -495,7 +496,7 @@ def _remove_temporaries(
 
 
 def _is_in(values: Any, keep: Any) -> Any:
-    return pc.is_in(values, value_set=keep)  # pyright: ignore[reportAttributeAccessIssue]
+    return pc.is_in(values, value_set=keep)
 
 
 @dataclass
@@ -571,9 +572,9 @@ class Ledger:
             if not read_only:
                 store.fs.rm(store.join(LEDGER_DIR, name))
             led.dropped += 1
-        unchanged_names = pc.utf8_slice_codeunits(unchanged, len(PAGES_DIR) + 1)  # pyright: ignore[reportAttributeAccessIssue]
+        unchanged_names = pc.utf8_slice_codeunits(unchanged, len(PAGES_DIR) + 1)
         todo = _not_in(page_names, unchanged_names)
-        has_entry = set(pc.filter(entry_names, _is_in(entry_names, pa.array(todo, pa.string()))).to_pylist())  # pyright: ignore[reportAttributeAccessIssue]
+        has_entry = set(pc.filter(entry_names, _is_in(entry_names, pa.array(todo, pa.string()))).to_pylist())
 
         def rows(path: str | None) -> int:
             return -1 if path is None else int(pq.read_metadata(path, filesystem=store.fs).num_rows)
@@ -611,7 +612,7 @@ class Ledger:
         parts = _read_ledger_parts(store, [store.join(LEDGER_DIR, n) for n in sorted(to_read)])
         if reindexed:
             parts = pa.concat_tables([parts, *reindexed])
-        parts = parts.filter(pc.equal(parts.column("config_hash"), config_hash))  # pyright: ignore[reportAttributeAccessIssue]
+        parts = parts.filter(pc.equal(parts.column("config_hash"), config_hash))
         keep = _snapshot_rows(store, snap, snap_path, unchanged)
         del snap
         fresh = runs_from_rows(parts)
@@ -622,7 +623,7 @@ class Ledger:
         # duplicate check (cannot happen through this code) over the documents of the parts read
         # one by one: sorting the whole ledger for it was a third of the load (profile, 100k
         # parts); a duplicate between two parts that are both in the snapshot is not re-checked
-        near = led.runs.filter(_is_in(led.runs.column("doc_id"), pc.unique(fresh.column("doc_id"))))  # pyright: ignore[reportAttributeAccessIssue]
+        near = led.runs.filter(_is_in(led.runs.column("doc_id"), pc.unique(fresh.column("doc_id"))))
         dup = _first_overlap(near)
         if dup is not None:  # cannot happen through this code; never hide it
             log.warning("ledger: duplicate row %s in %s", dup[0], " and ".join(dup[1]))
@@ -651,12 +652,12 @@ class Ledger:
         pages, entries = scanned[PAGES_DIR][0], scanned[LEDGER_DIR][0]
         snap, _ = _read_snapshot(store)
         unchanged = _unchanged(snap, pages, entries)
-        unchanged_names = pc.utf8_slice_codeunits(unchanged, len(PAGES_DIR) + 1)  # pyright: ignore[reportAttributeAccessIssue]
+        unchanged_names = pc.utf8_slice_codeunits(unchanged, len(PAGES_DIR) + 1)
         both = pages.rename_columns(["name", "pv"]).join(
             entries.rename_columns(["name", "lv"]), "name", join_type="inner"
         )
-        both = both.filter(pc.invert(_is_in(both.column("name"), unchanged_names)))  # pyright: ignore[reportAttributeAccessIssue]
-        both = both.filter(pc.is_valid(both.column("pv"))).sort_by("name")  # pyright: ignore[reportAttributeAccessIssue]
+        both = both.filter(pc.invert(_is_in(both.column("name"), unchanged_names)))
+        both = both.filter(pc.is_valid(both.column("pv"))).sort_by("name")
         fresh = both.column("name").to_pylist()
 
         def consistent(name: str) -> bool:
@@ -672,7 +673,7 @@ class Ledger:
         okt = both.filter(_is_in(both.column("name"), pa.array(ok, pa.string())))
         versions = pa.table(
             {
-                "file": pc.binary_join_element_wise(f"{PAGES_DIR}/", okt.column("name"), ""),  # pyright: ignore[reportAttributeAccessIssue]
+                "file": pc.binary_join_element_wise(f"{PAGES_DIR}/", okt.column("name"), ""),
                 "pages_version": okt.column("pv"),
                 "ledger_version": okt.column("lv"),
             }
@@ -727,10 +728,10 @@ class Ledger:
                     store.write_parquet(sub, t.filter(pa.array(keep)), name=name)
                     if sub == LEDGER_DIR:
                         left = t.filter(pa.array(keep)).cast(LEDGER_SCHEMA)
-                        left = left.filter(pc.equal(left.column("config_hash"), self.config_hash))  # pyright: ignore[reportAttributeAccessIssue]
+                        left = left.filter(pc.equal(left.column("config_hash"), self.config_hash))
                         kept_runs.append(runs_from_rows(left))
         touched = pa.array(sorted(by_file), pa.string())
-        others = self.runs.filter(pc.invert(_is_in(self.runs.column("file"), touched)))  # pyright: ignore[reportAttributeAccessIssue]
+        others = self.runs.filter(pc.invert(_is_in(self.runs.column("file"), touched)))
         self.runs = pa.concat_tables([others, *kept_runs])
         return sum(len(v) for v in by_file.values())
 

@@ -129,7 +129,7 @@ MB = 1 << 20
 def row_nbytes(table: pa.Table) -> list[int]:
     """Estimated in-memory bytes of each row: exact for string/binary data (top level and inside
     structs, e.g. image bytes), the rest of the table's buffers spread evenly over the rows."""
-    import pyarrow.compute as pc
+    from pipeline.arrow import pc
 
     n = table.num_rows
     if n == 0:
@@ -146,13 +146,13 @@ def row_nbytes(table: pa.Table) -> list[int]:
             or pa.types.is_large_string(t)
             or pa.types.is_large_binary(t)
         ):
-            lengths = pc.fill_null(pc.binary_length(arr), 0).to_pylist()  # pyright: ignore[reportAttributeAccessIssue]  # pc funcs generated
+            lengths = pc.fill_null(pc.binary_length(arr), 0).to_pylist()  # pc funcs generated
             for i, v in enumerate(lengths):
                 var[i] += v
             var_total += sum(lengths)
         elif pa.types.is_struct(t):
             for j in range(t.num_fields):
-                add(pc.struct_field(arr, [j]))  # pyright: ignore[reportAttributeAccessIssue]  # generated at import
+                add(pc.struct_field(arr, [j]))  # generated at import
 
     for col in table.columns:
         add(col)

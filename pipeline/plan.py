@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
-import pyarrow.compute as pc  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
 
 from model.config import ModelName
+from pipeline.arrow import pc
 from pipeline.config import PipelineConfig
 from pipeline.ledger import RUNS_SCHEMA, SOURCES_SCHEMA, covered, expand_runs, runs_from_keys
 from pipeline.schema import Status, discovered_table
@@ -65,19 +65,19 @@ class Plan:
     def files_of(self, doc_ids: set[str]) -> set[str]:
         """The committed parts holding already final rows of `doc_ids`."""
         d = self.done
-        hit = d.filter(pc.is_in(d.column("doc_id"), value_set=pa.array(sorted(doc_ids), pa.string())))  # pyright: ignore[reportAttributeAccessIssue]
-        return set(pc.unique(hit.column("file")).to_pylist())  # pyright: ignore[reportAttributeAccessIssue]
+        hit = d.filter(pc.is_in(d.column("doc_id"), value_set=pa.array(sorted(doc_ids), pa.string())))
+        return set(pc.unique(hit.column("file")).to_pylist())
 
     def account(self, written: pa.Table) -> tuple[int, dict[str, int]]:  # pyright: ignore[reportUnknownParameterType]  # pa.Table untyped
         """After the run: (distinct rows written, {doc_id: rows still missing}) from the runs
         (RUNS_SCHEMA) the run's receipts made. A row counts once however often it was written."""
-        n_written = int(pc.sum(covered(written)[0].column("pages")).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
+        n_written = int(pc.sum(covered(written)[0].column("pages")).as_py() or 0)
         final, _ = covered(pa.concat_tables([self.done, _clip(written, self.docs)]))
         docs = self.docs
-        got = pc.index_in(docs.column("doc_id"), value_set=final.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
-        have = pc.fill_null(pc.take(final.column("pages"), got), 0)  # pyright: ignore[reportAttributeAccessIssue]
-        short = pc.subtract(docs.column("expected"), have)  # pyright: ignore[reportAttributeAccessIssue]
-        mask = pc.greater(short, 0)  # pyright: ignore[reportAttributeAccessIssue]
+        got = pc.index_in(docs.column("doc_id"), value_set=final.column("doc_id"))
+        have = pc.fill_null(pc.take(final.column("pages"), got), 0)
+        short = pc.subtract(docs.column("expected"), have)
+        mask = pc.greater(short, 0)
         ids = docs.column("doc_id").filter(mask).to_pylist()
         return n_written, dict(zip(ids, short.filter(mask).to_pylist()))
 
@@ -104,10 +104,10 @@ def _clip(runs: pa.Table, docs: pa.Table) -> pa.Table:  # pyright: ignore[report
 
     if runs.num_rows == 0 or docs.num_rows == 0:
         return RUNS_SCHEMA.empty_table()
-    r = runs.filter(pc.is_in(runs.column("doc_id"), value_set=docs.column("doc_id")))  # pyright: ignore[reportAttributeAccessIssue]
+    r = runs.filter(pc.is_in(runs.column("doc_id"), value_set=docs.column("doc_id")))
     if r.num_rows == 0:
         return RUNS_SCHEMA.empty_table()
-    at = pc.index_in(r.column("doc_id"), value_set=docs.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
+    at = pc.index_in(r.column("doc_id"), value_set=docs.column("doc_id"))
     n = docs.column("page_count").take(at).to_numpy().astype(np.int64)
     err = docs.column("is_error").take(at).to_numpy(zero_copy_only=False)
     s = r.column("page_index").to_numpy().astype(np.int64)
@@ -155,8 +155,8 @@ def docs_table(uniq: pa.Table) -> pa.Table:  # pyright: ignore[reportUnknownPara
     """DOCS_SCHEMA's columns but `done` for distinct documents (`distinct_docs`)."""
     import numpy as np
 
-    err = pc.fill_null(pc.not_equal(uniq.column("error_code"), ""), False).to_numpy()  # pyright: ignore[reportAttributeAccessIssue]
-    counts = pc.fill_null(uniq.column("page_count"), 0).to_numpy().astype(np.int64)  # pyright: ignore[reportAttributeAccessIssue]
+    err = pc.fill_null(pc.not_equal(uniq.column("error_code"), ""), False).to_numpy()
+    counts = pc.fill_null(uniq.column("page_count"), 0).to_numpy().astype(np.int64)
     return pa.table(
         {
             "doc_id": uniq.column("doc_id"),
@@ -197,8 +197,8 @@ def plan_pages(
     doc_t = docs_table(uniq)
     plan.done = _clip(_as_runs(done), doc_t)
     cov, _ = covered(plan.done)
-    at = pc.index_in(doc_t.column("doc_id"), value_set=cov.column("doc_id"))  # pyright: ignore[reportAttributeAccessIssue]
-    n_done = pc.fill_null(pc.take(cov.column("pages"), at), 0).cast(pa.int64())  # pyright: ignore[reportAttributeAccessIssue]
+    at = pc.index_in(doc_t.column("doc_id"), value_set=cov.column("doc_id"))
+    n_done = pc.fill_null(pc.take(cov.column("pages"), at), 0).cast(pa.int64())
     plan.docs = doc_t.append_column("done", n_done)
     is_err = doc_t.column("is_error").to_numpy()
     counts = doc_t.column("page_count").to_numpy().astype(np.int64)
@@ -207,7 +207,7 @@ def plan_pages(
     partial = doc_t.column("doc_id").filter(pa.array((x > 0) & (x < expected))).to_pylist()
     ranges: dict[str, list[tuple[int, int]]] = {}
     if partial:
-        pr = plan.done.filter(pc.is_in(plan.done.column("doc_id"), value_set=pa.array(partial, pa.string())))  # pyright: ignore[reportAttributeAccessIssue]
+        pr = plan.done.filter(pc.is_in(plan.done.column("doc_id"), value_set=pa.array(partial, pa.string())))
         for d, a, b in zip(*(pr.column(c).to_pylist() for c in ("doc_id", "page_index", "page_stop"))):
             ranges.setdefault(d, []).append((a, b))
     plan.doc_error_rows = int(is_err.sum())
@@ -256,10 +256,10 @@ def plan_pages(
                     "_range_stop": r.stop,
                 }
             )
-    plan.expected_rows = int(pc.sum(doc_t.column("expected")).as_py() or 0)  # pyright: ignore[reportAttributeAccessIssue]
+    plan.expected_rows = int(pc.sum(doc_t.column("expected")).as_py() or 0)
     plan.already_final = int(x.sum())
     if plan.done.num_rows:
-        widths = pc.subtract(plan.done.column("page_stop"), plan.done.column("page_index"))  # pyright: ignore[reportAttributeAccessIssue]
+        widths = pc.subtract(plan.done.column("page_stop"), plan.done.column("page_index"))
         t = pa.table({"status": plan.done.column("status"), "n": widths.cast(pa.int64())})
         agg = t.group_by("status").aggregate([("n", "sum")])
         plan.done_by_status = Counter(

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.arrow import pc
 from pipeline.cli import add_storage_options, parse_storage_options
 from pipeline.outputs import OutputStore
 
@@ -191,7 +191,7 @@ def _copy_part(store: OutputStore, part: Part, wanted: set[str], dest: Path) -> 
     with _open(store, part.path) as src:
         table = pq.read_table(src)
     for h in hashes:
-        sub = table.filter(pc.equal(table.column("config_hash"), pa.scalar(h)))  # pyright: ignore[reportAttributeAccessIssue]  # pc funcs generated
+        sub = table.filter(pc.equal(table.column("config_hash"), pa.scalar(h)))  # pc funcs generated
         _write_atomic(dest / out[h], lambda f, t=sub: pq.write_table(t, f, compression="zstd"))
     return out
 

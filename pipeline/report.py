@@ -21,8 +21,8 @@ import sys
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 
+from pipeline.arrow import pc
 from pipeline.cli import add_storage_options, parse_storage_options
 from pipeline.outputs import OutputStore
 from pipeline.quality import OCR_STATUSES

@@ -276,11 +276,11 @@ def _run_leased(
     is published to the feed (an empty one too: the feed is closed on every path, so the dataset
     always ends) and the receipts are consumed."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import ray
     from ray.exceptions import RayActorError
 
     from pipeline import metrics, stages
+    from pipeline.arrow import pc
     from pipeline.discover import discover
     from pipeline.dryrun import documents_with_errors
     from pipeline.feed import start_feed
@@ -395,7 +395,7 @@ def _run_leased(
     runs = pa.concat_tables(written) if written else RUNS_SCHEMA.empty_table()
     if runs.num_rows or not has_documents(store, cfg.config_hash()):  # a no-op rerun rewrites nothing
         # documents/: one row per document, assembled from pages/; only the touched ones once built
-        touched = set(pc.unique(runs.column("doc_id")).to_pylist())  # pyright: ignore[reportAttributeAccessIssue]
+        touched = set(pc.unique(runs.column("doc_id")).to_pylist())
         build_for_run(store, cfg, touched, files_of(touched), run_id, files_of)
 
     wall = time.time() - t0

@@ -634,8 +634,7 @@ class WriteStage:
         """The PAGE_SCHEMA table of a work batch (work columns dropped) and its figures by row."""
         from datetime import datetime, timezone
 
-        import pyarrow.compute as pc
-
+        from pipeline.arrow import pc
         from pipeline.schema import IMAGE, STATUSES, page_image_name
 
         batch, figures = postprocess(batch, self.quality)
@@ -656,7 +655,7 @@ class WriteStage:
             )
             made = pa.StructArray.from_arrays([png, paths], fields=list(IMAGE), mask=pa.array(keep))
             # the PNG bytes stay in Arrow buffers; pyarrow.compute functions are generated at import
-            merged = pc.if_else(pa.array(keep), old, made)  # pyright: ignore[reportAttributeAccessIssue]
+            merged = pc.if_else(pa.array(keep), old, made)
             batch = batch.set_column(batch.schema.get_field_index("page_image"), "page_image", merged)
         return batch.select(list(PAGE_SCHEMA.names)).cast(PAGE_SCHEMA), figures
 

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc  # pyright: ignore[reportMissingTypeStubs]  # pyarrow ships no stubs
 import pyarrow.parquet as pq
 
+from pipeline.arrow import pc
 from pipeline.schema import DISCOVERED_SCHEMA
 
 log = logging.getLogger("pagemill")
@@ -54,7 +54,6 @@ SCHEMA = pa.schema(
         pa.field("error", pa.string()),
     ]
 )
-Key = tuple[str, int, str]
 KEY = ["source_uri", "size", "stamp"]
 VALUES = ["doc_id", "page_count", "error_code", "error"]
 
@@ -100,27 +99,12 @@ class StatCache:
             cache.table = pa.concat_tables(tables)
         return cache
 
-    @property
-    def entries(self) -> dict[Key, dict[str, Any]]:
-        """The entries as a dict of dicts (tests and small callers only: one dict per entry)."""
-        return {(r["source_uri"], int(r["size"]), r["stamp"]): r for r in self.table.to_pylist()}
-
-    def get(self, uri: str, size: int, stamp: str) -> dict[str, Any] | None:
-        """One entry (a scan of the table: tests and small callers; discovery uses split_listing)."""
-        t = self.table
-        mask = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]
-            pc.and_(pc.equal(t.column("source_uri"), uri), pc.equal(t.column("size"), size)),  # pyright: ignore[reportAttributeAccessIssue]
-            pc.equal(t.column("stamp"), stamp),  # pyright: ignore[reportAttributeAccessIssue]
-        )
-        rows = t.filter(mask).slice(0, 1).to_pylist()
-        return rows[0] if rows else None
-
-    def add(self, rows: pa.Table | Iterable[Mapping[str, Any]], live: pa.Table | set[Key]) -> int:
-        """Record new probe outcomes (rows with SCHEMA's columns, `password` optional: a table, or
-        dicts); writes one part if any is new. Not kept: rows without a stamp, with an error that
-        may be transient (not in CACHEABLE_ERRORS) or opened with a password.
-        `live`: the keys this run listed (a table with source_uri, size, stamp, e.g. the listing,
-        or a set of keys); a rewrite of the whole cache keeps only those."""
+    def add(self, rows: pa.Table, live: pa.Table) -> int:
+        """Record new probe outcomes (a table with SCHEMA's columns, `password` optional); writes
+        one part if any is new. Not kept: rows without a stamp, with an error that may be
+        transient (not in CACHEABLE_ERRORS) or opened with a password.
+        `live`: the keys this run listed (source_uri, size, stamp: the listing); a rewrite of the
+        whole cache keeps only those."""
         new = _cacheable(rows)
         if new.num_rows and self.table.num_rows:
             # the new keys already in the cache (the join builds its hash table on `new`: small on
@@ -142,7 +126,7 @@ class StatCache:
             merged = (
                 pa.concat_tables([rest.select(SCHEMA.names), new.select(SCHEMA.names)]) if n_new else rest
             )
-            keep = merged.join(_keys_table(live), keys=KEY, join_type="left semi")
+            keep = merged.join(live.select(KEY), keys=KEY, join_type="left semi")
             del rest, merged
             self.table = _sorted(keep, unique=True)
             written = self._write(self.table)
@@ -187,10 +171,10 @@ def split_listing(
     if rehash or cache is None or not cache.num_rows or not n:
         return DISCOVERED_SCHEMA.empty_table(), uris
     c_uri = cache.column("source_uri").combine_chunks()
-    at = pc.index_in(uris, value_set=c_uri)  # pyright: ignore[reportAttributeAccessIssue]
-    found = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]
-        pc.is_valid(at),  # pyright: ignore[reportAttributeAccessIssue]
-        pc.and_(pc.is_valid(listing.column("stamp")), pc.is_valid(listing.column("size"))),  # pyright: ignore[reportAttributeAccessIssue]
+    at = pc.index_in(uris, value_set=c_uri)
+    found = pc.and_(
+        pc.is_valid(at),
+        pc.and_(pc.is_valid(listing.column("stamp")), pc.is_valid(listing.column("size"))),
     )
     rows = np.flatnonzero(found.to_numpy(zero_copy_only=False))
     crows = at.take(pa.array(rows)).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -199,12 +183,12 @@ def split_listing(
     for k in ("size", "stamp"):
         mine = listing.column(k).take(pa.array(rows))
         theirs = cache.column(k).take(pa.array(crows))
-        same &= pc.fill_null(pc.equal(mine, theirs), False).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+        same &= pc.fill_null(pc.equal(mine, theirs), False).to_numpy(zero_copy_only=False)
         del mine, theirs
     other = rows[~same]  # the uri is cached, its first entry is another version: join those
     rows, crows = rows[same], crows[same]
     if len(other):
-        sub = pc.is_in(c_uri, value_set=uris.take(pa.array(other)))  # pyright: ignore[reportAttributeAccessIssue]
+        sub = pc.is_in(c_uri, value_set=uris.take(pa.array(other)))
         csub = np.flatnonzero(sub.to_numpy(zero_copy_only=False))
         right = cache.select(KEY).take(pa.array(csub)).append_column("_crow", pa.array(csub))
         left = listing.select(KEY).take(pa.array(other)).append_column("_row", pa.array(other))
@@ -231,8 +215,8 @@ def split_listing(
     keys = [k for k, v in (passwords or {}).items() if v]
     if keys and cached.num_rows:
         pw = pa.array(keys, pa.string())
-        name = pc.replace_substring_regex(pc.utf8_rtrim(cached.column("source_uri"), "/"), r"^.*/", "")  # pyright: ignore[reportAttributeAccessIssue]
-        by_pw = pc.or_(pc.is_in(cached.column("doc_id"), value_set=pw), pc.is_in(name, value_set=pw))  # pyright: ignore[reportAttributeAccessIssue]
+        name = pc.replace_substring_regex(pc.utf8_rtrim(cached.column("source_uri"), "/"), r"^.*/", "")
+        by_pw = pc.or_(pc.is_in(cached.column("doc_id"), value_set=pw), pc.is_in(name, value_set=pw))
         keep = ~by_pw.to_numpy(zero_copy_only=False)
         cached, rows = cached.filter(pa.array(keep)), rows[keep]
         del name, by_pw, keep
@@ -241,23 +225,17 @@ def split_listing(
     return cached, uris.filter(pa.array(todo))
 
 
-def _cacheable(rows: pa.Table | Iterable[Mapping[str, Any]]) -> pa.Table:
-    """The rows of `rows` the cache may keep, in SCHEMA."""
-    if isinstance(rows, pa.Table):
-        t: pa.Table = rows
-    else:
-        dicts = list(rows)
-        fields = [*SCHEMA, pa.field("password", pa.string())]
-        t = pa.table({f.name: pa.array([r.get(f.name) for r in dicts], f.type) for f in fields})
+def _cacheable(t: pa.Table) -> pa.Table:
+    """The rows of `t` the cache may keep, in SCHEMA."""
     if not t.num_rows:
         return SCHEMA.empty_table()
-    ok = pc.and_(  # pyright: ignore[reportAttributeAccessIssue]
-        pc.and_(pc.is_valid(t.column("stamp")), pc.is_valid(t.column("size"))),  # pyright: ignore[reportAttributeAccessIssue]
-        pc.fill_null(pc.is_in(t.column("error_code"), value_set=pa.array(CACHEABLE_ERRORS)), False),  # pyright: ignore[reportAttributeAccessIssue]
+    ok = pc.and_(
+        pc.and_(pc.is_valid(t.column("stamp")), pc.is_valid(t.column("size"))),
+        pc.fill_null(pc.is_in(t.column("error_code"), value_set=pa.array(CACHEABLE_ERRORS)), False),
     )
     if "password" in t.column_names:
         pw = t.column("password").cast(pa.string())
-        ok = pc.and_(ok, pc.equal(pc.fill_null(pw, ""), ""))  # pyright: ignore[reportAttributeAccessIssue]
+        ok = pc.and_(ok, pc.equal(pc.fill_null(pw, ""), ""))
     kept = t.filter(ok)
     return pa.Table.from_arrays(
         [kept.column(f.name).cast(f.type) for f in SCHEMA], schema=SCHEMA
@@ -269,9 +247,9 @@ def _all_equal(t: pa.Table, names: list[str], suffix: str) -> pa.ChunkedArray | 
     out: Any = None
     for name in names:
         a, b = t.column(name), t.column(name + suffix)
-        both_null = pc.and_(pc.is_null(a), pc.is_null(b))  # pyright: ignore[reportAttributeAccessIssue]
-        eq = pc.or_(pc.fill_null(pc.equal(a, b), False), both_null)  # pyright: ignore[reportAttributeAccessIssue]
-        out = eq if out is None else pc.and_(out, eq)  # pyright: ignore[reportAttributeAccessIssue]
+        both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+        eq = pc.or_(pc.fill_null(pc.equal(a, b), False), both_null)
+        out = eq if out is None else pc.and_(out, eq)
     return out
 
 
@@ -284,24 +262,11 @@ def _sorted(t: pa.Table, unique: bool = False) -> pa.Table:
         same = np.ones(n - 1, dtype=bool)
         for k in KEY:
             c = t.column(k)
-            same &= pc.equal(c.slice(1), c.slice(0, n - 1)).to_numpy(zero_copy_only=False)  # pyright: ignore[reportAttributeAccessIssue]
+            same &= pc.equal(c.slice(1), c.slice(0, n - 1)).to_numpy(zero_copy_only=False)
         first[1:] = ~same
         if not first.all():
             t = t.filter(pa.array(first))
     return t
-
-
-def _keys_table(live: pa.Table | set[Key]) -> pa.Table:
-    if not isinstance(live, set):
-        return live.select(KEY)
-    keys = list(live)
-    return pa.table(
-        {
-            "source_uri": pa.array([k[0] for k in keys], pa.string()),
-            "size": pa.array([k[1] for k in keys], pa.int64()),
-            "stamp": pa.array([k[2] for k in keys], pa.string()),
-        }
-    )
 
 
 def _keys_digest(t: pa.Table) -> str:
@@ -311,10 +276,10 @@ def _keys_digest(t: pa.Table) -> str:
     step = 1 << 18
     for a in range(0, t.num_rows, step):
         s = t.slice(a, step)
-        lines = pc.binary_join_element_wise(  # pyright: ignore[reportAttributeAccessIssue]
+        lines = pc.binary_join_element_wise(
             s.column("source_uri"), s.column("size").cast(pa.string()), s.column("stamp"), "\t"
         ).combine_chunks()
-        joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(lines)], pa.int32()), lines), "\n")  # pyright: ignore[reportAttributeAccessIssue]
+        joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(lines)], pa.int32()), lines), "\n")
         if a:
             h.update(b"\n")
         h.update(joined[0].as_buffer())

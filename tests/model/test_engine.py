@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from model.config import OcrConfig
-from model.engine import Engine, EngineConfig, KvLayout, Request
+from model.engine import Engine, Request
+from model.engine_config import EngineConfig, KvLayout
 from model.generate import greedy_generate
 from model.ocr import OcrModel
 from model.preprocess import preprocess_image

@@ -44,7 +44,8 @@ def test_engine_graphs_equal_eager() -> None:
     from PIL import Image
 
     from model.config import OcrConfig
-    from model.engine import Engine, EngineConfig, KvLayout, Request
+    from model.engine import Engine, Request
+    from model.engine_config import EngineConfig, KvLayout
     from model.ocr import OcrModel
     from model.preprocess import preprocess_image
     from model.synth import init_random

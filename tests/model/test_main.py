@@ -11,9 +11,10 @@ from PIL import Image
 
 from model.__main__ import build_parser, main
 from model.config import DType, ModelName
-from model.engine import EngineConfig
+from model.engine_config import EngineConfig
 from model.hub import OFFICIAL_HUB_ID
-from model.preprocess import DEFAULT_MODE, MODES, ModeName, num_image_tokens
+from model.modes import DEFAULT_MODE, MODES, ModeName
+from model.preprocess import num_image_tokens
 from model.tokenizer import PromptName
 
 

@@ -16,13 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from model.modes import MODES, ModeSpec, get_mode
 from model.preprocess import (
     DEFAULT_MAX_PIXELS,
-    MODES,
     ImageError,
-    ModeSpec,
     candidate_grids,
-    get_mode,
     load_image,
     num_image_tokens,
     preprocess_image,

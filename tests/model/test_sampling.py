@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
+from model.engine_config import NGRAM_WHITELIST
 from model.sampling import (
-    NGRAM_WHITELIST,
     TABLE_TOKEN_IDS,
     no_repeat_ngram_mask,
     no_repeat_ngram_mask_reference,

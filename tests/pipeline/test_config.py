@@ -17,8 +17,8 @@ import pyarrow as pa
 import pytest
 
 from model.config import DType, ModelName, StrEnum
-from model.engine import FinishReason, KvLayout
-from model.preprocess import ModeName
+from model.engine_config import FinishReason, KvLayout
+from model.modes import ModeName
 from model.tokenizer import PROMPTS, PromptName
 from pipeline.config import (
     ConfigValueError,
@@ -160,7 +160,7 @@ def test_ocr_rows_default_fits_the_gpu_and_one_batch_on_cpu() -> None:
     slots (its block pool fitted to free memory); on CPU the engine holds one Ray batch. The actor
     takes enough concurrent Ray calls to fill its rows plus twice the engine's look-ahead (GPU),
     or 2x its rows (CPU)."""
-    from model.engine import PAGED_AUTO_ROWS, EngineConfig
+    from model.engine_config import PAGED_AUTO_ROWS, EngineConfig
     from pipeline.preflight import ocr_calls_per_actor, ocr_rows
 
     cfg = compose(["model=tiny_random"])
@@ -194,7 +194,7 @@ def test_generation_defaults_are_the_engine_defaults() -> None:
     an EngineConfig field has the engine's default (max_batch: None = fit the GPU, by design)."""
     from dataclasses import fields
 
-    from model.engine import EngineConfig
+    from model.engine_config import EngineConfig
     from pipeline.config import GenerationConfig
 
     engine = {f.name: f.default for f in fields(EngineConfig)}
@@ -236,7 +236,7 @@ def test_command_line_engine_defaults_are_the_engine_defaults(monkeypatch: pytes
 
     import jobs.benchmark
     import model.__main__
-    from model.engine import EngineConfig
+    from model.engine_config import EngineConfig
 
     engine = {f.name: f.default for f in fields(EngineConfig)}
     seen: set[str] = set()

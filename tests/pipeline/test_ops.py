@@ -122,7 +122,7 @@ def test_engine_numbers_for_the_ocr_stage_metrics() -> None:
     import numpy as np
     from PIL import Image
 
-    from model.engine import EngineConfig
+    from model.engine_config import EngineConfig
     from model.preprocess import preprocess_image
     from model.runner import OcrInput, PageOcr, load_model
 

@@ -34,26 +34,37 @@ def _row(uri: str, stamp: str, doc_id: str = "d1") -> dict[str, Any]:
     }
 
 
+def _table(*rows: dict[str, Any]) -> pa.Table:
+    """Probe outcomes as `StatCache.add` takes them (SCHEMA's columns and `password`)."""
+    from pipeline.statcache import SCHEMA
+
+    fields = [*SCHEMA, pa.field("password", pa.string())]
+    return pa.table({f.name: pa.array([r[f.name] for r in rows], f.type) for f in fields})
+
+
+def _entries(cache: Any) -> dict[tuple[str, int, str], dict[str, Any]]:
+    """The cache's rows by (source_uri, size, stamp)."""
+    return {(r["source_uri"], r["size"], r["stamp"]): r for r in cache.table.to_pylist()}
+
+
 def test_cache_round_trip_skips_what_it_must_not_keep(tmp_path: Path) -> None:
     from pipeline.outputs import OutputStore
     from pipeline.statcache import CACHE_DIR, StatCache
 
     store = OutputStore(str(tmp_path / "out"))
     cache = StatCache.load(store)  # missing: empty, no error
-    assert cache.entries == {}
-    rows = [
+    assert cache.table.num_rows == 0
+    rows = _table(
         _row("file:///a.pdf", "etag:1"),
         {**_row("file:///b.pdf", "etag:2"), "error_code": "read_error"},  # may be transient
         {**_row("file:///c.pdf", "etag:3"), "password": "pw"},  # a password applies
         {**_row("file:///d.pdf", "etag:4"), "error_code": "not_a_pdf"},  # bytes decide it
-    ]
-    assert cache.add(rows, live=set()) == 2
-    assert cache.add(rows, live=set()) == 0  # nothing new: no second part
-    again = StatCache.load(store)
-    assert set(again.entries) == {("file:///a.pdf", 10, "etag:1"), ("file:///d.pdf", 10, "etag:4")}
-    hit = again.get("file:///a.pdf", 10, "etag:1")
-    assert hit is not None and hit["doc_id"] == "d1"
-    assert again.get("file:///a.pdf", 10, "etag:other") is None  # a new version is a miss
+    )
+    assert cache.add(rows, live=_listing()) == 2
+    assert cache.add(rows, live=_listing()) == 0  # nothing new: no second part
+    again = _entries(StatCache.load(store))
+    assert set(again) == {("file:///a.pdf", 10, "etag:1"), ("file:///d.pdf", 10, "etag:4")}
+    assert again["file:///a.pdf", 10, "etag:1"]["doc_id"] == "d1"
     assert len(list((tmp_path / "out" / CACHE_DIR).glob("part-*.parquet"))) == 1
 
 
@@ -62,13 +73,13 @@ def test_corrupt_part_is_skipped_and_only_costs_a_rehash(tmp_path: Path) -> None
     from pipeline.statcache import CACHE_DIR, StatCache
 
     store = OutputStore(str(tmp_path / "out"))
-    StatCache.load(store).add([_row("file:///a.pdf", "etag:1")], live=set())
-    StatCache.load(store).add([_row("file:///b.pdf", "etag:2")], live=set())
+    StatCache.load(store).add(_table(_row("file:///a.pdf", "etag:1")), live=_listing())
+    StatCache.load(store).add(_table(_row("file:///b.pdf", "etag:2")), live=_listing())
     parts = sorted((tmp_path / "out" / CACHE_DIR).glob("part-*.parquet"))
     assert len(parts) == 2
     parts[0].write_bytes(b"not parquet at all")
     loaded = StatCache.load(store)
-    assert len(loaded.entries) == 1  # the other part still serves
+    assert len(_entries(loaded)) == 1  # the other part still serves
 
 
 def test_consolidation_keeps_the_live_entries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,11 +89,11 @@ def test_consolidation_keeps_the_live_entries(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(sc, "MAX_PARTS", 3)
     store = OutputStore(str(tmp_path / "out"))
     for i in range(3):
-        sc.StatCache.load(store).add([_row(f"file:///{i}.pdf", "etag:x")], live=set())
+        sc.StatCache.load(store).add(_table(_row(f"file:///{i}.pdf", "etag:x")), live=_listing())
     live = {("file:///0.pdf", 10, "etag:x"), ("file:///3.pdf", 10, "etag:x")}
-    sc.StatCache.load(store).add([_row("file:///3.pdf", "etag:x")], live=live)
+    sc.StatCache.load(store).add(_table(_row("file:///3.pdf", "etag:x")), live=_listing(*sorted(live)))
     assert len(list((tmp_path / "out" / sc.CACHE_DIR).glob("part-*.parquet"))) == 1
-    assert set(sc.StatCache.load(store).entries) == live
+    assert set(_entries(sc.StatCache.load(store))) == live
 
 
 def test_rehash_that_contradicts_an_entry_replaces_it(tmp_path: Path) -> None:
@@ -90,12 +101,13 @@ def test_rehash_that_contradicts_an_entry_replaces_it(tmp_path: Path) -> None:
     from pipeline.statcache import CACHE_DIR, StatCache
 
     store = OutputStore(str(tmp_path / "out"))
-    StatCache.load(store).add([_row("file:///a.pdf", "etag:1"), _row("file:///b.pdf", "etag:2")], live=set())
+    StatCache.load(store).add(
+        _table(_row("file:///a.pdf", "etag:1"), _row("file:///b.pdf", "etag:2")), live=_listing()
+    )
     key = ("file:///a.pdf", 10, "etag:1")
-    StatCache.load(store).add([_row("file:///a.pdf", "etag:1", doc_id="d2")], live={key})
+    StatCache.load(store).add(_table(_row("file:///a.pdf", "etag:1", doc_id="d2")), live=_listing(key))
     assert len(list((tmp_path / "out" / CACHE_DIR).glob("part-*.parquet"))) == 1
-    hit = StatCache.load(store).get(*key)
-    assert hit is not None and hit["doc_id"] == "d2"
+    assert _entries(StatCache.load(store))[key]["doc_id"] == "d2"
 
 
 # ----------------------------------------------------------------------------- the Arrow split
@@ -232,7 +244,7 @@ def test_add_takes_tables_and_consolidation_keeps_listed_keys(
     parts = list((tmp_path / "out" / sc.CACHE_DIR).glob("part-*.parquet"))
     assert len(parts) == 1
     again = sc.StatCache.load(store)
-    assert set(again.entries) == {("file:///2.pdf", 10, "etag:x"), ("file:///3.pdf", 10, "etag:x")}
+    assert set(_entries(again)) == {("file:///2.pdf", 10, "etag:x"), ("file:///3.pdf", 10, "etag:x")}
     assert again.table.column("source_uri").to_pylist() == ["file:///2.pdf", "file:///3.pdf"]
     # the part's name is its keys' digest, as the dict-based writer named it
     import hashlib
@@ -249,11 +261,13 @@ def test_a_key_in_two_parts_is_one_entry(tmp_path: Path) -> None:
     from pipeline.statcache import CACHE_DIR, StatCache, split_listing
 
     store = OutputStore(str(tmp_path / "out"))
-    StatCache.load(store).add([_row("file:///a.pdf", "etag:1"), _row("file:///b.pdf", "etag:2")], live=set())
+    StatCache.load(store).add(
+        _table(_row("file:///a.pdf", "etag:1"), _row("file:///b.pdf", "etag:2")), live=_listing()
+    )
     (part,) = (tmp_path / "out" / CACHE_DIR).glob("part-*.parquet")
     shutil.copy(part, part.with_name("part-00000000000000000000.parquet"))
     cache = StatCache.load(store)
-    assert len(cache.parts) == 2 and len(cache.entries) == 2
+    assert len(cache.parts) == 2 and len(_entries(cache)) == 2
     cached, todo = split_listing(_listing(("file:///a.pdf", 10, "etag:1")), cache.table)
     assert cached.num_rows == 1 and len(todo) == 0
 
