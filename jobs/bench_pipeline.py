@@ -461,6 +461,8 @@ def _result(
         "gpu_util_every_s": gpu.every_s,
         "gpu_util_poll_s": gpu.poll_s,
         "gpu_util_samples": gpu.samples,
+        # the same 10-s windows (from the job's start, ~the sampler's): pages in the OCR actors
+        "ocr_occupancy_samples": summary.get("ocr_occupancy", []),
     }
 
 

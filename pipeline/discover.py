@@ -22,14 +22,16 @@ from pipeline.schema import DISCOVERED_SCHEMA, discovered_table
 log = logging.getLogger("pagemill")
 
 
-def discover(cfg: PipelineConfig, store: Any = None) -> pa.Table:
+def discover(cfg: PipelineConfig, store: Any = None, mark: Callable[[str], None] | None = None) -> pa.Table:
     """List the input (a Ray task) and probe every document (Ray Data); small rows come back, as
     one DISCOVERED_SCHEMA table sorted by source_uri.
 
     With `store` (the output root), inputs whose (uri, size, etag or mtime) is in its stat cache
     (pipeline.statcache) are taken from there, not read, unless `input.rehash`; the others are
     probed and added to it. The listing reaches the driver as one Arrow table
-    (sources.LISTING_SCHEMA) and the hits are found by an Arrow join (`discover_listed`)."""
+    (sources.LISTING_SCHEMA) and the hits are found by an Arrow join (`discover_listed`).
+    `mark(name)` is called once the input is listed (`listed`) and once the new documents are
+    probed (`probed`): the run's start-up timeline."""
     import ray
     from ray.exceptions import RayTaskError
 
@@ -48,11 +50,20 @@ def discover(cfg: PipelineConfig, store: Any = None) -> pa.Table:
         if isinstance(e.cause, InputError):
             raise e.cause from None
         raise
+    if mark is not None:
+        mark("listed")
     if not listing.num_rows:
         return DISCOVERED_SCHEMA.empty_table()
     if store is not None:  # the stat cache keys on (size, stamp): list-file entries get a HEAD
         listing = _stat_unstated(cfg, listing)
-    return discover_listed(cfg, listing, store, lambda uris: _probe(cfg, uris))
+
+    def probe(uris: pa.Array) -> pa.Table:
+        out = _probe(cfg, uris)
+        if mark is not None:
+            mark("probed")
+        return out
+
+    return discover_listed(cfg, listing, store, probe)
 
 
 def discover_listed(
@@ -153,16 +164,22 @@ def _probe(cfg: PipelineConfig, uris: pa.Array) -> pa.Table:
     ds = ray.data.from_arrow(
         [pa.table({"source_uri": uris.slice(a, step)}) for a in range(0, len(uris), step)]
     )
+    calls = -(-len(uris) // PROBE_BATCH)
     out = ds.map_batches(
         ProbeDocuments,
         fn_constructor_kwargs={"cfg": cfg},
-        batch_size=32,
+        batch_size=PROBE_BATCH,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=64),
+        # a few actors from the start (the autoscaler adds more only as calls queue up)
+        compute=ray.data.ActorPoolStrategy(min_size=min(calls, PROBE_PRESTART), max_size=64),
         num_cpus=0.5,
     )
     tables = [discovered_table(t) for t in ray.get(out.to_arrow_refs())]  # pyright: ignore[reportArgumentType, reportCallIssue]  # ray.get typing
     return pa.concat_tables(tables) if tables else DISCOVERED_SCHEMA.empty_table()
+
+
+PROBE_BATCH = 32  # documents per probe call
+PROBE_PRESTART = 3  # probe actors started at once (beside the starting render pool: 1.5 CPUs)
 
 
 class ProbeDocuments:
@@ -180,6 +197,7 @@ class ProbeDocuments:
         # MuPDF runs in a killable child here too: a file that hangs the parser costs one
         # doc_error row (probe_error), not the discovery of the whole collection
         self.worker = RenderWorker(recycle_after=cfg.render.recycle_after * 20)
+        self.worker.warm()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.render import DocError

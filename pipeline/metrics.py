@@ -116,6 +116,23 @@ class EngineSampler:
 # ----------------------------------------------------------------------------- OCR actor registry
 
 
+def process_start_time() -> float | None:
+    """When this process was created (time.time() scale; Linux /proc), or None elsewhere."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+MAX_OCCUPANCY_WINDOWS = 360  # the run record's occupancy list stays small on a night-long run
+
+
 def registry_name(run_id: str, config_hash: str) -> str:
     return f"{REGISTRY_PREFIX}{run_id}-{config_hash}"
 
@@ -134,10 +151,23 @@ class ActorRegistry:
         self.actors: dict[str, dict[str, Any]] = {}
         self.first_in: float | None = None  # the first page into an OCR actor
         self.submitted, self.done = array("d"), array("d")  # per page: into the engine, finished
+        self.arrived = array("d")  # per page into the engine: when its batch reached the actor
         self.cpu_s: dict[str, dict[str, float]] = {}  # stage -> process key -> its CPU seconds
+        self.points: dict[str, float] = {}  # other stages' start-up points (`point`)
 
-    def register(self, key: str, device: str, t: float, ready: float | None = None) -> None:
-        self.actors[key] = {"device": device, "start": t, "last": t, "pages": 0, "ready": ready or t}
+    def register(
+        self, key: str, device: str, t: float, ready: float | None = None, marks: dict[str, float] | None = None
+    ) -> None:
+        """An OCR actor up: `t` its model load's start, `ready` its end; `marks` its earlier
+        start-up points (`process_start`, `init_start`: time.time() of each)."""
+        self.actors[key] = {
+            "device": device,
+            "start": t,
+            "last": t,
+            "pages": 0,
+            "ready": ready or t,
+            "marks": dict(marks or {}),
+        }
 
     def beat(
         self,
@@ -156,6 +186,14 @@ class ActorRegistry:
             self.first_in = first_in if self.first_in is None else min(self.first_in, first_in)
         self.submitted.extend(submitted or [])
         self.done.extend(done or [])
+        if first_in is not None and submitted:
+            self.arrived.extend([first_in] * len(submitted))
+
+    def point(self, name: str, t: float, latest: bool = False) -> None:
+        """A start-up point reported by many actors: the earliest report counts (the latest
+        with `latest`), e.g. the first and the last render actor up."""
+        have = self.points.get(name)
+        self.points[name] = t if have is None else (max(have, t) if latest else min(have, t))
 
     def cpu(self, stage: str, key: str, seconds: float) -> None:
         """A stage process's CPU seconds so far (the latest figure of each process counts)."""
@@ -164,16 +202,55 @@ class ActorRegistry:
     def summary(self) -> dict[str, Any]:
         return actors_summary(list(self.actors.values()))
 
-    def timing(self) -> dict[str, Any]:
+    def occupancy(self, t0: float, every_s: float = 10.0) -> list[dict[str, Any]]:
+        """Pages in the OCR actors over time, in windows of `every_s` from `t0` (those of the
+        benchmark's GPU-utilisation samples), each the mean of one reading a second:
+        `in_engine` (submitted, not finished: the engine's rows and look-ahead) and `waiting`
+        (in an actor, not yet submitted: views being built). A GPU dip with pages in the engine
+        is the actor's own; one with none is starvation upstream."""
+        import bisect
+
+        arrived, submitted, done = sorted(self.arrived), sorted(self.submitted), sorted(self.done)
+        if not submitted:
+            return []
+        out: list[dict[str, Any]] = []
+        end = max(done[-1], submitted[-1])
+        every_s = max(every_s, (end - t0) / MAX_OCCUPANCY_WINDOWS)  # a long run: wider windows
+        k = 0
+        while t0 + k * every_s < end:
+            points = [t0 + k * every_s + (j + 0.5) * every_s / 10 for j in range(10)]
+            n_sub = [bisect.bisect_right(submitted, t) for t in points]
+            in_engine = [s - bisect.bisect_right(done, t) for s, t in zip(n_sub, points)]
+            waiting = [bisect.bisect_right(arrived, t) - s for s, t in zip(n_sub, points)]
+            out.append(
+                {
+                    "t_s": round((k + 1) * every_s, 1),
+                    "in_engine": round(sum(in_engine) / len(points), 1),
+                    "waiting": round(max(0.0, sum(waiting) / len(points)), 1),
+                }
+            )
+            k += 1
+        return out
+
+    def timing(self, t0: float | None = None) -> dict[str, Any]:
+        """The run's OCR timing (see the class); with `t0` (the job's start), the `occupancy`
+        windows from it too."""
         starts = [a["start"] for a in self.actors.values()]
         ready = [a["ready"] for a in self.actors.values()]
+        marks: dict[str, float] = {}
+        for a in self.actors.values():
+            for name, t in a.get("marks", {}).items():
+                marks[f"ocr_{name}"] = min(t, marks.get(f"ocr_{name}", t))
         return {
+            **marks,
+            **self.points,
             "ocr_load_start": min(starts, default=None),
             "ocr_ready": min(ready, default=None),
             "first_page_into_ocr": self.first_in,
             "last_page_into_ocr": max(self.submitted, default=None),
             "steady": steady_window(list(self.done), list(self.submitted)),
             "stage_cpu_s": {k: round(sum(v.values()), 3) for k, v in sorted(self.cpu_s.items())},
+            "occupancy": self.occupancy(t0) if t0 is not None else [],
         }
 
 
@@ -221,7 +298,9 @@ def start_registry(name: str, namespace: str) -> Any:
 class RegistryClient:
     """The OCR actor's side of the registry."""
 
-    def __init__(self, name: str, namespace: str, device: str, t_start: float) -> None:
+    def __init__(
+        self, name: str, namespace: str, device: str, t_start: float, marks: dict[str, float] | None = None
+    ) -> None:
         import os
 
         import ray
@@ -230,7 +309,9 @@ class RegistryClient:
         self.handle: Any = None
         try:
             self.handle = ray.get_actor(name, namespace=namespace)
-            ray.get(self.handle.register.remote(self.key, device, t_start, time.time()), timeout=60)
+            ray.get(
+                self.handle.register.remote(self.key, device, t_start, time.time(), marks), timeout=60
+            )
         except Exception as e:  # noqa: BLE001 - the run record then lacks this actor's GPU time
             log.warning("OCR actor registry %s not reachable: %s", name, e)
             self.handle = None
@@ -269,6 +350,15 @@ class CpuReporter:
                 self.handle = ray.get_actor(name, namespace=namespace)
             except Exception as e:  # noqa: BLE001 - the run record then lacks this stage's CPU
                 log.debug("registry %s not reachable: %s", name, e)
+
+    def point(self, name: str, latest: bool = False) -> None:
+        """Now, as the start-up point `name` (`ActorRegistry.point`; fire and forget)."""
+        if self.handle is None:
+            return
+        try:
+            self.handle.point.remote(name, time.time(), latest)
+        except Exception as e:  # noqa: BLE001 - metrics must never stop a stage
+            log.debug("point report failed: %s", e)
 
     def report(self, extra_s: float = 0.0) -> None:
         if self.handle is None:

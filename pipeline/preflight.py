@@ -38,6 +38,23 @@ def cpu_count() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+# CPUs left free while the render pool starts: for the writer pool and for discovery's listing
+# task and probe actors, which run beside the starting pool
+START_HEADROOM_CPUS = 2.0
+
+
+def render_pool(cfg: PipelineConfig, n_ocr: int) -> tuple[int, int]:
+    """(min, max) render actors. The max: one per CPU left beside the OCR actors (as many as
+    could ever be busy). The min, started with the dataset (while discovery and planning run):
+    all but `START_HEADROOM_CPUS`. Ray Data's autoscaler adds actors only once rows arrive,
+    one start-up at a time, so a pool that began at one actor fed the engine a trickle for the
+    first ~30 s of a run (BENCHMARKS.md, issue 14)."""
+    cpus = cpu_count()
+    hi = max(1, cpus - n_ocr)
+    lo = int((cpus - n_ocr - START_HEADROOM_CPUS) / max(cfg.ray.render_cpus, 1e-3))
+    return max(1, min(hi, lo)), hi
+
+
 def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:
     """Batches an OCR actor works on at once: enough to fill its KV rows and keep the engine's
     look-ahead (`EngineConfig.vision_ahead`, pages encoded while decode runs) fed twice over.

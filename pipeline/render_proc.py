@@ -153,6 +153,15 @@ class RenderWorker:
         self._child_cpu_s = 0.0
         self.children_started += 1
 
+    def warm(self) -> None:
+        """Start the child now, not at the first call: a stage actor calls this in its
+        constructor, so the fork server's start (a fresh interpreter importing MuPDF) happens
+        while the job is still discovering, not in front of its first pages."""
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._stop(kill=True)
+                self._start()
+
     def _stop(self, kill: bool = False) -> int | None:
         """Stop the child (politely unless kill) and return its exit code."""
         proc, conn = self._proc, self._conn

@@ -303,7 +303,8 @@ def _run_leased(
     try:
         ledger = Ledger.load(store, cfg.config_hash(), temporaries_before=lease.started_at)
         phases.mark("ledger")
-        docs = discover(cfg, store)  # unchanged inputs come from the stat cache in the output root
+        # unchanged inputs come from the stat cache in the output root
+        docs = discover(cfg, store, mark=phases.mark)
         phases.mark("discovery")
         plan = plan_pages(cfg, docs, ledger, ledger.failures)  # the keys stay in Arrow (ledger.runs)
         if cfg.force and plan.already_final:  # redo this input's rows: take them out of the outputs first
@@ -376,7 +377,7 @@ def _run_leased(
     ds = pump.ds
     try:
         actors: dict[str, Any] = ray.get(registry.summary.remote())
-        timing: dict[str, Any] = ray.get(registry.timing.remote())
+        timing: dict[str, Any] = ray.get(registry.timing.remote(phases.t0))
     except RayActorError:  # its node left the cluster: the per-actor figures are lost, no rows
         log.warning("the OCR actor registry is gone (its node left the cluster): no per-actor figures")
         actors, timing = metrics.actors_summary([]), {}
@@ -485,18 +486,22 @@ def _hold_plan() -> None:
 
 def _timing_fields(phases: Phases, timing: dict[str, Any]) -> dict[str, Any]:
     """The summary's start-up and timing figures: `startup_s` (seconds from the job's start to each
-    point: driver phases, and from the OCR actors their model load start, ready, first page in),
+    point: the driver's phases; from the OCR actors their process start, constructor, model load
+    start and ready, first and last page in; from the render actors the first and last one up and
+    the first call),
     `ocr_steady` (the OCR actors' steady state, `pipeline.metrics.steady_window` over the pages'
-    submit and finish times) and `stage_cpu_s` (CPU seconds by stage, render children included)."""
+    submit and finish times), `ocr_occupancy` (pages in the OCR actors per 10 s from the start:
+    `ActorRegistry.occupancy`) and `stage_cpu_s` (CPU seconds by stage, render children included)."""
     at = dict(phases.at)
-    for name in ("ocr_load_start", "ocr_ready", "first_page_into_ocr", "last_page_into_ocr"):
-        if timing.get(name) is not None:
-            at[name] = round(timing[name] - phases.t0, 3)
+    for name, t in timing.items():  # the actors' points: time.time() of each
+        if isinstance(t, float):
+            at[name] = round(t - phases.t0, 3)
     stage_cpu = dict(timing.get("stage_cpu_s", {}))
     stage_cpu["driver"] = round(_process_cpu_s(), 3)
     return {
         "startup_s": dict(sorted(at.items(), key=lambda kv: kv[1])),
         "ocr_steady": timing.get("steady", {}),
+        "ocr_occupancy": timing.get("occupancy", []),
         "stage_cpu_s": stage_cpu,
     }
 

@@ -120,17 +120,18 @@ def process(cfg: PipelineConfig, feed: Any, store: Any, registry: str = "") -> A
 
     from pipeline.cluster import connected, ocr_pool
     from pipeline.feed import read_feed
-    from pipeline.preflight import cpu_count, ocr_calls_per_actor, ocr_resources
+    from pipeline.preflight import ocr_calls_per_actor, ocr_resources, render_pool
 
     configure_data_context(cfg)
     min_ocr, n_ocr, gpus = ocr_pool(cfg, connected(cfg))  # waits (bounded) for GPU nodes on a cluster
+    min_render, max_render = render_pool(cfg, n_ocr)
     ds = read_feed(feed)
     ds = ds.map_batches(
         RenderStage,
         fn_constructor_kwargs={"cfg": cfg, "registry": registry},
         batch_size=1,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, cpu_count() - n_ocr)),
+        compute=ray.data.ActorPoolStrategy(min_size=min_render, max_size=max_render),
         num_cpus=cfg.ray.render_cpus,
     )
     ds = ds.map_batches(
@@ -194,14 +195,21 @@ class RenderStage:
 
         self.cfg = cfg
         self.worker = RenderWorker(recycle_after=cfg.render.recycle_after)
+        self.worker.warm()  # the pool starts while discovery runs: its first pages pay no child start
         self.cpu = CpuReporter(registry, cfg.ray.namespace, "render")  # with the render children
         self.passwords = config_passwords(cfg)
         self.count_blocks = cfg.generation.force_length == ForceLength.text_layer
+        self.called = False
+        self.cpu.point("render_actor_up_first")
+        self.cpu.point("render_actor_up_last", latest=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipeline.render import PageError
         from pipeline.sources import read_document
 
+        if not self.called:
+            self.called = True
+            self.cpu.point("first_render_call")
         out: list[dict[str, Any]] = []
         for task in batch.to_pylist():  # task rows: a few small scalars each
             if task["status"] is not None:  # a finished row (doc_error, quarantined)
@@ -317,9 +325,17 @@ class OcrStage:
     WRITES = ("status", "error_code", "error", *FROM_OUTPUT, "attempts", "fallback", "_page_png")
 
     def __init__(self, cfg: PipelineConfig, registry: str = ""):
+        import time
+
+        from pipeline.metrics import process_start_time
+
+        # the actor's start-up timeline: its process created, this constructor entered (the
+        # worker is up and this module imported), torch and the model code imported
+        marks = {"init_start": time.time()}
+        if (t_proc := process_start_time()) is not None:
+            marks["process_start"] = t_proc
         import asyncio
         import os
-        import time
         from concurrent.futures import ThreadPoolExecutor
 
         from model.runner import default_device
@@ -345,9 +361,9 @@ class OcrStage:
         self.fallback = g.fallback == Fallback.ngram
         self._retry_lock: asyncio.Lock | None = None
         self.faults.die_once("ocr")
-        self._metrics(registry, t_start)
+        self._metrics(registry, t_start, marks)
 
-    def _metrics(self, registry: str, t_start: float) -> None:
+    def _metrics(self, registry: str, t_start: float, marks: dict[str, float]) -> None:
         """Engine numbers -> Ray metrics (a sampler thread), and this actor in the run's registry
         (device name, start time: the run record's GPUs by type and GPU-hours)."""
         from pipeline.metrics import CpuReporter, EngineSampler, RegistryClient
@@ -355,7 +371,7 @@ class OcrStage:
         self.sampler = EngineSampler(self.ocr)
         self.cpu = CpuReporter(registry, self.cfg.ray.namespace, "ocr")
         self.registry = (
-            RegistryClient(registry, self.cfg.ray.namespace, self.ocr.device_name(), t_start)
+            RegistryClient(registry, self.cfg.ray.namespace, self.ocr.device_name(), t_start, marks)
             if registry
             else None
         )

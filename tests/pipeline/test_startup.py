@@ -67,7 +67,12 @@ def test_ocr_actor_loads_while_planning_then_a_noop_rerun(
     assert at["ray_init"] <= at["dataset_started"] <= at["discovery"] <= at["plan"] <= at["plan_published"]
     assert at["plan_published"] - at["plan"] >= HOLD_S - 0.5  # the plan was held back
     # the OCR actor was built (model loaded, KV pool allocated) before the plan was published
-    assert at["ocr_load_start"] < at["ocr_ready"] < at["plan_published"]
+    assert at["ocr_init_start"] <= at["ocr_load_start"] < at["ocr_ready"] < at["plan_published"]
+    assert at["ocr_process_start"] <= at["ocr_init_start"]
+    assert at["discovery"] >= at["probed"] >= at["listed"] >= at["ledger"]
+    # the render pool started with the dataset: up before its first call, which the plan made
+    assert at["render_actor_up_first"] <= at["first_render_call"]
+    assert at["render_actor_up_first"] < at["plan"] <= at["first_render_call"] <= at["first_page_into_ocr"]
     assert at["plan_published"] <= at["first_page_into_ocr"] <= at["first_row_written"]
     assert at["first_row_written"] <= at["processing_done"]
     assert list(at.values()) == sorted(at.values())  # in the order reached
@@ -152,8 +157,11 @@ def test_registry_timing_from_the_actors_reports() -> None:
     from pipeline.metrics import ActorRegistry
 
     reg = ActorRegistry()
-    reg.register("a", "cpu", 100.0, 103.0)
-    reg.register("b", "cpu", 101.0, 102.5)
+    reg.register("a", "cpu", 100.0, 103.0, {"process_start": 95.0, "init_start": 99.0})
+    reg.register("b", "cpu", 101.0, 102.5, {"process_start": 90.0, "init_start": 99.5})
+    for t in (96.0, 94.0, 97.0):  # three render actors up
+        reg.point("render_actor_up_first", t)
+        reg.point("render_actor_up_last", t, latest=True)
     # 20 pages, one a second from t=110 to 129, each 5 s in the engine: the last went in at 124
     done = [110.0 + i for i in range(20)]
     reg.beat("a", 120.0, 10, 104.0, [t - 5 for t in done[:10]], done[:10])
@@ -163,7 +171,18 @@ def test_registry_timing_from_the_actors_reports() -> None:
     reg.cpu("ocr", "p3", 7.0)
     t = reg.timing()
     assert (t["ocr_load_start"], t["ocr_ready"], t["first_page_into_ocr"]) == (100.0, 102.5, 104.0)
+    assert (t["ocr_process_start"], t["ocr_init_start"]) == (90.0, 99.0)  # the earliest of each
+    assert (t["render_actor_up_first"], t["render_actor_up_last"]) == (94.0, 97.0)
     assert t["last_page_into_ocr"] == 124.0
     assert t["steady"] == {"pages_per_s": 1.0, "window_s": 14.0, "pages": 14}
     assert t["stage_cpu_s"] == {"ocr": 7.0, "render": 4.0}
     assert reg.summary()["ocr_actors"] == 2
+    # pages in the actors per 10 s from t0=100: batch a reached its actor at 104, batch b at 106;
+    # page i went into the engine at 105 + i and finished at 110 + i
+    occ = reg.timing(100.0)["occupancy"]
+    assert [w["t_s"] for w in occ] == [10.0, 20.0, 30.0]
+    # readings at 100.5 .. 109.5: in the engine 1, 2, 3, 4, 5 from 105.5 on; waiting: batch a's
+    # pages from 104.5, b's (10 more) from 106.5, less those submitted
+    assert occ[0]["in_engine"] == round((1 + 2 + 3 + 4 + 5) / 10, 1)
+    assert occ[1]["in_engine"] == 5.0 and occ[2]["in_engine"] == round((5 * 5 + 4 + 3 + 2 + 1) / 10, 1)
+    assert occ[0]["waiting"] > 0 and occ[2]["waiting"] == round((4 + 3 + 2 + 1) / 10, 1)
