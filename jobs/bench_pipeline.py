@@ -234,7 +234,8 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
     from pipeline.config import ForceLength
     from pipeline.forced import forced_from_text
     from pipeline.render import PageImage, render_pages
-    from pipeline.stages import load_page_ocr, page_views
+    from pipeline.stages import load_page_ocr
+    from pipeline.views import page_views
 
     r, g = cfg.render, cfg.generation
     force = g.force_length == ForceLength.text_layer

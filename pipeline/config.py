@@ -59,6 +59,13 @@ class Fallback(StrEnum):
     ngram = "ngram"  # one more pass with a stronger no-repeat ban
 
 
+class ViewKind(StrEnum):
+    """Where an OCR actor builds page views (`ray.ocr_views`; pipeline/views.py)."""
+
+    processes = "processes"  # worker processes: off the engine's interpreter lock
+    threads = "threads"  # threads of the engine's process
+
+
 class ForceLength(StrEnum):
     """`generation.force_length` (benchmarks only)."""
 
@@ -266,6 +273,8 @@ class RayConfig:
     ocr_resource: str = ""  # "" = one OCR actor per GPU; else per unit of this custom resource
     write_batch_size: int = 64  # rows per committed Parquet part (the unit a crash can lose)
     render_cpus: float = 1.0
+    ocr_views: ViewKind = ViewKind.processes  # where an OCR actor builds page views (pipeline/views.py)
+    ocr_view_workers: int = 0  # view builders per OCR actor; 0: half the node's cores, at most 8
     namespace: str = "pagemill"
     # -- ux: console and cluster behaviour
     verbose: bool = False  # Ray's own INFO/WARNING logs on the console (off: only ours, errors, summary)
@@ -285,6 +294,12 @@ class RayConfig:
         _check(self.ocr_actors >= 0, "ray.ocr_actors", self.ocr_actors, ">= 0")
         _check(self.ocr_batch_size >= 1, "ray.ocr_batch_size", self.ocr_batch_size, ">= 1")
         _check(self.write_batch_size >= 1, "ray.write_batch_size", self.write_batch_size, ">= 1")
+        _check(
+            self.ocr_view_workers >= 0,
+            "ray.ocr_view_workers",
+            self.ocr_view_workers,
+            ">= 0 (0: half the node's cores, at most 8)",
+        )
         c = self.ocr_concurrency
         _check(
             not c or (len(c) == 2 and 1 <= c[0] <= c[1]),

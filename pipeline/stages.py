@@ -269,14 +269,6 @@ class RenderStage:
         return to_batch(out)
 
 
-def page_views(png: bytes, mode: str, max_crops: int | None) -> Any:
-    """The mode's uint8 views of one page PNG (`model.preprocess.PreparedImage`); the PIL path of
-    `preprocess_image`, on the decoded (lossless) page."""
-    from model.preprocess import load_image, preprocess_image
-
-    return preprocess_image(load_image(png, max_pixels=None), mode, max_crops=max_crops, max_pixels=None)
-
-
 def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
     """The job's `model.runner.PageOcr` (model + engine) from the config; shared by the OCR actor
     and the benchmark's engine-alone run, so both run the same engine settings."""
@@ -306,8 +298,9 @@ class OcrStage:
     """One actor per GPU (or one on CPU): the model is loaded once; pages stream through the
     continuous-batching engine (model/engine.py) in a background thread.
 
-    The page views are built here, in a pool of CPU threads (Pillow releases the GIL), from the
-    page PNG: what crosses the object store is the compressed page, not ~10 MB of Gundam views.
+    The page views are built here, from the page PNG, in worker processes of this actor
+    (`pipeline.views`: off the engine's interpreter lock): what crosses the object store is the
+    compressed page, not ~10 MB of Gundam views.
     The OCR output columns are written; the page PNG passes through (the writer crops figures from
     it) only when the outputs need it (`output.write_figures` / `output.include_images`).
 
@@ -336,10 +329,10 @@ class OcrStage:
             marks["process_start"] = t_proc
         import asyncio
         import os
-        from concurrent.futures import ThreadPoolExecutor
 
         from model.runner import default_device
         from pipeline.faults import ocr_faults
+        from pipeline.views import ViewBuilder
 
         g = cfg.generation
         t_start = time.time()  # GPU time counts from the model load on
@@ -347,9 +340,8 @@ class OcrStage:
         self.cfg, self.g = cfg, g
         self.faults = ocr_faults()
         self.keep_png = cfg.output.write_figures or cfg.output.include_images
-        self.views_pool = ThreadPoolExecutor(
-            max_workers=max(1, min(8, (os.cpu_count() or 2) // 2)), thread_name_prefix="views"
-        )
+        workers = cfg.ray.ocr_view_workers or max(1, min(8, (os.cpu_count() or 2) // 2))
+        self.views = ViewBuilder(cfg.ray.ocr_views, workers)  # its workers start while the model loads
         self.ocr = load_page_ocr(cfg, on_gpu=not on_cpu)
         ec = self.ocr.engine.cfg
         log.info(
@@ -387,14 +379,10 @@ class OcrStage:
         metrics.inc("repetition_stops", sum(1 for f in passes if f == "repetition"))
 
     async def _input(self, png: bytes, force_len: int | None) -> Any:
-        import asyncio
-
         from model.runner import OcrInput
 
         m = self.cfg.mode
-        prep = await asyncio.get_running_loop().run_in_executor(
-            self.views_pool, page_views, png, m.name, m.max_crops
-        )
+        prep = await self.views.build(png, m.name, m.max_crops)
         return OcrInput(
             global_view=prep.global_view,
             tiles=prep.tiles,

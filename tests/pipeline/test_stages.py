@@ -25,7 +25,8 @@ from model.preprocess import preprocess_image
 from pipeline.config import PipelineConfig
 from pipeline.run import compose
 from pipeline.sources import content_id
-from pipeline.stages import WORK_SCHEMA, OcrStage, RenderStage, WriteStage, page_views, to_batch
+from pipeline.stages import WORK_SCHEMA, OcrStage, RenderStage, WriteStage, to_batch
+from pipeline.views import page_views
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PAPER, LOCKED = DATA / "paper-arxiv-math-01.pdf", DATA / "encrypted-needs-password-01.pdf"

@@ -186,3 +186,15 @@ def test_registry_timing_from_the_actors_reports() -> None:
     assert occ[0]["in_engine"] == round((1 + 2 + 3 + 4 + 5) / 10, 1)
     assert occ[1]["in_engine"] == 5.0 and occ[2]["in_engine"] == round((5 * 5 + 4 + 3 + 2 + 1) / 10, 1)
     assert occ[0]["waiting"] > 0 and occ[2]["waiting"] == round((4 + 3 + 2 + 1) / 10, 1)
+
+
+def test_render_pool_starts_half_its_actors_with_headroom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`preflight.render_pool`: (min, max) render actors for the CPUs Ray sees."""
+    import pipeline.preflight as pf
+
+    cfg = compose(["model=tiny_random"])
+    for cpus, want in ((16, (8, 15)), (4, (1, 3)), (2, (1, 1)), (64, (32, 63))):
+        monkeypatch.setattr(pf, "cpu_count", lambda c=cpus: c)
+        assert pf.render_pool(cfg, 1) == want
+    monkeypatch.setattr(pf, "cpu_count", lambda: 16)
+    assert pf.render_pool(compose(["model=tiny_random", "ray.render_cpus=2"]), 1) == (6, 15)

@@ -1,0 +1,80 @@
+"""Where the OCR actor builds a page's views (global view + tiles) from its PNG.
+
+The engine's host loop runs in the OCR actor's process and hands the interpreter lock back and
+forth with every CUDA graph replay and host sync. View building there, in threads, took the lock
+for the numpy copies of ~10 MB of uint8 views a page and, worse, made every one of the engine's
+lock re-acquisitions wait for a busy builder thread: on the H200 the GPU stood at 13-15 % for
+~40 s of a run while ~900 pages waited for their views (BENCHMARKS.md, issue 14). So the views
+are built in worker processes (`ViewKind.processes`, the default): only the pickled result
+(one copy a page) crosses into the engine's process. `ViewKind.threads` keeps the old way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import threading
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from pipeline.config import ViewKind
+
+log = logging.getLogger("pagemill")
+
+
+def page_views(png: bytes, mode: str, max_crops: int | None) -> Any:
+    """The mode's uint8 views of one page PNG (`model.preprocess.PreparedImage`); the PIL path of
+    `preprocess_image`, on the decoded (lossless) page."""
+    from model.preprocess import load_image, preprocess_image
+
+    return preprocess_image(load_image(png, max_pixels=None), mode, max_crops=max_crops, max_pixels=None)
+
+
+def _warm() -> None:
+    """A worker's first task: the imports, so the first page pays none."""
+    import model.preprocess  # noqa: F401
+
+
+class ViewBuilder:
+    """`await build(png, mode, max_crops)`: a page's views, built in a pool of `workers` worker
+    processes (or threads). A worker process that dies (OOM-killed, a crash in a decoder) breaks
+    the pool: it is replaced and the page built once more in the new one; a page that breaks
+    that one too fails with the pool's error (its batch is retried by Ray Data)."""
+
+    def __init__(self, kind: ViewKind, workers: int) -> None:
+        self.kind, self.workers = kind, max(1, workers)
+        self._lock = threading.Lock()
+        self.pool = self._new_pool()
+        self.pools_started = 1
+
+    def _new_pool(self) -> Executor:
+        if self.kind == ViewKind.threads:
+            return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="views")
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        ctx = mp.get_context(method)
+        if method == "forkserver":  # each worker forks from a server that imported these once
+            ctx.set_forkserver_preload(["model.preprocess", "pipeline.views"])
+        pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+        for _ in range(self.workers):
+            pool.submit(_warm)  # start the workers now (while the model loads), not at the first page
+        return pool
+
+    async def build(self, png: bytes, mode: str, max_crops: int | None) -> Any:
+        loop = asyncio.get_running_loop()
+        pool = self.pool
+        try:
+            return await loop.run_in_executor(pool, page_views, png, mode, max_crops)
+        except BrokenProcessPool as e:
+            log.warning("a view worker process died (%s); starting a new pool", e)
+            with self._lock:
+                if self.pool is pool:  # the first caller to see it replaces it
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = self._new_pool()
+                    self.pools_started += 1
+                pool = self.pool
+            return await loop.run_in_executor(pool, page_views, png, mode, max_crops)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
