@@ -308,15 +308,35 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
 def _wait_gpu_free(timeout_s: float = 120.0) -> None:
     """Block until the GPU's memory is (nearly) free again: the engine-alone phase fits its KV pool
     to free memory and would run out of it next to a job actor that is still exiting."""
-    import torch
-
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout_s:
-        free, total = torch.cuda.mem_get_info()
-        if free > 0.9 * total:
+        used = _gpu_used_fraction()
+        if used is not None and used < 0.1:
             return
         time.sleep(1.0)
     print(f"bench_pipeline: GPU memory still in use after {timeout_s:.0f}s", file=sys.stderr)
+
+
+def _gpu_used_fraction() -> float | None:
+    """GPU 0's used memory fraction through NVML (no CUDA context in this process: creating one
+    fails while the job's actor still holds the memory), else through torch."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return float(info.used) / float(info.total)
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - NVML present but failing: try torch
+        pass
+    try:
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return 1.0 - free / total
+    except Exception:  # noqa: BLE001 - e.g. out of memory creating the context: not free yet
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

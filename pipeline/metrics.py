@@ -156,7 +156,12 @@ class ActorRegistry:
         self.points: dict[str, float] = {}  # other stages' start-up points (`point`)
 
     def register(
-        self, key: str, device: str, t: float, ready: float | None = None, marks: dict[str, float] | None = None
+        self,
+        key: str,
+        device: str,
+        t: float,
+        ready: float | None = None,
+        marks: dict[str, float] | None = None,
     ) -> None:
         """An OCR actor up: `t` its model load's start, `ready` its end; `marks` its earlier
         start-up points (`process_start`, `init_start`: time.time() of each)."""
@@ -309,9 +314,7 @@ class RegistryClient:
         self.handle: Any = None
         try:
             self.handle = ray.get_actor(name, namespace=namespace)
-            ray.get(
-                self.handle.register.remote(self.key, device, t_start, time.time(), marks), timeout=60
-            )
+            ray.get(self.handle.register.remote(self.key, device, t_start, time.time(), marks), timeout=60)
         except Exception as e:  # noqa: BLE001 - the run record then lacks this actor's GPU time
             log.warning("OCR actor registry %s not reachable: %s", name, e)
             self.handle = None

@@ -325,6 +325,9 @@ class OcrStage:
         # the actor's start-up timeline: its process created, this constructor entered (the
         # worker is up and this module imported), torch and the model code imported
         marks = {"init_start": time.time()}
+        from pipeline.profiling import StackSampler
+
+        self.profiler = StackSampler.from_env("ocr")  # opt-in diagnostics (PAGEMILL_PROFILE_DIR)
         if (t_proc := process_start_time()) is not None:
             marks["process_start"] = t_proc
         import asyncio

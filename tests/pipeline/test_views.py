@@ -31,10 +31,10 @@ def pngs() -> list[bytes]:
 
 
 def _same(a: object, b: object) -> bool:
-    ga, gb = getattr(a, "global_view"), getattr(b, "global_view")
-    ta, tb = getattr(a, "tiles"), getattr(b, "tiles")
+    ga, gb = a.global_view, b.global_view
+    ta, tb = a.tiles, b.tiles
     tiles = (ta is None and tb is None) or (ta is not None and tb is not None and np.array_equal(ta, tb))
-    return bool(np.array_equal(ga, gb)) and tiles and getattr(a, "grid") == getattr(b, "grid")
+    return bool(np.array_equal(ga, gb)) and tiles and a.grid == b.grid
 
 
 @pytest.mark.parametrize("kind", list(ViewKind))
@@ -48,7 +48,7 @@ def test_views_from_the_pool_equal_the_in_process_path(kind: ViewKind, pngs: lis
         got = asyncio.run(build())
         for png, v in zip(pngs, got):
             want = page_views(png, "gundam", None)
-            assert getattr(v, "tiles") is not None and _same(v, want)  # 144 dpi A4 in Gundam: tiled
+            assert v.tiles is not None and _same(v, want)  # 144 dpi A4 in Gundam: tiled
     finally:
         views.close()
 
@@ -73,7 +73,7 @@ def test_a_killed_worker_process_costs_no_page(pngs: list[bytes]) -> None:
     views = ViewBuilder(ViewKind.processes, workers=1)
     try:
         asyncio.run(views.build(pngs[0], "gundam", None))  # the worker is up
-        workers = list(getattr(views.pool, "_processes").values())
+        workers = list(views.pool._processes.values())
         assert workers
         for proc in workers:
             os.kill(proc.pid, signal.SIGKILL)  # e.g. the OOM killer
@@ -83,4 +83,3 @@ def test_a_killed_worker_process_costs_no_page(pngs: list[bytes]) -> None:
         assert views.pools_started == 2
     finally:
         views.close()
-
