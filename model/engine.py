@@ -156,6 +156,11 @@ class Engine:
         self._t0 = time.perf_counter()
         self._ids = itertools.count()  # request ids, increasing in pull order over the engine's life
 
+    def reset_stats(self) -> None:
+        """Counters and timelines from zero (after a warm-up run: `PageOcr.warm_up`)."""
+        self.stats = EngineStats(kv_blocks=getattr(self, "stats_kv_blocks", 0))
+        self._t0 = time.perf_counter()
+
     def _alloc(self, B: int, T: int, dev: torch.device) -> None:
         c, dec = self.cfg, self.model.decoder
         self.paged = c.engine == KvLayout.paged

@@ -173,6 +173,15 @@ class PageOcr:
                 )
         return cls(model, tok, EngineConfig(**engine), prompt)
 
+    def warm_up(self, x: OcrInput) -> None:
+        """Run `x` once and forget it (counters reset): on a GPU, the first page of a shape
+        JIT-compiles and autotunes the Triton kernels (SAM attention, paged decode) and captures
+        the CUDA graphs, ~30 s on the H200 with a cold cache (BENCHMARKS.md, issue 14). Done at
+        load time, that happens while the caller is still starting (the job: discovering), not
+        in front of its first pages. Call it before serving starts."""
+        self.run([x])
+        self.engine.reset_stats()
+
     def device_name(self) -> str:
         dev = self.engine.device
         return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type

@@ -349,3 +349,22 @@ def test_steady_window_is_the_engine_benchmarks_definition() -> None:
     w = steady_window(done, admitted)
     assert w == {"pages_per_s": 1.0, "window_s": 14.0, "pages": 14}
     assert steady_window(done[:5], admitted[:5])["pages_per_s"] is None  # too few pages
+
+
+def test_warm_up_page_leaves_no_trace(tmp_path: Path) -> None:
+    """`PageOcr.warm_up` (the OCR actor runs it at load on a GPU, so Triton compiles and graph
+    captures happen before the first real pages): the engine's counters are back at zero and a
+    page afterwards gives the same tokens as on a fresh engine."""
+    from pipeline.stages import WARM_UP_TOKENS, load_page_ocr, warm_up_input
+
+    cfg = _cfg(tmp_path)
+    x = warm_up_input(cfg)
+    assert x.tiles is not None and len(x.tiles) > 1  # a blank A4 page in Gundam: tiled
+    fresh = load_page_ocr(cfg, on_gpu=False).run([x])[0]
+    ocr = load_page_ocr(cfg, on_gpu=False)
+    ocr.warm_up(x)
+    st = ocr.engine.stats
+    assert (st.pages, st.output_tokens, st.decode_steps, st.occupancy) == (0, 0, 0, [])
+    again = ocr.run([x])[0]
+    assert again.ids == fresh.ids
+    assert again.num_output_tokens == min(WARM_UP_TOKENS, cfg.generation.max_new_tokens)
