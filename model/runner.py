@@ -176,9 +176,8 @@ class PageOcr:
     def warm_up(self, x: OcrInput) -> None:
         """Run `x` once and forget it (counters reset): on a GPU, the first page of a shape
         JIT-compiles and autotunes the Triton kernels (SAM attention, paged decode) and captures
-        the CUDA graphs, ~30 s on the H200 with a cold cache (BENCHMARKS.md, issue 14). Done at
-        load time, that happens while the caller is still starting (the job: discovering), not
-        in front of its first pages. Call it before serving starts."""
+        the CUDA graphs, ~30 s on the H200 with a cold Triton cache (BENCHMARKS.md, issue 14).
+        The engine-alone benchmark runs it before its timer starts. Call it before serving."""
         self.run([x])
         self.engine.reset_stats()
 

@@ -62,8 +62,8 @@ class Fallback(StrEnum):
 class ViewKind(StrEnum):
     """Where an OCR actor builds page views (`ray.ocr_views`; pipeline/views.py)."""
 
-    processes = "processes"  # worker processes: off the engine's interpreter lock
-    threads = "threads"  # threads of the engine's process
+    threads = "threads"  # threads of the engine's process (the default: measured faster)
+    processes = "processes"  # worker processes (measured slower on the H200: pipeline/views.py)
 
 
 class ForceLength(StrEnum):
@@ -273,7 +273,7 @@ class RayConfig:
     ocr_resource: str = ""  # "" = one OCR actor per GPU; else per unit of this custom resource
     write_batch_size: int = 64  # rows per committed Parquet part (the unit a crash can lose)
     render_cpus: float = 1.0
-    ocr_views: ViewKind = ViewKind.processes  # where an OCR actor builds page views (pipeline/views.py)
+    ocr_views: ViewKind = ViewKind.threads  # where an OCR actor builds page views (pipeline/views.py)
     ocr_view_workers: int = 0  # view builders per OCR actor; 0: half the node's cores, at most 8
     namespace: str = "pagemill"
     # -- ux: console and cluster behaviour

@@ -46,14 +46,14 @@ START_HEADROOM_CPUS = 2.0
 def render_pool(cfg: PipelineConfig, n_ocr: int) -> tuple[int, int]:
     """(min, max) render actors. The max: one per CPU left beside the OCR actors (as many as
     could ever be busy). The min, started with the dataset (while discovery and planning run):
-    half of that, and no more than leaves `START_HEADROOM_CPUS` free. Ray Data's autoscaler adds
-    actors only once rows arrive, one start-up after another, so a pool that began at one actor
-    fed the engine a trickle for its first ~30 s (BENCHMARKS.md, issue 14); starting all of them
-    at once slowed the start of the OCR actor and of discovery's probes, which it runs beside."""
+    all but `START_HEADROOM_CPUS` of them. Ray Data's autoscaler adds actors only once rows
+    arrive, one start-up after another, so a pool that began at one actor rendered a trickle for
+    the first ~30 s of a run (BENCHMARKS.md, issue 14). Starting only half of them measured no
+    faster start (the last render actor was up later, discovery no sooner)."""
     cpus = cpu_count()
     hi = max(1, cpus - n_ocr)
     fit = int((cpus - n_ocr - START_HEADROOM_CPUS) / max(cfg.ray.render_cpus, 1e-3))
-    return max(1, min(-(-hi // 2), fit)), hi
+    return max(1, min(hi, fit)), hi
 
 
 def ocr_calls_per_actor(cfg: PipelineConfig, on_gpu: bool) -> int:

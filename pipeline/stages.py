@@ -109,9 +109,6 @@ def configure_data_context(cfg: PipelineConfig) -> None:
     ctx.op_resource_reservation_enabled = True
     ctx.op_resource_reservation_ratio = 0.5
     ctx.execution_options.preserve_order = False
-    # no per-task memory polling thread: the OCR actor runs ~60 calls at once, each with its own
-    # thread waking in the engine's process (the interpreter lock the engine's host loop needs)
-    ctx.memory_usage_poll_interval_s = None
 
 
 def process(cfg: PipelineConfig, feed: Any, store: Any, registry: str = "") -> Any:
@@ -295,43 +292,16 @@ def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
         ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
         ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
     )
-    if on_gpu:  # kernels compiled and graphs captured now, not at the first real pages
-        ocr.warm_up(warm_up_input(cfg))
     return ocr
-
-
-WARM_UP_TOKENS = 16  # tokens the warm-up page generates (decode kernels and graphs run)
-
-
-def warm_up_input(cfg: PipelineConfig) -> Any:
-    """A blank A4 page at the configured dpi in the configured mode (`PageOcr.warm_up`): the
-    shapes of a typical page (Gundam: the global view and a grid of tiles)."""
-    from PIL import Image
-
-    from model.preprocess import preprocess_image
-    from model.runner import OcrInput
-
-    size = (round(8.27 * cfg.render.dpi), round(11.69 * cfg.render.dpi))
-    prep = preprocess_image(Image.new("RGB", size, "white"), cfg.mode.name, max_crops=cfg.mode.max_crops)
-    return OcrInput(
-        global_view=prep.global_view,
-        tiles=prep.tiles,
-        grid=prep.grid,
-        num_image_tokens=prep.num_image_tokens,
-        force_len=WARM_UP_TOKENS,
-    )
-
-
-ENGINE_SWITCH_INTERVAL_S = 0.001  # the OCR actor's interpreter switch interval (Python's: 5 ms)
 
 
 class OcrStage:
     """One actor per GPU (or one on CPU): the model is loaded once; pages stream through the
     continuous-batching engine (model/engine.py) in a background thread.
 
-    The page views are built here, from the page PNG, in worker processes of this actor
-    (`pipeline.views`: off the engine's interpreter lock): what crosses the object store is the
-    compressed page, not ~10 MB of Gundam views.
+    The page views are built here, from the page PNG, in a pool of threads of this actor
+    (`pipeline.views`): what crosses the object store is the compressed page, not ~10 MB of
+    Gundam views.
     The OCR output columns are written; the page PNG passes through (the writer crops figures from
     it) only when the outputs need it (`output.write_figures` / `output.include_images`).
 
@@ -359,12 +329,7 @@ class OcrStage:
         from pipeline.profiling import StackSampler
 
         self.profiler = StackSampler.from_env("ocr")  # opt-in diagnostics (PAGEMILL_PROFILE_DIR)
-        import sys
 
-        # The engine's host thread gives the interpreter lock up at every CUDA graph replay and
-        # host sync; getting it back waits for the switch interval when another thread of this
-        # process holds it (Ray's call threads, the view results): 1 ms instead of 5 ms.
-        sys.setswitchinterval(ENGINE_SWITCH_INTERVAL_S)
         if (t_proc := process_start_time()) is not None:
             marks["process_start"] = t_proc
         import asyncio

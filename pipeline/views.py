@@ -1,12 +1,13 @@
 """Where the OCR actor builds a page's views (global view + tiles) from its PNG.
 
-The engine's host loop runs in the OCR actor's process and hands the interpreter lock back and
-forth with every CUDA graph replay and host sync. View building there, in threads, took the lock
-for the numpy copies of ~10 MB of uint8 views a page and, worse, made every one of the engine's
-lock re-acquisitions wait for a busy builder thread: on the H200 the GPU stood at 13-15 % for
-~40 s of a run while ~900 pages waited for their views (BENCHMARKS.md, issue 14). So the views
-are built in worker processes (`ViewKind.processes`, the default): only the pickled result
-(one copy a page) crosses into the engine's process. `ViewKind.threads` keeps the old way.
+`ViewKind.threads` (the default): a pool of threads in the OCR actor's process, beside the
+engine's host thread (Pillow's decoder and resampler release the interpreter lock).
+`ViewKind.processes`: a pool of worker processes. It was built to take view building off the
+engine's interpreter lock, and measured slower on the H200 (BENCHMARKS.md, issue 14, 2026-12-04):
+20-30 pages/s of views out of 8 workers against ~50 pages/s from 8 threads. Likely cause (a
+profile points there, it does not prove it): each page's ~10.5 MB of uint8 views comes back
+through one pipe, read in 64 KB pieces by one thread of the engine's process, each piece a new
+wait for the interpreter lock that the engine's host loop holds most of the time.
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import multiprocessing as mp
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.config import ViewKind
+
+if TYPE_CHECKING:
+    from model.preprocess import PreparedImage
 
 log = logging.getLogger("pagemill")
 
 
-def page_views(png: bytes, mode: str, max_crops: int | None) -> Any:
+def page_views(png: bytes, mode: str, max_crops: int | None) -> PreparedImage:
     """The mode's uint8 views of one page PNG (`model.preprocess.PreparedImage`); the PIL path of
     `preprocess_image`, on the decoded (lossless) page."""
     from model.preprocess import load_image, preprocess_image
@@ -61,7 +65,7 @@ class ViewBuilder:
             pool.submit(_warm)  # start the workers now (while the model loads), not at the first page
         return pool
 
-    async def build(self, png: bytes, mode: str, max_crops: int | None) -> Any:
+    async def build(self, png: bytes, mode: str, max_crops: int | None) -> PreparedImage:
         loop = asyncio.get_running_loop()
         pool = self.pool
         try:

@@ -188,12 +188,12 @@ def test_registry_timing_from_the_actors_reports() -> None:
     assert occ[0]["waiting"] > 0 and occ[2]["waiting"] == round((4 + 3 + 2 + 1) / 10, 1)
 
 
-def test_render_pool_starts_half_its_actors_with_headroom(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_render_pool_starts_all_but_the_headroom(monkeypatch: pytest.MonkeyPatch) -> None:
     """`preflight.render_pool`: (min, max) render actors for the CPUs Ray sees."""
     import pipeline.preflight as pf
 
     cfg = compose(["model=tiny_random"])
-    for cpus, want in ((16, (8, 15)), (4, (1, 3)), (2, (1, 1)), (64, (32, 63))):
+    for cpus, want in ((16, (13, 15)), (4, (1, 3)), (2, (1, 1)), (64, (61, 63))):
         monkeypatch.setattr(pf, "cpu_count", lambda c=cpus: c)
         assert pf.render_pool(cfg, 1) == want
     monkeypatch.setattr(pf, "cpu_count", lambda: 16)

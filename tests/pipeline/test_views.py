@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from model.preprocess import ImageError
+from model.preprocess import ImageError, PreparedImage
 from pipeline.config import ViewKind
 from pipeline.render import PageImage, RenderOptions, render_pages
 from pipeline.views import ViewBuilder, page_views
@@ -30,7 +31,7 @@ def pngs() -> list[bytes]:
     return out
 
 
-def _same(a: object, b: object) -> bool:
+def _same(a: PreparedImage, b: PreparedImage) -> bool:
     ga, gb = a.global_view, b.global_view
     ta, tb = a.tiles, b.tiles
     tiles = (ta is None and tb is None) or (ta is not None and tb is not None and np.array_equal(ta, tb))
@@ -42,7 +43,7 @@ def test_views_from_the_pool_equal_the_in_process_path(kind: ViewKind, pngs: lis
     views = ViewBuilder(kind, workers=2)
     try:
 
-        async def build() -> list[object]:
+        async def build() -> list[PreparedImage]:
             return list(await asyncio.gather(*(views.build(p, "gundam", None) for p in pngs)))
 
         got = asyncio.run(build())
@@ -63,6 +64,7 @@ def test_a_bad_image_fails_its_page_only(pngs: list[bytes]) -> None:
 
         bad, good = asyncio.run(build())
         assert isinstance(bad, ImageError) and "not a decodable image" in str(bad)
+        assert isinstance(good, PreparedImage)
         assert _same(good, page_views(pngs[0], "gundam", None))
         assert views.pools_started == 1
     finally:
@@ -73,9 +75,12 @@ def test_a_killed_worker_process_costs_no_page(pngs: list[bytes]) -> None:
     views = ViewBuilder(ViewKind.processes, workers=1)
     try:
         asyncio.run(views.build(pngs[0], "gundam", None))  # the worker is up
-        workers = list(views.pool._processes.values())
+        pool = views.pool
+        assert isinstance(pool, ProcessPoolExecutor)
+        workers = list(pool._processes.values())  # pyright: ignore[reportPrivateUsage]  # no public way to reach them
         assert workers
         for proc in workers:
+            assert proc.pid is not None
             os.kill(proc.pid, signal.SIGKILL)  # e.g. the OOM killer
             proc.join(10)
         got = asyncio.run(views.build(pngs[1], "gundam", None))
