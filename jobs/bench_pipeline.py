@@ -239,13 +239,7 @@ def warm_up_input(cfg: Any) -> Any:
 
     size = (round(8.27 * cfg.render.dpi), round(11.69 * cfg.render.dpi))
     prep = preprocess_image(Image.new("RGB", size, "white"), cfg.mode.name, max_crops=cfg.mode.max_crops)
-    return OcrInput(
-        global_view=prep.global_view,
-        tiles=prep.tiles,
-        grid=prep.grid,
-        num_image_tokens=prep.num_image_tokens,
-        force_len=WARM_UP_TOKENS,
-    )
+    return OcrInput.from_views(prep, force_len=WARM_UP_TOKENS)
 
 
 def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
@@ -299,15 +293,7 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
                         if force
                         else None
                     )  # as the OCR stage computes it
-                    cache[key].append(
-                        OcrInput(
-                            global_view=v.global_view,
-                            tiles=v.tiles,
-                            grid=v.grid,
-                            num_image_tokens=v.num_image_tokens,
-                            force_len=n_force,
-                        )
-                    )
+                    cache[key].append(OcrInput.from_views(v, force_len=n_force))
         inputs += cache[key]
     t0 = time.perf_counter()
     futures = [ocr.submit(x) for x in inputs]

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    (out,) = ocr.run([OcrInput(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens)])
+    (out,) = ocr.run([OcrInput.from_views(prep)])
     page = parse_grounding(out.raw_output, img.size)
     print(
         f"# {args.image}: {img.size[0]}x{img.size[1]} px, mode {args.mode}, grid {prep.grid}, "

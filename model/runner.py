@@ -30,7 +30,7 @@ from model.config import DType, ModelName, OcrConfig
 from model.engine import Engine, Request, Result, fit_max_batch
 from model.engine_config import PAGED_AUTO_ROWS, EngineConfig, FinishReason, KvLayout
 from model.ocr import OcrModel
-from model.preprocess import to_pixel_tensor
+from model.preprocess import PreparedImage, to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer, PromptName
 from model.vision import PageViews
 
@@ -79,6 +79,11 @@ class OcrInput:
     tag: Any = None
     ngram_size: int | None = None  # per-page n-gram ban (a fallback pass); None: the engine's
     ngram_window: int | None = None
+
+    @classmethod
+    def from_views(cls, prep: PreparedImage, force_len: int | None = None, tag: Any = None) -> OcrInput:
+        """The input of a page's views (`model.preprocess.preprocess_image`)."""
+        return cls(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens, force_len, tag)
 
 
 @dataclass

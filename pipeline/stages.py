@@ -388,13 +388,7 @@ class OcrStage:
 
         m = self.cfg.mode
         prep = await self.views.build(png, m.name, m.max_crops)
-        return OcrInput(
-            global_view=prep.global_view,
-            tiles=prep.tiles,
-            grid=prep.grid,
-            num_image_tokens=prep.num_image_tokens,
-            force_len=force_len,
-        )  # the engine caps it with this prompt's length
+        return OcrInput.from_views(prep, force_len)  # the engine caps it with this prompt's length
 
     def _forced(self, batch: pa.Table, todo: list[int]) -> list[int | None]:
         """`generation.force_length=text_layer`: each page's forced length (prompt length 0 here;

@@ -262,9 +262,7 @@ def test_page_ocr_submit_from_concurrent_callers_equals_run(tiny_model, requests
     inputs = []
     for (w, h), mode in SIZES_MODES:
         prep = preprocess_image(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)), mode)
-        inputs.append(
-            OcrInput(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens, tag=len(inputs))
-        )
+        inputs.append(OcrInput.from_views(prep, tag=len(inputs)))
     cfg = EngineConfig(
         max_batch=3,
         max_model_len=2048,

@@ -18,7 +18,7 @@ def _inputs(n: int) -> list[OcrInput]:
     for k in range(n):
         img = Image.fromarray(rng.integers(0, 255, (300 + 40 * k, 400, 3), dtype=np.uint8))
         prep = preprocess_image(img, "tiny")
-        out.append(OcrInput(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens, tag=("page", k)))
+        out.append(OcrInput.from_views(prep, tag=("page", k)))
     return out
 
 

@@ -129,10 +129,7 @@ def test_engine_numbers_for_the_ocr_stage_metrics() -> None:
     model, tok = load_model("tiny_random", dtype="float32", device="cpu")
     ocr = PageOcr(model, tok, EngineConfig(max_batch=2, max_model_len=1024, max_new_tokens=64))
     prep = preprocess_image(Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8)), "tiny")
-    inputs = [
-        OcrInput(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens, force_len=n, tag=n)
-        for n in (4, 40)
-    ]
+    inputs = [OcrInput.from_views(prep, force_len=n, tag=n) for n in (4, 40)]
     assert ocr.engine_numbers().kv_rows_in_use == 0
     in_use = []
     for _ in ocr.stream(inputs):
