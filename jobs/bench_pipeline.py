@@ -337,9 +337,7 @@ def _gpu_used_fraction() -> float | None:
         pynvml.nvmlInit()
         info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
         return float(info.used) / float(info.total)
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - NVML present but failing: try torch
+    except Exception:  # noqa: BLE001 - no NVML, or NVML failing: try torch
         pass
     try:
         import torch

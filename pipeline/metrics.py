@@ -153,7 +153,7 @@ class ActorRegistry:
         self.submitted, self.done = array("d"), array("d")  # per page: into the engine, finished
         self.arrived = array("d")  # per page into the engine: when its batch reached the actor
         self.cpu_s: dict[str, dict[str, float]] = {}  # stage -> process key -> its CPU seconds
-        self.points: dict[str, float] = {}  # other stages' start-up points (`point`)
+        self.points: dict[str, float] = {}  # start-up points reported by the actors (`point`)
 
     def register(
         self,
@@ -165,14 +165,9 @@ class ActorRegistry:
     ) -> None:
         """An OCR actor up: `t` its model load's start, `ready` its end; `marks` its earlier
         start-up points (`process_start`, `init_start`: time.time() of each)."""
-        self.actors[key] = {
-            "device": device,
-            "start": t,
-            "last": t,
-            "pages": 0,
-            "ready": ready or t,
-            "marks": dict(marks or {}),
-        }
+        self.actors[key] = {"device": device, "start": t, "last": t, "pages": 0, "ready": ready or t}
+        for name, t_mark in (marks or {}).items():  # the earliest actor's counts
+            self.point(f"ocr_{name}", t_mark)
 
     def beat(
         self,
@@ -242,12 +237,7 @@ class ActorRegistry:
         windows from it too."""
         starts = [a["start"] for a in self.actors.values()]
         ready = [a["ready"] for a in self.actors.values()]
-        marks: dict[str, float] = {}
-        for a in self.actors.values():
-            for name, t in a.get("marks", {}).items():
-                marks[f"ocr_{name}"] = min(t, marks.get(f"ocr_{name}", t))
         return {
-            **marks,
             **self.points,
             "ocr_load_start": min(starts, default=None),
             "ocr_ready": min(ready, default=None),

@@ -276,7 +276,7 @@ def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
     from pipeline.preflight import ocr_rows
 
     g = cfg.generation
-    ocr = PageOcr.load(
+    return PageOcr.load(
         cfg.model.name,
         cfg.model.source,
         cfg.model.dtype,
@@ -292,7 +292,6 @@ def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
         ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
         ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
     )
-    return ocr
 
 
 class OcrStage:
@@ -321,19 +320,18 @@ class OcrStage:
     def __init__(self, cfg: PipelineConfig, registry: str = ""):
         import time
 
-        from pipeline.metrics import process_start_time
-
         # the actor's start-up timeline: its process created, this constructor entered (the
-        # worker is up and this module imported), torch and the model code imported
+        # worker is up and this module imported); `t_start` below: torch and the model code imported
         marks = {"init_start": time.time()}
-        from pipeline.profiling import StackSampler
+        import asyncio
+        import os
 
-        self.profiler = StackSampler.from_env("ocr")  # opt-in diagnostics (PAGEMILL_PROFILE_DIR)
+        from pipeline.metrics import process_start_time
+        from pipeline.profiling import StackSampler
 
         if (t_proc := process_start_time()) is not None:
             marks["process_start"] = t_proc
-        import asyncio
-        import os
+        self.profiler = StackSampler.from_env("ocr")  # opt-in diagnostics (PAGEMILL_PROFILE_DIR)
 
         from model.runner import default_device
         from pipeline.faults import ocr_faults
