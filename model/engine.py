@@ -279,9 +279,10 @@ class Engine:
         if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
             self._step_body(hi)
             return
-        graph = self._graphs.get((attend_len, hi))
+        key = (attend_len if getattr(self.cache, "decode_reads_attend_len", True) else 0, hi)
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[(attend_len, hi)] = self._capture(hi)
+            graph = self._graphs[key] = self._capture(hi)
         graph.replay()
 
     def _capture(self, hi: int) -> torch.cuda.CUDAGraph:

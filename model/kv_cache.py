@@ -227,6 +227,9 @@ class PagedKVCache:
         from model.paged_attention import kernel_available  # noqa: PLC0415 - optional triton
 
         self.use_kernel = kernel_available(device, dtype)
+        # decode through the kernel reads each row's own length, not `attend_len`: one CUDA graph
+        # per row bucket serves every attend length (the engine keys its graphs on this)
+        self.decode_reads_attend_len = not (self.use_kernel and head_dim & (head_dim - 1) == 0)
         self._slots = torch.arange(self.max_blocks * block_size, device=device)
 
     def _flat(self, rows: Tensor, positions: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -34,11 +34,26 @@ from model.preprocess import PreparedImage, to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer, PromptName
 from model.vision import PageViews
 
+if TYPE_CHECKING:
+    from model.precompile import KernelShapes
+
 DTYPES = {DType.bfloat16: torch.bfloat16, DType.float16: torch.float16, DType.float32: torch.float32}
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_config(name: str, source: str = "", revision: str = "") -> OcrConfig:
+    """The config of the model `load_model(name, source, ...)` builds, without building it."""
+    from model.hub import resolve_source
+
+    name = ModelName(name)
+    if name == ModelName.tiny_random:
+        return OcrConfig.tiny()
+    if name == ModelName.full_random:
+        return OcrConfig.official()
+    return OcrConfig.from_hf_config(resolve_source(source, revision or None) / "config.json")
 
 
 def load_model(
@@ -177,6 +192,25 @@ class PageOcr:
                     model, engine.get("max_model_len", EngineConfig.max_model_len)
                 )
         return cls(model, tok, EngineConfig(**engine), prompt)
+
+    @staticmethod
+    def kernel_shapes(
+        name: str,
+        mode: str,
+        source: str = "",
+        dtype: str = DType.bfloat16,
+        revision: str = "",
+        **engine: Any,
+    ) -> KernelShapes:
+        """What fixes the Triton kernels' shapes of the PageOcr that `load(name, source, dtype,
+        revision=revision, **engine)` builds, serving pages of `mode` (`model.precompile`)."""
+        from model.precompile import KernelShapes
+
+        e = EngineConfig(**{k: v for k, v in engine.items() if k != "max_batch"})
+        return KernelShapes(
+            model_config(name, source, revision), str(mode), str(DType(dtype)),
+            e.kv_block_size, e.max_model_len, e.vision_batch,
+        )  # fmt: skip
 
     def warm_up(self, x: OcrInput) -> None:
         """Run `x` once and forget it (counters reset): on a GPU, the first page of a shape

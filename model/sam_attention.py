@@ -204,6 +204,7 @@ if triton is not None:
         configs=[triton.Config({"BM": m}, num_warps=w, num_stages=s) for m, w, s in CONFIGS],
         key=["WH", "WW", "NH", "HD"],
         prune_configs_by={"early_config_prune": _prune},
+        cache_results=True,  # the choice goes to Triton's disk cache (model/precompile.py fills it)
     )(_relpos_kernel)
 
 

@@ -275,6 +275,9 @@ class RayConfig:
     render_cpus: float = 1.0
     ocr_views: ViewKind = ViewKind.threads  # where an OCR actor builds page views (pipeline/views.py)
     ocr_view_workers: int = 0  # view builders per OCR actor; 0: half the node's cores, at most 8
+    # GPU OCR actors compile the engine's Triton kernels in a child process while the model loads
+    # (model/precompile.py): a cold Triton cache otherwise costs the first pages ~30 s of JIT
+    ocr_precompile: bool = True
     namespace: str = "pagemill"
     # -- ux: console and cluster behaviour
     verbose: bool = False  # Ray's own INFO/WARNING logs on the console (off: only ours, errors, summary)

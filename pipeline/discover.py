@@ -5,6 +5,8 @@ Inputs unchanged since a previous run (same uri, size and etag or mtime: pipelin
 neither read nor hashed again. On the driver the listing, the stat cache and the result are Arrow
 tables (the hits by a join, `statcache.split_listing`): no Python object per listed document.
 `discover_listed` is that driver side without Ray (jobs/bench_ledger.py measures it at 1 M).
+A few new documents (`DRIVER_PROBE_MAX`) are read and probed in the driver itself, a few at a
+time: an actor pool's start costs more than they do.
 """
 
 from __future__ import annotations
@@ -156,8 +158,12 @@ def with_stats(listing: pa.Table, stated: pa.Table) -> pa.Table:
 
 def _probe(cfg: PipelineConfig, uris: pa.Array) -> pa.Table:
     """Read, hash and probe `uris` on a Ray Data actor pool; one small row each, as Arrow (the
-    blocks come back as tables, not a dict per row)."""
+    blocks come back as tables, not a dict per row). A few documents (<= DRIVER_PROBE_MAX) are
+    probed here in the driver instead (`_probe_here`)."""
     import ray
+
+    if len(uris) <= DRIVER_PROBE_MAX:
+        return _probe_here(cfg, uris)
 
     blocks = min(len(uris), 256)
     step = -(-len(uris) // blocks)
@@ -180,6 +186,33 @@ def _probe(cfg: PipelineConfig, uris: pa.Array) -> pa.Table:
 
 PROBE_BATCH = 32  # documents per probe call
 PROBE_PRESTART = 3  # probe actors started at once (beside the starting render pool: 1.5 CPUs)
+# up to this many new documents are probed in the driver, by DRIVER_PROBE_THREADS threads with a
+# MuPDF child each: a probe actor pool's start (Ray Data executor, actors booting beside the
+# render pool and the OCR actor) cost 13 s for 145 files on the H200 machine (BENCHMARKS.md,
+# 2026-12-04), more than probing them takes; a nightly rerun's few new documents go this way too
+DRIVER_PROBE_MAX = 256
+DRIVER_PROBE_THREADS = 4
+
+
+def _probe_here(cfg: PipelineConfig, uris: pa.Array) -> pa.Table:
+    """`ProbeDocuments` in this process: threads (reads and MuPDF calls release the GIL), each
+    with its own killable MuPDF child, over contiguous slices of `uris` (order kept)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = max(1, min(DRIVER_PROBE_THREADS, len(uris)))
+    step = -(-len(uris) // n)
+    slices = [uris.slice(a, step) for a in range(0, len(uris), step)]
+
+    def probe_slice(part: pa.Array) -> pa.Table:
+        probe = ProbeDocuments(cfg)
+        try:
+            return probe(pa.table({"source_uri": part}))
+        finally:
+            probe.close()
+
+    with ThreadPoolExecutor(len(slices), thread_name_prefix="pagemill-probe") as pool:
+        tables = [discovered_table(t) for t in pool.map(probe_slice, slices)]
+    return pa.concat_tables(tables) if tables else DISCOVERED_SCHEMA.empty_table()
 
 
 class ProbeDocuments:
@@ -229,6 +262,10 @@ class ProbeDocuments:
                 row.update(page_count=info.page_count, password=password or "")
             out.append(row)
         return pa.Table.from_pylist(out)
+
+    def close(self) -> None:
+        """Stop the MuPDF child (the driver's probe; an actor's ends with its process)."""
+        self.worker.close()
 
     def _password(self, uri: str, doc_id: str) -> str | None:
         pw = self.passwords

@@ -344,12 +344,13 @@ class CpuReporter:
             except Exception as e:  # noqa: BLE001 - the run record then lacks this stage's CPU
                 log.debug("registry %s not reachable: %s", name, e)
 
-    def point(self, name: str, latest: bool = False) -> None:
-        """Now, as the start-up point `name` (`ActorRegistry.point`; fire and forget)."""
+    def point(self, name: str, latest: bool = False, t: float | None = None) -> None:
+        """Now (or `t`, a time.time()), as the start-up point `name` (`ActorRegistry.point`;
+        fire and forget)."""
         if self.handle is None:
             return
         try:
-            self.handle.point.remote(name, time.time(), latest)
+            self.handle.point.remote(name, time.time() if t is None else t, latest)
         except Exception as e:  # noqa: BLE001 - metrics must never stop a stage
             log.debug("point report failed: %s", e)
 

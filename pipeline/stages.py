@@ -269,29 +269,53 @@ class RenderStage:
         return to_batch(out)
 
 
+def _engine_kwargs(cfg: PipelineConfig, on_gpu: bool) -> dict[str, Any]:
+    """`PageOcr.load`'s engine settings from the config (the one place they are spelled out)."""
+    from pipeline.preflight import ocr_rows
+
+    g = cfg.generation
+    return {
+        "max_batch": ocr_rows(cfg, on_gpu),
+        "max_model_len": g.max_model_len,
+        "max_new_tokens": g.max_new_tokens,
+        "ngram_size": g.ngram_size,
+        "ngram_window": g.ngram_window,
+        "loop_min_span": g.loop_min_span,
+        "ngram_max_size": max(g.ngram_size, g.fallback_ngram_size),
+        "ngram_max_window": max(g.ngram_window, g.fallback_ngram_window),
+    }
+
+
 def load_page_ocr(cfg: PipelineConfig, on_gpu: bool) -> Any:
     """The job's `model.runner.PageOcr` (model + engine) from the config; shared by the OCR actor
     and the benchmark's engine-alone run, so both run the same engine settings."""
     from model.runner import PageOcr
-    from pipeline.preflight import ocr_rows
 
-    g = cfg.generation
+    m = cfg.model
     return PageOcr.load(
-        cfg.model.name,
-        cfg.model.source,
-        cfg.model.dtype,
-        cfg.model.seed,
-        prompt=g.prompt,
-        revision=cfg.model.revision,  # resolved on the driver: every worker loads the same snapshot
-        max_batch=ocr_rows(cfg, on_gpu),
-        max_model_len=g.max_model_len,
-        max_new_tokens=g.max_new_tokens,
-        ngram_size=g.ngram_size,
-        ngram_window=g.ngram_window,
-        loop_min_span=g.loop_min_span,
-        ngram_max_size=max(g.ngram_size, g.fallback_ngram_size),
-        ngram_max_window=max(g.ngram_window, g.fallback_ngram_window),
+        m.name,
+        m.source,
+        m.dtype,
+        m.seed,
+        prompt=cfg.generation.prompt,
+        revision=m.revision,  # resolved on the driver: every worker loads the same snapshot
+        **_engine_kwargs(cfg, on_gpu),
     )
+
+
+def start_precompile(cfg: PipelineConfig) -> Any:
+    """Compile the OCR engine's Triton kernels in a child process (`model.precompile`) while
+    this process loads the model; None on CPU or with `ray.ocr_precompile=false`."""
+    if not cfg.ray.ocr_precompile:
+        return None
+    from model import precompile
+    from model.runner import PageOcr
+
+    m = cfg.model
+    shapes = PageOcr.kernel_shapes(
+        m.name, cfg.mode.name, m.source, m.dtype, m.revision, **_engine_kwargs(cfg, on_gpu=True)
+    )
+    return precompile.start(shapes)
 
 
 class OcrStage:
@@ -340,6 +364,7 @@ class OcrStage:
         g = cfg.generation
         t_start = time.time()  # GPU time counts from the model load on
         on_cpu = default_device().type == "cpu"
+        self.precompile = None if on_cpu else start_precompile(cfg)  # beside the load below
         self.cfg, self.g = cfg, g
         self.faults = ocr_faults()
         self.keep_png = cfg.output.write_figures or cfg.output.include_images
@@ -365,6 +390,8 @@ class OcrStage:
 
         self.sampler = EngineSampler(self.ocr)
         self.cpu = CpuReporter(registry, self.cfg.ray.namespace, "ocr")
+        if self.precompile is not None:  # the start-up timeline: when the kernels were ready
+            self.precompile.on_done(lambda t: self.cpu.point("ocr_precompiled", t=t))
         self.registry = (
             RegistryClient(registry, self.cfg.ray.namespace, self.ocr.device_name(), t_start, marks)
             if registry

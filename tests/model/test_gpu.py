@@ -181,3 +181,35 @@ def test_paged_kernel_equals_torch_reference(
     got = cache.attend(0, q, k, v, pos).float()
     want = cache.reference(0, q, pos).float()
     assert (got - want).abs().max().item() < 2e-2
+
+
+@cuda
+def test_precompile_child_leaves_the_engine_nothing_to_compile(tmp_path) -> None:  # noqa: ANN001
+    """The child's kernels are the engine's: a process serving a page after it (the full-size
+    random model, default engine, Gundam) adds nothing to the Triton cache."""
+    import os
+    import subprocess
+    import sys
+
+    from model.runner import PageOcr
+
+    cache = tmp_path / "triton"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache)}
+    shapes = PageOcr.kernel_shapes("full_random", "gundam")
+    subprocess.run(
+        [sys.executable, "-m", "model.precompile", shapes.to_json()], env=env, check=True, timeout=600
+    )
+    before = sorted(p.name for p in cache.iterdir())
+    assert before, "the child compiled nothing"
+    serve = (
+        "from PIL import Image\n"
+        "from model.preprocess import preprocess_image\n"
+        "from model.runner import OcrInput, PageOcr\n"
+        "ocr = PageOcr.load('full_random', max_batch=None)\n"
+        "prep = preprocess_image(Image.new('RGB', (1191, 1684), 'white'), 'gundam', max_crops=6)\n"
+        "small = preprocess_image(Image.new('RGB', (600, 600), 'white'), 'gundam', max_crops=6)\n"
+        "ocr.run([OcrInput.from_views(prep, force_len=40), OcrInput.from_views(small, force_len=40)])\n"
+    )
+    subprocess.run([sys.executable, "-c", serve], env=env, check=True, timeout=600)
+    after = sorted(p.name for p in cache.iterdir())
+    assert after == before, f"compiled after the child: {sorted(set(after) - set(before))}"

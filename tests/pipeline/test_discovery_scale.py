@@ -22,6 +22,7 @@ def test_discovery_is_distributed_and_driver_stays_small(
     import pymupdf
     import ray
 
+    import pipeline.discover
     import pipeline.sources
     from pipeline.discover import discover
     from pipeline.run import compose, init_ray
@@ -43,6 +44,7 @@ def test_discovery_is_distributed_and_driver_stays_small(
         raise AssertionError("document bytes read on the driver")
 
     monkeypatch.setattr(pipeline.sources, "read_document", driver_must_not_read)  # workers import their own
+    monkeypatch.setattr(pipeline.discover, "DRIVER_PROBE_MAX", 0)  # the 5 warm-up files: the pool too
     cfg = compose(["model=tiny_random", f"input.uri={root}", f"output.uri={tmp_path / 'out'}"])
     warm = compose(["model=tiny_random", f"input.uri={tmp_path / 'warm'}", f"output.uri={tmp_path / 'out'}"])
     try:
