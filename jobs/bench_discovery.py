@@ -7,6 +7,12 @@ The files are copies of one small one-page PDF, each with a unique comment appen
 `%%EOF` (so each has its own sha256 and is still a valid PDF). Reading, hashing and probing run in
 Ray Data actors; the driver only receives (uri, doc_id, page_count, error) rows. Prints a table
 and a final JSON line.
+
+    python -m jobs.bench_discovery --compare-probe --corpus .devcorpus --min-pages 2000
+
+times the probe of a few documents (byte-distinct copies of a corpus, as `jobs.bench_pipeline`
+makes them) both ways, in the driver (`pipeline.discover.DRIVER_PROBE_MAX`) and on the probe actor
+pool, alternately, `--rounds` times each, on one embedded Ray.
 """
 
 from __future__ import annotations
@@ -42,12 +48,64 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def compare_probe(corpus: Path, min_pages: int, rounds: int, argv: list[str] | None) -> int:
+    """Seconds from listed to probed, in the driver and on the actor pool, alternately."""
+    import ray
+
+    import pipeline.discover as discovery
+    from jobs.bench_pipeline import make_copies
+    from pipeline.run import compose, init_ray
+
+    driver_max = discovery.DRIVER_PROBE_MAX
+    runs: dict[str, list[float]] = {"driver": [], "pool": []}
+    pages: set[int] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        root, _ = make_copies(corpus, Path(tmp) / "in", min_pages)
+        files = len(list(root.glob("*.pdf")))
+        if files > driver_max:
+            raise SystemExit(f"{files} documents: more than DRIVER_PROBE_MAX={driver_max}")
+        cfg = compose(["model=tiny_random", f"input.uri={root}", f"output.uri={tmp}/out"])
+        init_ray(cfg)
+        try:
+            for _ in range(rounds):
+                for way in ("pool", "driver"):
+                    discovery.DRIVER_PROBE_MAX = driver_max if way == "driver" else 0
+                    at: dict[str, float] = {}
+
+                    def mark(k: str, at: dict[str, float] = at) -> None:
+                        at.setdefault(k, time.perf_counter())
+
+                    docs = discovery.discover(cfg, mark=mark)
+                    runs[way].append(round(at["probed"] - at["listed"], 2))
+                    pages.add(sum(docs.column("page_count").to_pylist()))
+        finally:
+            discovery.DRIVER_PROBE_MAX = driver_max
+            ray.shutdown()
+    report = {
+        "documents": files,
+        "pages": sorted(pages),  # one value: both ways found the same pages
+        "probe_s_driver": runs["driver"],
+        "probe_s_pool": runs["pool"],
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m jobs.bench_discovery " + " ".join(argv or sys.argv[1:]),
+    }
+    print(json.dumps(report))
+    return 0 if len(pages) == 1 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     assert __doc__ is not None  # module docstring is present
     ap = argparse.ArgumentParser(prog="python -m jobs.bench_discovery", description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=100_000)
     ap.add_argument("--dir", default="", help="where to generate the files (default: a temp dir)")
+    ap.add_argument("--compare-probe", action="store_true", help="driver probe vs the actor pool")
+    ap.add_argument("--corpus", default="", help="--compare-probe: copies of this corpus's PDFs")
+    ap.add_argument("--min-pages", type=int, default=2000, help="--compare-probe: pages of the copies")
+    ap.add_argument("--rounds", type=int, default=2, help="--compare-probe: runs of each way")
     args = ap.parse_args(argv)
+    if args.compare_probe:
+        return compare_probe(Path(args.corpus), args.min_pages, args.rounds, argv)
 
     from pipeline.discover import discover
     from pipeline.run import compose, init_ray

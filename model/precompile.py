@@ -170,7 +170,7 @@ def start(shapes: KernelShapes) -> Precompile | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description="Compile the engine's Triton kernels (model/precompile.py).")
     p.add_argument("shapes", help="KernelShapes as JSON")
     p.add_argument("--device", default="cuda")
     a = p.parse_args(argv)
