@@ -202,6 +202,51 @@ def preprocess_image(
     )
 
 
+def device_views(
+    page: torch.Tensor, mode: str | ModeSpec, max_crops: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    """`preprocess_image`'s views of an RGB page (H, W, 3) uint8 tensor, computed with torch on
+    the page's device (`model.resample`, Pillow's BICUBIC bit for bit; the padding as
+    ``ImageOps.pad``): (global (S, S, 3), tiles (T, s, s, 3) or None, grid), the same bytes as
+    the PIL path (`tests/model/test_resample.py` on real pages)."""
+    from model.resample import resize_bicubic
+
+    spec = get_mode(mode, max_crops)
+    height, width = int(page.shape[0]), int(page.shape[1])
+    check_size(width, height, max_pixels=None)
+    S = spec.base_size
+    if spec.stretch:
+        global_view = resize_bicubic(page, (S, S))
+    else:  # ImageOps.pad: ImageOps.contain's size, then pasted centred on the pad colour
+        size = (S, S)
+        if width / height != 1.0:  # S / S: the destination ratio
+            if width / height > 1.0:
+                size = (S, round(height / width * S))
+            else:
+                size = (round(width / height * S), S)
+        if size == (S, S):
+            global_view = resize_bicubic(page, size)
+        else:
+            global_view = (
+                torch.tensor(PAD_COLOR, dtype=torch.uint8, device=page.device).expand(S, S, 3).clone()
+            )
+            if min(size) > 0:
+                resized = resize_bicubic(page, size)
+                if size[0] != S:
+                    x = round((S - size[0]) * 0.5)
+                    global_view[:, x : x + size[0]] = resized
+                else:
+                    y = round((S - size[1]) * 0.5)
+                    global_view[y : y + size[1]] = resized
+    grid = tile_grid(width, height, spec)
+    tiles = None
+    if spec.crop_mode and grid != (1, 1):
+        s, (gw, gh) = spec.image_size, grid
+        big = resize_bicubic(page, (s * gw, s * gh))
+        tiles = big.reshape(gh, s, gw, s, 3).permute(0, 2, 1, 3, 4).reshape(gw * gh, s, s, 3).contiguous()
+    return global_view, tiles, grid
+
+
 def to_pixel_tensor(
     views: np.ndarray | torch.Tensor | list[np.ndarray], device: torch.device | str | None = None
 ) -> torch.Tensor:

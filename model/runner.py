@@ -29,8 +29,9 @@ import torch
 from model.config import DType, ModelName, OcrConfig
 from model.engine import Engine, Request, Result, fit_max_batch
 from model.engine_config import PAGED_AUTO_ROWS, EngineConfig, FinishReason, KvLayout
+from model.modes import get_mode
 from model.ocr import OcrModel
-from model.preprocess import PreparedImage, to_pixel_tensor
+from model.preprocess import PreparedImage, device_views, num_image_tokens, tile_grid, to_pixel_tensor
 from model.tokenizer import PROMPTS, OcrTokenizer, PromptName
 from model.vision import PageViews
 
@@ -86,7 +87,10 @@ def load_model(
 
 @dataclass
 class OcrInput:
-    global_view: np.ndarray  # (S, S, 3) uint8
+    """One page for the engine: its uint8 views (`from_views`), or the decoded page itself, whose
+    views the engine builds on its device when it takes the page in (`from_page`)."""
+
+    global_view: np.ndarray | None  # (S, S, 3) uint8; None: built from `page` on the device
     tiles: np.ndarray | None  # (T, s, s, 3) uint8 or None
     grid: tuple[int, int]  # (w_tiles, h_tiles)
     num_image_tokens: int
@@ -94,11 +98,44 @@ class OcrInput:
     tag: Any = None
     ngram_size: int | None = None  # per-page n-gram ban (a fallback pass); None: the engine's
     ngram_window: int | None = None
+    page: np.ndarray | None = None  # (H, W, 3) uint8 RGB page, views not built yet
+    mode: str = ""  # the page's mode and max_crops (`page` only)
+    max_crops: int | None = None
 
     @classmethod
     def from_views(cls, prep: PreparedImage, force_len: int | None = None, tag: Any = None) -> OcrInput:
         """The input of a page's views (`model.preprocess.preprocess_image`)."""
         return cls(prep.global_view, prep.tiles, prep.grid, prep.num_image_tokens, force_len, tag)
+
+    @classmethod
+    def from_page(
+        cls,
+        page: np.ndarray,
+        mode: str,
+        max_crops: int | None = None,
+        force_len: int | None = None,
+        tag: Any = None,
+    ) -> OcrInput:
+        """The input of a decoded RGB page (H, W, 3) uint8 whose views the engine builds on its
+        device (`model.preprocess.device_views`: the same bytes as `preprocess_image`)."""
+        spec = get_mode(mode, max_crops)
+        height, width = int(page.shape[0]), int(page.shape[1])
+        grid = tile_grid(width, height, spec)
+        n = num_image_tokens(width, height, spec)
+        return cls(None, None, grid, n, force_len, tag, page=page, mode=str(mode), max_crops=max_crops)
+
+    def device_views(
+        self, device: torch.device
+    ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray | None]:
+        """(global view, tiles) uint8: the given views, or those of `page` built on `device`."""
+        if self.page is None:
+            assert self.global_view is not None  # an input has views or a page
+            return self.global_view, self.tiles
+        page = torch.from_numpy(self.page if self.page.flags.writeable else self.page.copy()).to(device)
+        g, tiles, grid = device_views(page, self.mode, self.max_crops)
+        if tuple(grid) != tuple(self.grid):  # from_page and the device agree by construction
+            raise RuntimeError(f"device views grid {grid} != {self.grid}")
+        return g, tiles
 
 
 @dataclass
@@ -241,10 +278,9 @@ class PageOcr:
 
     def _request(self, x: OcrInput, future: Future[OcrOutput] | None = None) -> Request:
         dev = self.engine.device
-        g = to_pixel_tensor(x.global_view, dev).to(self._dtype)  # uint8 copied, normalised on the device
-        tiles = (
-            to_pixel_tensor(x.tiles, dev).to(self._dtype) if x.tiles is not None and len(x.tiles) else None
-        )
+        gv, tv = x.device_views(dev)  # a page's views built here, on the device, if not given
+        g = to_pixel_tensor(gv, dev).to(self._dtype)  # uint8 copied, normalised on the device
+        tiles = to_pixel_tensor(tv, dev).to(self._dtype) if tv is not None and len(tv) else None
         ids = self.tokenizer.build_prompt_ids(self.prompt, x.num_image_tokens)
         return Request(
             ids,

@@ -64,6 +64,7 @@ class ViewKind(StrEnum):
 
     threads = "threads"  # threads of the engine's process (the default: measured faster)
     processes = "processes"  # worker processes (measured slower on the H200: pipeline/views.py)
+    device = "device"  # threads decode the PNG; the engine builds the views on its device
 
 
 class ForceLength(StrEnum):

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from model.engine_config import FinishReason
-from pipeline.config import Fallback, ForceLength, PipelineConfig
+from pipeline.config import Fallback, ForceLength, PipelineConfig, ViewKind
 from pipeline.schema import PAGE_SCHEMA, Status
 
 log = logging.getLogger("pagemill")
@@ -412,6 +412,8 @@ class OcrStage:
         from model.runner import OcrInput
 
         m = self.cfg.mode
+        if self.views.kind == ViewKind.device:  # views built by the engine, on its device
+            return OcrInput.from_page(await self.views.decode(png), m.name, m.max_crops, force_len)
         prep = await self.views.build(png, m.name, m.max_crops)
         return OcrInput.from_views(prep, force_len)  # the engine caps it with this prompt's length
 

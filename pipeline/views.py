@@ -2,6 +2,10 @@
 
 `ViewKind.threads` (the default): a pool of threads in the OCR actor's process, beside the
 engine's host thread (Pillow's decoder and resampler release the interpreter lock).
+`ViewKind.device`: the threads only decode the PNG; the engine builds the views from the
+decoded page on its device when it takes the page in (`model.runner.OcrInput.from_page`,
+`model.preprocess.device_views`: Pillow's bytes, by matrix products), which takes the resampling
+(~3/4 of a Gundam page's view CPU time, measured on the 2-core machine) off the host.
 `ViewKind.processes`: a pool of worker processes. It was built to take view building off the
 engine's interpreter lock, and measured slower on the H200 (BENCHMARKS.md, issue 14, 2026-12-04):
 20-30 pages/s of views out of 8 workers against ~50 pages/s from 8 threads. Likely cause (a
@@ -20,6 +24,8 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipeline.config import ViewKind
 
 if TYPE_CHECKING:
@@ -34,6 +40,13 @@ def page_views(png: bytes, mode: str, max_crops: int | None) -> PreparedImage:
     from model.preprocess import load_image, preprocess_image
 
     return preprocess_image(load_image(png, max_pixels=None), mode, max_crops=max_crops, max_pixels=None)
+
+
+def page_pixels(png: bytes) -> np.ndarray:
+    """The decoded page (H, W, 3) uint8 RGB, as `page_views` decodes it."""
+    from model.preprocess import load_image
+
+    return np.asarray(load_image(png, max_pixels=None))
 
 
 def _warm() -> None:
@@ -54,7 +67,7 @@ class ViewBuilder:
         self.pools_started = 1
 
     def _new_pool(self) -> Executor:
-        if self.kind == ViewKind.threads:
+        if self.kind in (ViewKind.threads, ViewKind.device):
             return ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="views")
         method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
@@ -79,6 +92,10 @@ class ViewBuilder:
                     self.pools_started += 1
                 pool = self.pool
             return await loop.run_in_executor(pool, page_views, png, mode, max_crops)
+
+    async def decode(self, png: bytes) -> np.ndarray:
+        """The decoded page (`ViewKind.device`: its views are built on the engine's device)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, page_pixels, png)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -5,7 +5,9 @@
 - the Triton split-KV kernel over the paged cache equals the plain-torch reference (ragged lengths);
 - the fused SAM rel-pos attention kernel equals the dense-bias reference in bf16 (windowed with
   padding, global, full-size widths);
-- uint8 views normalised on the device equal the CPU path within float rounding.
+- uint8 views normalised on the device equal the CPU path within float rounding;
+- views resampled on the GPU (`model.preprocess.device_views`) are the PIL bytes;
+- the kernel-precompile child leaves the engine nothing to compile (`model.precompile`).
 """
 
 from __future__ import annotations
@@ -213,3 +215,23 @@ def test_precompile_child_leaves_the_engine_nothing_to_compile(tmp_path) -> None
     subprocess.run([sys.executable, "-c", serve], env=env, check=True, timeout=600)
     after = sorted(p.name for p in cache.iterdir())
     assert after == before, f"compiled after the child: {sorted(set(after) - set(before))}"
+
+
+@cuda
+def test_views_built_on_the_gpu_are_the_pil_bytes() -> None:
+    """`model.preprocess.device_views` on CUDA (float64 matrix products) equals Pillow's views."""
+    import numpy as np
+    from PIL import Image
+
+    from model.preprocess import device_views, preprocess_image
+
+    rng = np.random.default_rng(0)
+    for size in ((1224, 1584), (1584, 1224), (700, 500), (2000, 300)):
+        page = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        for mode in ("gundam", "base"):
+            want = preprocess_image(Image.fromarray(page), mode)
+            g, tiles, grid = device_views(torch.from_numpy(page).cuda(), mode)
+            assert grid == want.grid and np.array_equal(g.cpu().numpy(), want.global_view)
+            assert (tiles is None) == (want.tiles is None)
+            if tiles is not None and want.tiles is not None:
+                assert np.array_equal(tiles.cpu().numpy(), want.tiles)

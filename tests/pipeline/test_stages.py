@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 
 from model.preprocess import preprocess_image
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, ViewKind
 from pipeline.run import compose
 from pipeline.sources import content_id
 from pipeline.stages import WORK_SCHEMA, OcrStage, RenderStage, WriteStage, to_batch
@@ -175,6 +176,24 @@ def test_ocr_stage_bad_image_is_an_error_row(ocred) -> None:
     )
     out = asyncio.run(OcrStage(cfg)(bad)).to_pylist()
     assert len(out) == 1 and out[0]["status"] == "render_error" and out[0]["error_code"] == "bad_image"
+
+
+def test_views_on_the_engine_device_give_the_same_rows(ocred) -> None:
+    """`ray.ocr_views=device`: the actor only decodes the PNG, the engine builds the views (the
+    CPU here stands in for the GPU: the same torch code); same columns as the PIL views, and a
+    bad PNG is still its page's error row."""
+    cfg, before, after = ocred
+    on_device = OcrStage(replace(cfg, ray=replace(cfg.ray, ocr_views=ViewKind.device)))
+    got = asyncio.run(on_device(before))
+    cols = ["status", "raw_output", "num_output_tokens", "num_vision_tokens", "finish_reason"]
+    assert got.select(cols).equals(after.select(cols))
+    bad = before.slice(0, 1).set_column(
+        WORK_SCHEMA.get_field_index("_page_png"),
+        WORK_SCHEMA.field("_page_png"),
+        pa.array([b"not a png"], pa.binary()),
+    )
+    (row,) = asyncio.run(on_device(bad)).to_pylist()
+    assert row["status"] == "render_error" and row["error_code"] == "bad_image"
 
 
 def test_writer_takes_the_ocr_columns(ocred, tmp_path: Path) -> None:
