@@ -1,9 +1,10 @@
 """Pillow's BICUBIC resize of 8-bit RGB images in torch, bit-exact, on any device.
 
-Why: the Gundam views are Pillow resizes of the page (`model.preprocess`); on the OCR actor's CPU
-they cost more than the rest of the actor's host work (BENCHMARKS.md, issue 14). The same
-arithmetic as Pillow's `ImagingResample` (libImaging/Resample.c) as two matrix products runs
-on the GPU in well under a millisecond and gives the same bytes:
+Why: the Gundam views are Pillow resizes of the page (`model.preprocess`), and on the OCR
+actor's host they cost 3-4x the PNG decode (a 144-dpi Letter page on the 2-core machine: 42-61
+ms against 12-20 ms; BENCHMARKS.md, issue 14). The same arithmetic as Pillow's `ImagingResample`
+(libImaging/Resample.c), written as matrix products, runs on the engine's GPU instead (about 55
+GFLOP of float64 per 144-dpi Gundam page; its GPU time is not measured yet) and gives the same bytes:
 
 * per output pixel, filter weights from the bicubic kernel (a = -0.5, support 2 scaled by the
   downscale factor) over the input pixels ``[xmin, xmin + n)`` around its centre, in double,
@@ -39,29 +40,36 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)  # dense: ~10-20 MB each at page sizes
 def weight_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) float64 of Pillow's fixed-point bicubic weights (integers)."""
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = _SUPPORT * filterscale
     ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    # C's (int) truncates toward zero; Pillow then clamps to [0, in_size]
+    xmin = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    xmax = np.minimum(np.trunc(center + support + 0.5), in_size).astype(np.int64)
+    n = np.minimum(xmax - xmin, ksize)  # taps of each output pixel
+    taps = np.arange(ksize)
+    valid = taps[None, :] < n[:, None]
+    w = _bicubic((taps[None, :] + xmin[:, None] - center[:, None] + 0.5) * (1.0 / filterscale))
+    w = np.where(valid, w, 0.0)  # as C: times the reciprocal, summed over the row's taps only
+    total = np.cumsum(w, axis=1)[:, -1:]  # C's left-to-right sum (numpy's sum pairs terms up)
+    w = np.where(total != 0.0, w / np.where(total != 0.0, total, 1.0), w)
+    one = float(1 << PRECISION_BITS)
+    fixed = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one))
     out = np.zeros((out_size, in_size), dtype=np.float64)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)  # C's (int) truncates; the value is >= 0 here
-        xmax = min(int(center + support + 0.5), in_size)
-        n = min(xmax - xmin, ksize)
-        xs = np.arange(n, dtype=np.float64)
-        w = _bicubic((xs + xmin - center + 0.5) * (1.0 / filterscale))  # as C: times the reciprocal
-        total = w.sum()
-        if total != 0.0:
-            w = w / total
-        fixed = np.where(
-            w < 0, np.trunc(-0.5 + w * (1 << PRECISION_BITS)), np.trunc(0.5 + w * (1 << PRECISION_BITS))
-        )
-        out[xx, xmin : xmin + n] = fixed
+    rows = np.broadcast_to(np.arange(out_size)[:, None], valid.shape)[valid]
+    out[rows, (xmin[:, None] + taps[None, :])[valid]] = fixed[valid]
     return out
+
+
+@lru_cache(maxsize=16)  # dense: ~10-20 MB each at page sizes
+def _device_weights(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    """`weight_matrix` on `device`, uploaded once per size (page sizes repeat across a corpus)."""
+    return torch.from_numpy(weight_matrix(in_size, out_size)).to(device)
 
 
 def _pass(x: Tensor, weights: Tensor) -> Tensor:
@@ -85,12 +93,10 @@ def resize_bicubic(img: Tensor, size: tuple[int, int]) -> Tensor:
     x = img.permute(2, 0, 1).to(torch.float64)  # (C, H, W)
 
     def horizontal(x: Tensor) -> Tensor:
-        return _pass(x, torch.from_numpy(weight_matrix(x.shape[2], w)).to(dev))
+        return _pass(x, _device_weights(x.shape[2], w, dev))
 
     def vertical(x: Tensor) -> Tensor:
-        return _pass(x.transpose(1, 2), torch.from_numpy(weight_matrix(x.shape[1], h)).to(dev)).transpose(
-            1, 2
-        )
+        return _pass(x.transpose(1, 2), _device_weights(x.shape[1], h, dev)).transpose(1, 2)
 
     if w != W and h != H and vertical_first(W, H, w, h):
         x = horizontal(vertical(x))
