@@ -312,10 +312,14 @@ def start_precompile(cfg: PipelineConfig) -> Any:
     from model.runner import PageOcr
 
     m = cfg.model
-    shapes = PageOcr.kernel_shapes(
-        m.name, cfg.mode.name, m.source, m.dtype, m.revision, **_engine_kwargs(cfg, on_gpu=True)
-    )
-    return precompile.start(shapes)
+    try:
+        shapes = PageOcr.kernel_shapes(
+            m.name, cfg.mode.name, m.source, m.dtype, m.revision, **_engine_kwargs(cfg, on_gpu=True)
+        )
+        return precompile.start(shapes)
+    except Exception as e:  # noqa: BLE001 - a speed-up only: the load below reports real errors
+        log.warning("kernel precompile not started: %s: %s", type(e).__name__, e)
+        return None
 
 
 class OcrStage:

@@ -388,3 +388,14 @@ def test_warm_up_page_leaves_no_trace(tmp_path: Path) -> None:
     again = ocr.run([x])[0]
     assert again.ids == fresh.ids
     assert again.num_output_tokens == min(WARM_UP_TOKENS, cfg.generation.max_new_tokens)
+
+
+def test_precompile_is_a_speed_up_only(tmp_path: Path) -> None:
+    """The kernel-precompile child is never started without a GPU, is off with
+    `ray.ocr_precompile=false`, and a model it cannot describe costs a warning, not the actor."""
+    from pipeline.stages import start_precompile
+
+    assert start_precompile(compose(["model=tiny_random"])) is None  # no CUDA here
+    assert start_precompile(compose(["model=tiny_random", "ray.ocr_precompile=false"])) is None
+    missing = compose(["model=deepseek_ocr", f"model.source={tmp_path / 'no-checkpoint'}"])
+    assert start_precompile(missing) is None
