@@ -245,17 +245,19 @@ def warm_up_input(cfg: Any) -> Any:
 def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
     """The job's engine (same config, `pipeline.stages.load_page_ocr`) alone on the job's pages:
     every page of every PDF in `corpus` rendered and turned into views first (untimed; byte copies
-    of one PDF share its views), then all submitted at once and timed to the last result."""
+    of one PDF share its views), then all submitted at once and timed to the last result. With
+    `ray.ocr_views=device` the inputs are the decoded pages, as in the job: the engine's timed
+    work then includes building the views on its device."""
     import hashlib
 
     from model.runner import OcrInput
-    from pipeline.config import ForceLength
+    from pipeline.config import ForceLength, ViewKind
     from pipeline.forced import forced_from_text
     from pipeline.render import PageImage, render_pages
     from pipeline.stages import load_page_ocr
-    from pipeline.views import page_views
+    from pipeline.views import page_pixels, page_views
 
-    r, g = cfg.render, cfg.generation
+    r, g, m = cfg.render, cfg.generation, cfg.mode
     force = g.force_length == ForceLength.text_layer
     ocr = load_page_ocr(cfg, on_gpu=on_gpu)
     ocr.warm_up(warm_up_input(cfg))
@@ -287,13 +289,16 @@ def engine_alone(cfg: Any, corpus: Path, on_gpu: bool) -> dict[str, Any]:
             cache[key] = []
             for p in pages:
                 if isinstance(p, PageImage) and p.png is not None:
-                    v = page_views(p.png, cfg.mode.name, cfg.mode.max_crops)
                     n_force = (
                         forced_from_text(p.text, p.text_blocks, ocr.tokenizer, 0, g.max_model_len)
                         if force
                         else None
                     )  # as the OCR stage computes it
-                    cache[key].append(OcrInput.from_views(v, force_len=n_force))
+                    if cfg.ray.ocr_views == ViewKind.device:  # as the job: the engine builds the views
+                        x = OcrInput.from_page(page_pixels(p.png), m.name, m.max_crops, force_len=n_force)
+                    else:
+                        x = OcrInput.from_views(page_views(p.png, m.name, m.max_crops), force_len=n_force)
+                    cache[key].append(x)
         inputs += cache[key]
     t0 = time.perf_counter()
     futures = [ocr.submit(x) for x in inputs]

@@ -399,3 +399,25 @@ def test_precompile_is_a_speed_up_only(tmp_path: Path) -> None:
     assert start_precompile(compose(["model=tiny_random", "ray.ocr_precompile=false"])) is None
     missing = compose(["model=deepseek_ocr", f"model.source={tmp_path / 'no-checkpoint'}"])
     assert start_precompile(missing) is None
+
+
+def test_bench_engine_alone_follows_the_views_setting(tmp_path: Path) -> None:
+    """`jobs.bench_pipeline.engine_alone` hands the engine what the job's OCR stage would: views
+    (threads) or decoded pages (`ray.ocr_views=device`); both run every page (the byte equality
+    of the two paths' views is `tests/model/test_resample.py`'s)."""
+    import shutil
+
+    from jobs.bench_pipeline import engine_alone
+
+    torch.set_num_threads(1)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(PAPER, corpus)
+    figures = {}
+    for kind in ("threads", "device"):
+        cfg = compose(
+            ["model=tiny_random", "mode=tiny", "generation.max_new_tokens=4", f"ray.ocr_views={kind}"]
+        )
+        figures[kind] = engine_alone(cfg, corpus, on_gpu=False)
+    assert figures["threads"]["engine_pages"] == figures["device"]["engine_pages"] >= 1
+    assert figures["threads"]["engine_output_tokens"] == figures["device"]["engine_output_tokens"] > 0
