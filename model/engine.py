@@ -194,6 +194,8 @@ class Engine:
             self.stats_kv_blocks = nb
         else:
             self.cache = dec.make_cache(B, T)
+        # decode graphs per (attend length, row bucket), or per row bucket where decode ignores it
+        self._graphs_by_len = getattr(self.cache, "decode_reads_attend_len", True)
         self.out = torch.zeros(B, T, dtype=torch.long, device=dev)  # generated tokens per row
         self.n = torch.zeros(B, dtype=torch.long, device=dev)  # generated count
         self.prompt_len = torch.zeros(B, dtype=torch.long, device=dev)
@@ -279,7 +281,7 @@ class Engine:
         if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
             self._step_body(hi)
             return
-        key = (attend_len if getattr(self.cache, "decode_reads_attend_len", True) else 0, hi)
+        key = (attend_len if self._graphs_by_len else 0, hi)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture(hi)

@@ -248,10 +248,10 @@ class PagedKVCache:
     def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor) -> Tensor:
         """Decode: store k/v (B, H, 1, hd) at `positions` (B, 1) and attend each row's slots <= its
         position; returns (B, H, 1, hd). Rows are table rows 0..B-1."""
-        B, _, T, hd = q.shape
+        B, _, T, _ = q.shape
         rows = torch.arange(B, device=q.device)
         self.write_rows(layer_idx, rows, positions, k, v)
-        if T == 1 and self.use_kernel and q.dtype == self.k[layer_idx].dtype and hd & (hd - 1) == 0:
+        if T == 1 and not self.decode_reads_attend_len and q.dtype == self.k[layer_idx].dtype:
             from model.paged_attention import paged_decode  # noqa: PLC0415
 
             return paged_decode(

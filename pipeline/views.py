@@ -43,10 +43,11 @@ def page_views(png: bytes, mode: str, max_crops: int | None) -> PreparedImage:
 
 
 def page_pixels(png: bytes) -> np.ndarray:
-    """The decoded page (H, W, 3) uint8 RGB, as `page_views` decodes it."""
+    """The decoded page (H, W, 3) uint8 RGB, as `page_views` decodes it; writeable, so the
+    engine's thread wraps it for the copy to the device without copying it first."""
     from model.preprocess import load_image
 
-    return np.asarray(load_image(png, max_pixels=None))
+    return np.array(load_image(png, max_pixels=None))
 
 
 def _warm() -> None:
